@@ -1,0 +1,63 @@
+"""ReLU linear attention: the one function the Linear DiT calls, with a PyTorch reference and a Triton path.
+
+    out[n] = relu(q[n]) @ (sum_m relu(k[m])^T v[m]) / (relu(q[n]) . sum_m relu(k[m]) + eps)
+
+Layout: q, k, v are (B, N, H, D) -- the layout that falls out of the QKV projection
+(B, N, 3*H*D) -> view (B, N, 3, H, D) -> unbind(2), so strided views are accepted and no transpose
+is materialised. The output is a contiguous (B, N, H, D) in the input dtype, so reshaping it to
+(B, N, H*D) for the output projection is free. K^T V and the K-sum are accumulated in float32.
+
+Backend choice: argument `backend`, else the environment variable SANA_ATTENTION_BACKEND
+("auto" | "torch" | "triton"); "auto" uses Triton for CUDA tensors when Triton imports, else torch.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-15  # as in NVlabs/Sana and diffusers' SanaLinearAttnProcessor2_0
+BACKENDS = ("auto", "torch", "triton")
+
+
+def linear_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """The PyTorch reference (and the CPU path). Float32 accumulation; float64 inputs stay float64."""
+    out_dtype = v.dtype
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q = F.relu(q).to(acc)
+    k = F.relu(k).to(acc)
+    v = v.to(acc)
+    kv = torch.einsum("bnhd,bnhe->bhde", k, v)  # (B, H, D, Dv)
+    ksum = k.sum(dim=1)  # (B, H, D)
+    num = torch.einsum("bnhd,bhde->bnhe", q, kv)
+    den = torch.einsum("bnhd,bhd->bnh", q, ksum).unsqueeze(-1)
+    return (num / (den + eps)).to(out_dtype).contiguous()
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_backend(x: torch.Tensor, backend: str | None = None) -> str:
+    backend = backend or os.environ.get("SANA_ATTENTION_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if x.is_cuda and _triton_available() else "torch"
+    if backend == "triton" and not (x.is_cuda and _triton_available()):
+        raise RuntimeError("attention backend 'triton' needs CUDA tensors and an importable triton")
+    return backend
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = EPS,
+                     backend: str | None = None) -> torch.Tensor:
+    if resolve_backend(q, backend) == "triton":
+        from kernels.triton_linear_attention import triton_linear_attention
+
+        return triton_linear_attention(q, k, v, eps)
+    return linear_attention_reference(q, k, v, eps)

@@ -1,0 +1,1 @@
+"""Sana-style model core: Linear DiT, rectified flow, samplers, text encoder, DC-AE wrapper, tiny model zoo."""
