@@ -30,14 +30,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, key)
-            except SanaError as e:
-                errors.append(str(e))
+            except SanaError:
+                pass
         raise SanaError(f"config key '{key}': {value!r} matches none of {tp}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -66,6 +65,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "3e-4" (no dot) as a string; users type it that way on the command line.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is bool and isinstance(value, bool):
