@@ -1,0 +1,305 @@
+"""The Linear DiT of Sana (arXiv 2410.10629), small and readable, in the manner of facebookresearch/DiT.
+
+    x (B, C, H, W) latents -> 1x1 patch embedding (no positional encoding)
+    t in [0, 1] -> sinusoid(1000 t) -> MLP -> AdaLN-single: one shared 6*hidden modulation + per-block table
+    y (B, L, caption_channels) Gemma-2 embeddings -> MLP projection -> RMSNorm with a learnable scale
+    N x [ AdaLN -> ReLU linear self-attention -> + softmax cross-attention to y (key padding mask)
+          -> AdaLN -> Mix-FFN (1x1 expand, 3x3 depthwise on the token grid, SiLU gate, 1x1 project) ]
+    final AdaLN -> linear -> velocity (B, C, H, W)
+
+The math matches diffusers' `SanaTransformer2DModel` op for op (tests/test_dit.py checks 1e-5 agreement);
+the state dict differs only in that Q, K and V are one fused projection (as in NVlabs/Sana), so that the
+attention kernel reads them straight from the projection output. `to_diffusers_state_dict` /
+`load_diffusers_state_dict` translate.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from kernels import linear_attention
+from sana_core.errors import SanaError
+
+
+@dataclass
+class DiTConfig:
+    in_channels: int = 32
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 36  # linear self-attention heads
+    cross_heads: int = 16  # softmax cross-attention heads
+    caption_channels: int = 2304  # Gemma-2-2B hidden size
+    mlp_ratio: float = 2.5
+    patch_size: int = 1
+    attention_bias: bool = False
+    norm_eps: float = 1e-6
+    timestep_scale: float = 1000.0  # t in [0, 1] is embedded as t * 1000, as diffusers' pipeline feeds it
+
+    def __post_init__(self):
+        for name in ("num_heads", "cross_heads"):
+            if self.hidden_size % getattr(self, name):
+                raise SanaError(f"DiTConfig: hidden_size {self.hidden_size} is not divisible by {name} "
+                                f"{getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def to_diffusers_config(self) -> dict:
+        return dict(in_channels=self.in_channels, out_channels=self.in_channels, num_attention_heads=self.num_heads,
+                    attention_head_dim=self.head_dim, num_layers=self.depth,
+                    num_cross_attention_heads=self.cross_heads,
+                    cross_attention_head_dim=self.hidden_size // self.cross_heads,
+                    cross_attention_dim=self.hidden_size, caption_channels=self.caption_channels,
+                    mlp_ratio=self.mlp_ratio, attention_bias=self.attention_bias, patch_size=self.patch_size,
+                    norm_eps=self.norm_eps, norm_elementwise_affine=False, sample_size=32)
+
+    @classmethod
+    def from_diffusers_config(cls, c: dict) -> "DiTConfig":
+        unsupported = {k: c[k] for k in ("guidance_embeds", "qk_norm", "interpolation_scale") if c.get(k)}
+        if unsupported:
+            raise SanaError(f"diffusers Sana config options not supported by LinearDiT: {unsupported}")
+        out = c.get("out_channels") or c["in_channels"]
+        if out != c["in_channels"]:
+            raise SanaError(f"LinearDiT needs out_channels == in_channels, got {out} vs {c['in_channels']}")
+        hidden = c["num_attention_heads"] * c["attention_head_dim"]
+        if c.get("cross_attention_dim", hidden) != hidden:
+            raise SanaError(f"cross_attention_dim {c.get('cross_attention_dim')} != hidden size {hidden}")
+        return cls(in_channels=c["in_channels"], hidden_size=hidden, depth=c["num_layers"],
+                   num_heads=c["num_attention_heads"], cross_heads=c["num_cross_attention_heads"],
+                   caption_channels=c["caption_channels"], mlp_ratio=c.get("mlp_ratio", 2.5),
+                   patch_size=c.get("patch_size", 1), attention_bias=c.get("attention_bias", False),
+                   norm_eps=c.get("norm_eps", 1e-6), timestep_scale=1000.0 * c.get("timestep_scale", 1.0))
+
+
+DIT_CONFIGS: dict[str, DiTConfig] = {
+    "tiny": DiTConfig(hidden_size=64, depth=2, num_heads=2, cross_heads=2, caption_channels=64),
+    "sana-0.6b": DiTConfig(hidden_size=1152, depth=28, num_heads=36, cross_heads=16, caption_channels=2304),
+    "sana-1.6b": DiTConfig(hidden_size=2240, depth=20, num_heads=70, cross_heads=20, caption_channels=2304),
+}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding, [cos, sin] order (diffusers' flip_sin_to_cos=True, downscale_freq_shift=0)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return (x * torch.rsqrt(var + self.eps)).to(self.weight.dtype) * self.weight
+
+
+class LinearSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        # Views, not copies: the attention function reads the projection output in place.
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).unbind(2)
+        return self.proj(linear_attention(q, k, v).reshape(B, N, C))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        h, d = self.heads, C // self.heads
+        q = self.q(x).view(B, N, h, d).transpose(1, 2)
+        k, v = self.kv(y).view(B, y.shape[1], 2, h, d).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class MixFFN(nn.Module):
+    """Sana's GLUMBConv: the 3x3 depthwise conv gives tokens the local position information that the
+    model has no positional encoding for."""
+
+    def __init__(self, dim: int, ratio: float):
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.inverted = nn.Conv2d(dim, 2 * hidden, 1)
+        self.depthwise = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
+        self.point = nn.Conv2d(hidden, dim, 1, bias=False)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        B, N, C = x.shape
+        x = x.transpose(1, 2).reshape(B, C, *hw)
+        x = self.depthwise(F.silu(self.inverted(x)))
+        x, gate = x.chunk(2, dim=1)
+        x = self.point(x * F.silu(gate))
+        return x.flatten(2).transpose(1, 2)
+
+
+class LinearDiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        dim = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=cfg.norm_eps)
+        self.attn = LinearSelfAttention(dim, cfg.num_heads, cfg.attention_bias)
+        self.cross_attn = CrossAttention(dim, cfg.cross_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=cfg.norm_eps)
+        self.mlp = MixFFN(dim, cfg.mlp_ratio)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
+
+    def forward(self, x, y, y_bias, t_mod, hw):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + t_mod.reshape(x.shape[0], 6, -1)).chunk(6, dim=1)
+        x = x + gate_msa * self.attn(self.norm1(x) * (1 + scale_msa) + shift_msa)
+        x = x + self.cross_attn(x, y, y_bias)
+        x = x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp, hw)
+        return x
+
+
+class LinearDiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim, p = cfg.hidden_size, cfg.patch_size
+        self.x_embedder = nn.Conv2d(cfg.in_channels, dim, kernel_size=p, stride=p)
+        self.t_embedder = TimestepEmbedder(dim)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))  # AdaLN-single, shared by all blocks
+        self.y_embedder = nn.Sequential(nn.Linear(cfg.caption_channels, dim), nn.GELU(approximate="tanh"),
+                                        nn.Linear(dim, dim))
+        self.y_norm = RMSNorm(dim, eps=1e-5)
+        self.blocks = nn.ModuleList(LinearDiTBlock(cfg) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.final_scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
+        self.final_linear = nn.Linear(dim, p * p * cfg.in_channels)
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W); t (B,) in [0, 1]; y (B, L, caption_channels); y_mask (B, L) bool -> velocity."""
+        B, C, H, W = x.shape
+        p = self.cfg.patch_size
+        if C != self.cfg.in_channels or H % p or W % p:
+            raise SanaError(f"LinearDiT expects (B, {self.cfg.in_channels}, H, W) with H, W multiples of {p}, "
+                            f"got {tuple(x.shape)}")
+        hw = (H // p, W // p)
+        x = self.x_embedder(x).flatten(2).transpose(1, 2)
+        t_emb = self.t_embedder(t * self.cfg.timestep_scale)
+        t_mod = self.t_block(t_emb)
+        y = self.y_norm(self.y_embedder(y))
+        # Additive -10000 like diffusers (not -inf): an all-padding row then stays finite.
+        y_bias = ((~y_mask.bool()).to(x.dtype) * -10000.0)[:, None, None, :]
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, y, y_bias, t_mod, hw, use_reentrant=False)
+            else:
+                x = block(x, y, y_bias, t_mod, hw)
+        shift, scale = (self.final_scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)
+        x = self.final_linear(self.final_norm(x) * (1 + scale) + shift)
+        x = x.view(B, hw[0], hw[1], p, p, C).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(B, C, H, W)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# --- diffusers SanaTransformer2DModel state-dict layout ------------------------------------------------------
+
+_TOP = {
+    "x_embedder.weight": "patch_embed.proj.weight", "x_embedder.bias": "patch_embed.proj.bias",
+    "t_embedder.mlp.0.weight": "time_embed.emb.timestep_embedder.linear_1.weight",
+    "t_embedder.mlp.0.bias": "time_embed.emb.timestep_embedder.linear_1.bias",
+    "t_embedder.mlp.2.weight": "time_embed.emb.timestep_embedder.linear_2.weight",
+    "t_embedder.mlp.2.bias": "time_embed.emb.timestep_embedder.linear_2.bias",
+    "t_block.1.weight": "time_embed.linear.weight", "t_block.1.bias": "time_embed.linear.bias",
+    "y_embedder.0.weight": "caption_projection.linear_1.weight", "y_embedder.0.bias": "caption_projection.linear_1.bias",
+    "y_embedder.2.weight": "caption_projection.linear_2.weight", "y_embedder.2.bias": "caption_projection.linear_2.bias",
+    "y_norm.weight": "caption_norm.weight",
+    "final_scale_shift_table": "scale_shift_table",
+    "final_linear.weight": "proj_out.weight", "final_linear.bias": "proj_out.bias",
+}
+_BLOCK = {
+    "attn.proj.weight": "attn1.to_out.0.weight", "attn.proj.bias": "attn1.to_out.0.bias",
+    "cross_attn.q.weight": "attn2.to_q.weight", "cross_attn.q.bias": "attn2.to_q.bias",
+    "cross_attn.proj.weight": "attn2.to_out.0.weight", "cross_attn.proj.bias": "attn2.to_out.0.bias",
+    "mlp.inverted.weight": "ff.conv_inverted.weight", "mlp.inverted.bias": "ff.conv_inverted.bias",
+    "mlp.depthwise.weight": "ff.conv_depth.weight", "mlp.depthwise.bias": "ff.conv_depth.bias",
+    "mlp.point.weight": "ff.conv_point.weight", "scale_shift_table": "scale_shift_table",
+}
+# Ours (fused) -> diffusers (split along dim 0).
+_FUSED = {"attn.qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"), "cross_attn.kv": ("attn2.to_k", "attn2.to_v")}
+
+
+def to_diffusers_state_dict(model: LinearDiT) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for ours, theirs in _TOP.items():
+        out[theirs] = sd[ours]
+    for i in range(model.cfg.depth):
+        pre, dpre = f"blocks.{i}.", f"transformer_blocks.{i}."
+        for ours, theirs in _BLOCK.items():
+            out[dpre + theirs] = sd[pre + ours]
+        for ours, parts in _FUSED.items():
+            for suffix in ("weight", "bias"):
+                key = f"{pre}{ours}.{suffix}"
+                if key in sd:
+                    for part, chunk in zip(parts, sd[key].chunk(len(parts), dim=0)):
+                        out[f"{dpre}{part}.{suffix}"] = chunk.clone()
+    return out
+
+
+def load_diffusers_state_dict(model: LinearDiT, sd: dict[str, torch.Tensor]) -> None:
+    """Load a SanaTransformer2DModel state dict; missing or unexpected keys are an error naming them."""
+    ours: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+
+    def take(theirs: str, dst: str) -> None:
+        if theirs in sd:
+            ours[dst] = sd[theirs]
+            used.add(theirs)
+
+    for o, t in _TOP.items():
+        take(t, o)
+    for i in range(model.cfg.depth):
+        pre, dpre = f"blocks.{i}.", f"transformer_blocks.{i}."
+        for o, t in _BLOCK.items():
+            take(dpre + t, pre + o)
+        for o, parts in _FUSED.items():
+            for suffix in ("weight", "bias"):
+                names = [f"{dpre}{p}.{suffix}" for p in parts]
+                if all(n in sd for n in names):
+                    ours[f"{pre}{o}.{suffix}"] = torch.cat([sd[n] for n in names], dim=0)
+                    used.update(names)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(ours)), sorted(set(sd) - used)
+    if missing or unexpected:
+        raise SanaError(f"diffusers Sana state dict does not fit LinearDiT({model.cfg.depth} blocks): "
+                        f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                        f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    model.load_state_dict(ours, strict=True)
