@@ -296,8 +296,8 @@ def load_diffusers_state_dict(model: LinearDiT, sd: dict[str, torch.Tensor]) -> 
                 if all(n in sd for n in names):
                     ours[f"{pre}{o}.{suffix}"] = torch.cat([sd[n] for n in names], dim=0)
                     used.update(names)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(ours)), sorted(set(sd) - used)
+    # Name missing keys in the diffusers layout the user's checkpoint is in.
+    missing, unexpected = sorted(set(to_diffusers_state_dict(model)) - set(sd)), sorted(set(sd) - used)
     if missing or unexpected:
         raise SanaError(f"diffusers Sana state dict does not fit LinearDiT({model.cfg.depth} blocks): "
                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "

@@ -1,0 +1,114 @@
+"""Our Linear DiT against diffusers' independent SanaTransformer2DModel, and the attention it uses."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import SanaTransformer2DModel
+
+from kernels import linear_attention_reference
+from sana_core.dit import (DIT_CONFIGS, DiTConfig, LinearDiT, load_diffusers_state_dict,
+                           to_diffusers_state_dict)
+from sana_core.errors import SanaError
+
+CFG = DiTConfig(hidden_size=64, depth=2, num_heads=2, cross_heads=4, caption_channels=48)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _random_diffusers_model(cfg: DiTConfig) -> SanaTransformer2DModel:
+    ref = SanaTransformer2DModel(**cfg.to_diffusers_config()).eval()
+    with torch.no_grad():  # default init zeroes some layers; random weights exercise every path
+        for p in ref.parameters():
+            p.normal_(0, 0.2)
+    return ref
+
+
+def _inputs(B, H, W, L=9):
+    y_mask = torch.ones(B, L, dtype=torch.bool)
+    for b in range(1, B):
+        y_mask[b, torch.randint(1, L, ()).item():] = False  # padded captions of different lengths
+    return torch.randn(B, 32, H, W), torch.rand(B), torch.randn(B, L, CFG.caption_channels), y_mask
+
+
+@pytest.mark.parametrize("hw", [(4, 4), (3, 6)])
+def test_matches_diffusers_sana(hw):
+    ref = _random_diffusers_model(CFG)
+    ours = LinearDiT(CFG).eval()
+    load_diffusers_state_dict(ours, ref.state_dict())
+    x, t, y, y_mask = _inputs(3, *hw)
+    with torch.no_grad():
+        a = ours(x, t, y, y_mask)
+        b = ref(x, encoder_hidden_states=y, timestep=t * 1000, encoder_attention_mask=y_mask.long()).sample
+        assert a.shape == x.shape
+        assert _rel(a, b) <= 1e-5
+        # The comparison is sensitive: a different padding mask changes the output.
+        flipped = y_mask.clone()
+        flipped[-1, -1] = ~flipped[-1, -1]
+        assert _rel(ours(x, t, y, flipped), b) > 1e-4
+
+
+def test_export_round_trip_into_diffusers():
+    ours = LinearDiT(CFG).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.2)
+    ref = SanaTransformer2DModel(**CFG.to_diffusers_config()).eval()
+    ref.load_state_dict(to_diffusers_state_dict(ours), strict=True)
+    x, t, y, y_mask = _inputs(2, 5, 3)
+    with torch.no_grad():
+        b = ref(x, encoder_hidden_states=y, timestep=t * 1000, encoder_attention_mask=y_mask.long()).sample
+        assert _rel(ours(x, t, y, y_mask), b) <= 1e-5
+    assert DiTConfig.from_diffusers_config(dict(ref.config)) == CFG
+
+
+def test_bad_state_dict_names_the_keys():
+    sd = to_diffusers_state_dict(LinearDiT(CFG))
+    sd.pop("transformer_blocks.1.ff.conv_point.weight")
+    sd["extra.weight"] = torch.zeros(1)
+    with pytest.raises(SanaError, match="transformer_blocks.1.ff.conv_point.weight.*extra.weight"):
+        load_diffusers_state_dict(LinearDiT(CFG), sd)
+    with pytest.raises(SanaError, match="expects"):
+        LinearDiT(CFG)(torch.randn(1, 16, 4, 4), torch.rand(1), torch.randn(1, 3, 48), torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    m = LinearDiT(CFG)
+    x, t, y, y_mask = _inputs(2, 4, 4)
+    grads = []
+    for ckpt in (False, True):
+        m.zero_grad()
+        m.gradient_checkpointing = ckpt
+        m(x, t, y, y_mask).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_linear_attention_gradcheck_float64():
+    q, k, v = (torch.randn(2, 7, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(linear_attention_reference, (q, k, v), eps=1e-6, atol=1e-5)
+
+
+def test_linear_attention_matches_explicit_formula_and_zero_rows():
+    q, k, v = torch.randn(2, 9, 3, 8), torch.randn(2, 9, 3, 8), torch.randn(2, 9, 3, 8)
+    q[0, 2] = -1.0  # relu kills the whole query row: output must be finite (zero)
+    out = linear_attention_reference(q, k, v)
+    qr, kr = q.double().relu(), k.double().relu()
+    for b in range(2):
+        for h in range(3):
+            scores = qr[b, :, h] @ kr[b, :, h].T  # (N, N) unnormalised linear-attention weights
+            ref = (scores @ v[b, :, h].double()) / (scores.sum(1, keepdim=True) + 1e-15)
+            assert torch.allclose(out[b, :, h].double(), ref, rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(out).all() and out[0, 2].abs().max() == 0
+
+
+@pytest.mark.parametrize("name,expected", [("sana-0.6b", 592e6), ("sana-1.6b", 1.6e9)])
+def test_parameter_counts_match_diffusers(name, expected):
+    cfg = DIT_CONFIGS[name]
+    with torch.device("meta"):
+        ours = LinearDiT(cfg).num_params()
+        theirs = sum(p.numel() for p in SanaTransformer2DModel(**cfg.to_diffusers_config()).parameters())
+    print(f"{name}: ours {ours / 1e6:.1f} M, diffusers {theirs / 1e6:.1f} M")
+    assert abs(ours - theirs) / theirs <= 0.02
+    assert abs(ours - expected) / expected <= 0.05
