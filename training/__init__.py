@@ -1,0 +1,1 @@
+"""Training of the Linear DiT on curated WebDataset shards: data, caption sampling, step, distributed, checkpoints."""
