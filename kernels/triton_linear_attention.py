@@ -1,0 +1,313 @@
+"""Fused Triton ReLU linear attention, forward and backward.
+
+Same function as kernels.linear_attention.linear_attention_reference:
+
+    out[n] = relu(q[n]) @ KV / (relu(q[n]) . ksum + eps),  KV = sum_m relu(k[m])^T v[m],  ksum = sum_m relu(k[m])
+
+q, k, v are (B, N, H, D) tensors with unit stride along D and any other strides, so the three views
+that `qkv.view(B, N, 3, H, D).unbind(2)` gives are read in place. The work is memory bound (2*D*D
+flops per token against 4*D bytes), so each kernel touches every token tensor once:
+
+  forward   _kv_kernel    k, v  -> KV (D x D) and ksum (D), float32, per (b, h)
+            _out_kernel   q     -> out
+  backward  _dq_kernel    q, dO -> dq, and dKV = relu(q)^T dnum, dksum = relu(q)^T dden
+            _dkv_kernel   k, v  -> dk, dv
+
+with o = num / den: dnum = dO / den, dden = -(dO . num) / den^2. Only q, k, v and the small KV/ksum
+are saved for backward; num and den are recomputed from q, which the backward reads anyway.
+
+The two reductions over tokens (KV and dKV) split N into chunks so that a small B*H still fills the
+GPU; chunks meet through float32 atomics into a zeroed buffer, or a plain store when one chunk covers N.
+
+When q, k, v are exactly the unbind(2) views of one contiguous (B, N, 3, H, D) projection output and
+all need gradients, the autograd node is attached to that tensor instead, and the backward writes
+dq, dk, dv straight into one (B, N, 3, H, D) gradient: autograd's unbind backward would otherwise
+stack three separate gradients, another full read and write of all of them.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+HEAD_DIMS = (16, 32, 64)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Launch shape. The reductions loop over REDUCE_BLOCK-token tiles; the per-token kernels take one
+# TILE_BLOCK-token tile per program. A reduction is split until it has at least
+# PROGRAMS_PER_SM * (number of SMs) programs, so that every SM holds several of them.
+CONFIG = {"REDUCE_BLOCK": 128, "TILE_BLOCK": 128, "PROGRAMS_PER_SM": 4, "num_warps": 4, "num_stages": 3}
+
+
+@triton.jit
+def _tile_ptrs(base, n0, N, stride_n, D: tl.constexpr, BLOCK: tl.constexpr):
+    offs_n = n0 + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    ptrs = base + offs_n.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
+    return ptrs, (offs_n < N)[:, None]
+
+
+@triton.jit
+def _kv_kernel(k_ptr, v_ptr, stats_ptr, N, H, skb, skn, skh, svb, svn, svh, tiles_per_prog,
+               D: tl.constexpr, BLOCK: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    kv = tl.zeros((D, D), dtype=tl.float32)
+    ksum = tl.zeros((D,), dtype=tl.float32)
+    n_start = tl.program_id(1) * tiles_per_prog * BLOCK
+    for i in range(tiles_per_prog):
+        n0 = n_start + i * BLOCK
+        k_ptrs, mask = _tile_ptrs(k_base, n0, N, skn, D, BLOCK)
+        v_ptrs, _ = _tile_ptrs(v_base, n0, N, svn, D, BLOCK)
+        k = tl.load(k_ptrs, mask=mask, other=0.0)
+        v = tl.load(v_ptrs, mask=mask, other=0.0)
+        k = tl.where(k > 0, k, 0.0).to(k_ptr.dtype.element_ty)
+        # 16-bit operands: products are exact in the float32 accumulator.
+        kv = tl.dot(tl.trans(k), v, kv, input_precision=PREC)
+        ksum += tl.sum(k.to(tl.float32), axis=0)
+    offs_d = tl.arange(0, D)
+    st = stats_ptr + pid_bh.to(tl.int64) * (D * D + D)
+    kv_ptrs = st + offs_d[:, None] * D + offs_d[None, :]
+    if ATOMIC:
+        tl.atomic_add(kv_ptrs, kv, sem="relaxed")
+        tl.atomic_add(st + D * D + offs_d, ksum, sem="relaxed")
+    else:
+        tl.store(kv_ptrs, kv)
+        tl.store(st + D * D + offs_d, ksum)
+
+
+@triton.jit
+def _load_stats(stats_ptr, pid_bh, D: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    st = stats_ptr + pid_bh.to(tl.int64) * (D * D + D)
+    kv = tl.load(st + offs_d[:, None] * D + offs_d[None, :])
+    ksum = tl.load(st + D * D + offs_d)
+    return kv, ksum
+
+
+@triton.jit
+def _out_kernel(q_ptr, stats_ptr, o_ptr, N, H, sqb, sqn, sqh, sob, son, soh, eps,
+                D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    n0 = tl.program_id(1) * BLOCK
+    q_ptrs, mask = _tile_ptrs(q_ptr + b * sqb + h * sqh, n0, N, sqn, D, BLOCK)
+    o_ptrs, _ = _tile_ptrs(o_ptr + b * sob + h * soh, n0, N, son, D, BLOCK)
+    q = tl.load(q_ptrs, mask=mask, other=0.0).to(tl.float32)
+    q = tl.where(q > 0, q, 0.0)
+    kv, ksum = _load_stats(stats_ptr, pid_bh, D)
+    num = tl.dot(q, kv, input_precision=PREC)
+    den = tl.sum(q * ksum[None, :], axis=1) + eps
+    tl.store(o_ptrs, (num / den[:, None]).to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dq_kernel(q_ptr, do_ptr, stats_ptr, dq_ptr, dstats_ptr, N, H, sqb, sqn, sqh, sdob, sdon, sdoh,
+               sdqb, sdqn, sdqh, tiles_per_prog, eps,
+               D: tl.constexpr, BLOCK: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_base = q_ptr + b * sqb + h * sqh
+    do_base = do_ptr + b * sdob + h * sdoh
+    dq_base = dq_ptr + b * sdqb + h * sdqh
+    kv, ksum = _load_stats(stats_ptr, pid_bh, D)
+    dkv = tl.zeros((D, D), dtype=tl.float32)
+    dksum = tl.zeros((D,), dtype=tl.float32)
+    n_start = tl.program_id(1) * tiles_per_prog * BLOCK
+    for i in range(tiles_per_prog):
+        n0 = n_start + i * BLOCK
+        q_ptrs, mask = _tile_ptrs(q_base, n0, N, sqn, D, BLOCK)
+        do_ptrs, _ = _tile_ptrs(do_base, n0, N, sdon, D, BLOCK)
+        dq_ptrs, _ = _tile_ptrs(dq_base, n0, N, sdqn, D, BLOCK)
+        q = tl.load(q_ptrs, mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(do_ptrs, mask=mask, other=0.0).to(tl.float32)
+        live = q > 0
+        q = tl.where(live, q, 0.0)
+        num = tl.dot(q, kv, input_precision=PREC)
+        rden = 1.0 / (tl.sum(q * ksum[None, :], axis=1) + eps)
+        dnum = do * rden[:, None]
+        dden = -tl.sum(do * num, axis=1) * rden * rden
+        dq = tl.dot(dnum, tl.trans(kv), input_precision=PREC) + dden[:, None] * ksum[None, :]
+        tl.store(dq_ptrs, tl.where(live, dq, 0.0).to(dq_ptr.dtype.element_ty), mask=mask)
+        # Masked rows have q = 0, so they add nothing here.
+        dkv = tl.dot(tl.trans(q), dnum, dkv, input_precision=PREC)
+        dksum += tl.sum(q * dden[:, None], axis=0)
+    offs_d = tl.arange(0, D)
+    st = dstats_ptr + pid_bh.to(tl.int64) * (D * D + D)
+    dkv_ptrs = st + offs_d[:, None] * D + offs_d[None, :]
+    if ATOMIC:
+        tl.atomic_add(dkv_ptrs, dkv, sem="relaxed")
+        tl.atomic_add(st + D * D + offs_d, dksum, sem="relaxed")
+    else:
+        tl.store(dkv_ptrs, dkv)
+        tl.store(st + D * D + offs_d, dksum)
+
+
+@triton.jit
+def _dkv_kernel(k_ptr, v_ptr, dstats_ptr, dk_ptr, dv_ptr, N, H, skb, skn, skh, svb, svn, svh,
+                sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
+                D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    n0 = tl.program_id(1) * BLOCK
+    k_ptrs, mask = _tile_ptrs(k_ptr + b * skb + h * skh, n0, N, skn, D, BLOCK)
+    v_ptrs, _ = _tile_ptrs(v_ptr + b * svb + h * svh, n0, N, svn, D, BLOCK)
+    dk_ptrs, _ = _tile_ptrs(dk_ptr + b * sdkb + h * sdkh, n0, N, sdkn, D, BLOCK)
+    dv_ptrs, _ = _tile_ptrs(dv_ptr + b * sdvb + h * sdvh, n0, N, sdvn, D, BLOCK)
+    k = tl.load(k_ptrs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
+    dkv, dksum = _load_stats(dstats_ptr, pid_bh, D)
+    live = k > 0
+    k = tl.where(live, k, 0.0)
+    dv = tl.dot(k, dkv, input_precision=PREC)
+    dk = tl.dot(v, tl.trans(dkv), input_precision=PREC) + dksum[None, :]
+    tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+    tl.store(dk_ptrs, tl.where(live, dk, 0.0).to(dk_ptr.dtype.element_ty), mask=mask)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # tf32 rounding (2^-11) sits under the 16-bit output rounding; float32 inputs get full float32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(3) == 1 else t.contiguous()
+
+
+def _reduce_grid(B: int, N: int, H: int, device: torch.device) -> tuple[int, int]:
+    """(chunks, tiles per chunk) for a reduction over N, enough programs to fill the GPU."""
+    n_tiles = triton.cdiv(N, CONFIG["REDUCE_BLOCK"])
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(CONFIG["PROGRAMS_PER_SM"] * sms, B * H)
+    tiles_per = triton.cdiv(n_tiles, min(n_tiles, max(1, want)))
+    return triton.cdiv(n_tiles, tiles_per), tiles_per
+
+
+def _stats_buffer(B: int, H: int, D: int, chunks: int, device: torch.device) -> torch.Tensor:
+    alloc = torch.zeros if chunks > 1 else torch.empty  # atomics need a zeroed target
+    return alloc(B * H, D * D + D, device=device, dtype=torch.float32)
+
+
+def _forward(q, k, v, eps: float, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, stats): stats rows hold KV (D*D, row-major) then ksum (D) for each (b, h)."""
+    B, N, H, D = q.shape
+    prec = _precision(q.dtype)
+    chunks, tiles_per = _reduce_grid(B, N, H, q.device)
+    stats = _stats_buffer(B, H, D, chunks, q.device)
+    _kv_kernel[(B * H, chunks)](k, v, stats, N, H, *_strides(k), *_strides(v), tiles_per, D=D,
+                                BLOCK=CONFIG["REDUCE_BLOCK"], ATOMIC=chunks > 1, PREC=prec,
+                                num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
+    if out is None:
+        out = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype)
+    tile = CONFIG["TILE_BLOCK"]
+    _out_kernel[(B * H, triton.cdiv(N, tile))](q, stats, out, N, H, *_strides(q), *_strides(out), eps,
+                                                D=D, BLOCK=tile, PREC=prec, num_warps=CONFIG["num_warps"])
+    return out, stats
+
+
+def _backward(q, k, v, stats, do, eps: float, dq, dk, dv) -> None:
+    """Writes the gradients into dq, dk, dv ((B, N, H, D), unit stride along D)."""
+    B, N, H, D = q.shape
+    prec = _precision(q.dtype)
+    do = _unit_last(do)
+    chunks, tiles_per = _reduce_grid(B, N, H, q.device)
+    dstats = _stats_buffer(B, H, D, chunks, q.device)
+    _dq_kernel[(B * H, chunks)](q, do, stats, dq, dstats, N, H, *_strides(q), *_strides(do), *_strides(dq),
+                                tiles_per, eps, D=D, BLOCK=CONFIG["REDUCE_BLOCK"], ATOMIC=chunks > 1,
+                                PREC=prec, num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
+    tile = CONFIG["TILE_BLOCK"]
+    _dkv_kernel[(B * H, triton.cdiv(N, tile))](k, v, dstats, dk, dv, N, H, *_strides(k), *_strides(v),
+                                                *_strides(dk), *_strides(dv), D=D, BLOCK=tile, PREC=prec,
+                                                num_warps=CONFIG["num_warps"])
+
+
+class _LinearAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, eps):
+        out, stats = _forward(q, k, v, eps)
+        ctx.save_for_backward(q, k, v, stats)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, stats = ctx.saved_tensors
+        dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
+        _backward(q, k, v, stats, do, ctx.eps, dq, dk, dv)
+        return dq, dk, dv, None
+
+
+class _PackedLinearAttention(torch.autograd.Function):
+    """Same function on a contiguous (B, N, 3, H, D) tensor; the gradient comes back in that layout."""
+
+    @staticmethod
+    def forward(ctx, qkv, eps):
+        out, stats = _forward(*qkv.unbind(2), eps)
+        ctx.save_for_backward(qkv, stats)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        qkv, stats = ctx.saved_tensors
+        dqkv = torch.empty_like(qkv)
+        _backward(*qkv.unbind(2), stats, do, ctx.eps, *dqkv.unbind(2))
+        return dqkv, None
+
+
+def _packed_source(q, k, v) -> torch.Tensor | None:
+    """The (B, N, 3, H, D) view of the tensor that q, k, v were unbound from, if that is exactly what they are."""
+    base = q._base
+    if base is None or k._base is not base or v._base is not base or not base.is_contiguous():
+        return None
+    if not (base.requires_grad and all(t.requires_grad and t.grad_fn is not None for t in (q, k, v))):
+        return None
+    B, N, H, D = q.shape
+    if base.dtype != q.dtype or base.numel() != B * N * 3 * H * D:
+        return None
+    strides = (N * 3 * H * D, 3 * H * D, D, 1)
+    row = H * D * q.element_size()
+    ptr = base.data_ptr()
+    for i, t in enumerate((q, k, v)):
+        if t.stride() != strides or t.data_ptr() != ptr + i * row:
+            return None
+    return base.view(B, N, 3, H, D)
+
+
+def _check(q, k, v) -> None:
+    if not (q.dim() == 4 and q.shape == k.shape == v.shape):
+        raise ValueError(f"linear attention needs q, k, v of one shape (B, N, H, D), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in DTYPES):
+        raise ValueError(f"triton linear attention needs q, k, v of one dtype in {DTYPES}, got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"triton linear attention supports head dims {HEAD_DIMS}, got {q.shape[-1]}")
+    if not (q.is_cuda and q.device == k.device == v.device):
+        raise ValueError("triton linear attention needs q, k, v on one CUDA device")
+
+
+def triton_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-15) -> torch.Tensor:
+    _check(q, k, v)
+    if q.numel() == 0:
+        from kernels.linear_attention import linear_attention_reference  # nothing to launch on empty inputs
+
+        return linear_attention_reference(q, k, v, eps)
+    q, k, v = (_unit_last(t) for t in (q, k, v))
+    with torch.cuda.device(q.device):
+        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+            return _forward(q, k, v, eps)[0]
+        packed = _packed_source(q, k, v)
+        if packed is not None:
+            return _PackedLinearAttention.apply(packed, eps)
+        return _LinearAttention.apply(q, k, v, eps)
