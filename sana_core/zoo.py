@@ -1,0 +1,272 @@
+"""The tiny offline model zoo: every model the pipeline loads, built with random weights from fixed seeds.
+
+Each model is saved in the format its production loader reads (transformers / diffusers `save_pretrained`,
+an open_clip checkpoint plus its config, vLLM-servable VLM folders), so tests and the demo run the real
+loading code with no network. `PRODUCTION` names the real checkpoint each tiny model stands in for.
+
+    zoo = ensure_zoo()          # builds what is missing under $SANA_ZOO_DIR or <repo>/.cache/zoo
+    zoo.gemma, zoo.dcae         # folders for TextEncoder / Autoencoder .from_pretrained
+    zoo.clip_model, zoo.clip_pretrained   # for sana_core.clip.load_clip
+    zoo.vlms                    # name -> folder for vllm.LLM(model=folder)
+
+Building is idempotent and safe across processes: an exclusive file lock serialises builders, and each
+model is written to a temporary folder that is renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from sana_core.errors import SanaError, cli_main
+
+REPO = Path(__file__).resolve().parent.parent
+ZOO_VERSION = 1  # bump when a builder changes, so stale caches are rebuilt in a fresh folder
+
+# The real checkpoints the tiny models stand in for (HF ids, open_clip name + pretrained tag).
+PRODUCTION = {
+    "gemma": "google/gemma-2-2b-it",
+    "dcae": "mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers",
+    "clip_model": "ViT-L-14",
+    "clip_pretrained": "openai",
+    "vlms": {
+        "llava": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+        "qwen2vl": "Qwen/Qwen2.5-VL-7B-Instruct",
+        "idefics3": "HuggingFaceTB/SmolVLM-Instruct",
+        "gemma3": "google/gemma-3-12b-it",
+    },
+}
+
+CLIP_TINY_NAME = "sana-tiny-clip"
+
+
+@dataclass
+class Zoo:
+    vlms: dict[str, str] = field(default_factory=dict)
+    clip_model: str = ""
+    clip_pretrained: str = ""
+    gemma: str = ""
+    dcae: str = ""
+
+
+# ---------------------------------------------------------------------------------------------- tokenizers
+
+_SUBJECTS = ["a cat", "a dog", "a man", "a woman", "a child", "a bird", "a horse", "a car", "a red car", "a tree",
+             "a house", "a boat", "a flower", "a mountain", "a river", "a city street", "a bowl of fruit",
+             "a plate of food", "a person", "two people", "a group of people", "a building", "a bicycle",
+             "a train", "an airplane", "a cup of coffee", "a laptop", "a book", "a chair", "a table", "the sky",
+             "a square", "a circle", "a blue square", "a green circle", "a yellow triangle", "a black and white photo"]
+_VERBS = ["sitting on", "standing next to", "lying on", "walking along", "flying over", "parked near", "in front of",
+          "behind", "under", "on top of", "looking at", "holding", "covered with", "surrounded by", "painted on"]
+_PLACES = ["a wooden table", "the grass", "a sandy beach", "a snowy field", "the road", "a white background",
+           "a dark background", "a busy market", "a quiet park", "the water", "a kitchen counter", "a stone wall",
+           "a colorful wall", "the window", "a forest", "a garden", "the floor", "a field of flowers"]
+_ADJ = ["bright", "dark", "blurry", "sharp", "colorful", "small", "large", "old", "new", "red", "blue", "green",
+        "yellow", "white", "black", "orange", "purple", "pink", "brown", "gray", "shiny", "soft", "close-up"]
+_STARTS = ["The image shows", "This is a photo of", "A picture of", "The photo shows", "In this image there is",
+           "Describe the image.", "Describe this image in one sentence.", "What is in the picture?",
+           "Write a short caption for this image.", "The scene contains"]
+
+
+def caption_corpus(n: int = 600, seed: int = 0) -> list[str]:
+    """Caption-like sentences covering common words, so trained tokenizers split real captions sensibly."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        s = f"{rng.choice(_STARTS)} {rng.choice(_ADJ)} {rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_PLACES)}."
+        if rng.random() < 0.3:
+            s += f" It is {rng.choice(_ADJ)} and {rng.choice(_ADJ)}, with {rng.randint(1, 12)} objects."
+        out.append(s)
+    out += [" ".join(_ADJ), " ".join(_SUBJECTS), " ".join(_VERBS), " ".join(_PLACES), "0 1 2 3 4 5 6 7 8 9 10 100"]
+    return out
+
+
+def train_bpe(special_tokens: list[str], vocab_size: int = 640):
+    """A byte-level BPE (any text encodes, no unknowns) trained offline on `caption_corpus`.
+
+    Special tokens get ids 0..len(special_tokens)-1 in the order given."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(caption_corpus(), trainer=trainer)
+    return tok
+
+
+def _seed(s: int) -> None:
+    import torch
+
+    random.seed(s)
+    torch.manual_seed(s)
+
+
+# ---------------------------------------------------------------------------------------------- Gemma-2
+
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}<start_of_turn>{{ role }}\n"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def _gemma_tokenizer():
+    """Gemma's special-token layout (pad 0, eos 1, bos 2, unk 3), bos prepended like the real tokenizer."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    tok = train_bpe(specials)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                       special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", padding_side="right", model_max_length=8192,
+                                   additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+                                   chat_template=GEMMA_CHAT_TEMPLATE)
+
+
+def build_gemma(out: Path) -> None:
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    _seed(1)
+    tok = _gemma_tokenizer()
+    # hidden 64 matches DiTConfig "tiny" caption_channels; Sana takes the decoder's last hidden state.
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=1024,
+                       sliding_window=256, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    model = Gemma2ForCausalLM(cfg).eval()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+# ---------------------------------------------------------------------------------------------- DC-AE
+
+def build_dcae(out: Path) -> None:
+    from diffusers import AutoencoderDC
+
+    _seed(2)
+    # The Sana DC-AE layout (6 stages -> 32x, 32 latent channels, ResBlocks then EfficientViT blocks,
+    # conv down / interpolate up, its scaling factor) at a few channels per stage.
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=32, attention_head_dim=8,
+        encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+        decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+        encoder_block_out_channels=(8, 16, 16, 16, 32, 32), decoder_block_out_channels=(8, 16, 16, 16, 32, 32),
+        encoder_layers_per_block=(1, 1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1, 1),
+        encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)), decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+        upsample_block_type="interpolate", downsample_block_type="Conv", decoder_norm_types="rms_norm",
+        decoder_act_fns="silu", scaling_factor=0.41407,
+    ).eval()
+    vae.save_pretrained(out)
+
+
+# ---------------------------------------------------------------------------------------------- CLIP
+
+CLIP_TINY_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+CLIP_CKPT = "open_clip_model.safetensors"
+
+
+def build_clip(out: Path) -> None:
+    import open_clip
+    from safetensors.torch import save_file
+
+    _seed(3)
+    model = open_clip.model.CLIP(**CLIP_TINY_CONFIG).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / CLIP_CKPT))
+    # The open_clip hub layout: usable as `local-dir:<folder>` too, and read by sana_core.clip to register the name.
+    cfg = {"model_name": CLIP_TINY_NAME, "model_cfg": CLIP_TINY_CONFIG,
+           "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}}
+    (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
+    (out / f"{CLIP_TINY_NAME}.json").write_text(json.dumps(CLIP_TINY_CONFIG, indent=2))  # for add_model_config
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+def default_root() -> Path:
+    return Path(os.environ.get("SANA_ZOO_DIR") or REPO / ".cache" / "zoo")
+
+
+@contextlib.contextmanager
+def _locked(root: Path):
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # a second builder waits here, then finds everything built
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_once(root: Path, name: str, builder: Callable[[Path], None], log: Callable[[str], None]) -> Path:
+    final = root / name
+    if (final / ".complete").exists():
+        return final
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if final.exists():  # an interrupted rename from an older layout; never trust a folder without the marker
+        shutil.rmtree(final)
+    t0 = time.time()
+    builder(tmp)
+    (tmp / ".complete").write_text(json.dumps({"zoo_version": ZOO_VERSION, "built_s": round(time.time() - t0, 2)}))
+    os.rename(tmp, final)
+    log(f"built {name} in {time.time() - t0:.1f}s -> {final}")
+    return final
+
+
+CORE_BUILDERS: dict[str, Callable[[Path], None]] = {"gemma2": build_gemma, "dcae": build_dcae, "clip": build_clip}
+
+
+# name -> builder of a tiny VLM that vLLM serves (filled in the VLM section below)
+VLM_BUILDERS: dict[str, Callable[[Path], None]] = {}
+
+
+def ensure_zoo(root: str | Path | None = None, vlms: bool = True, log: Callable[[str], None] | None = None) -> Zoo:
+    """Build (once) and return the tiny zoo under `root` (default $SANA_ZOO_DIR or <repo>/.cache/zoo)."""
+    root = Path(root) if root is not None else default_root()
+    root = root / f"v{ZOO_VERSION}"
+    log = log or (lambda s: None)
+    with _locked(root):
+        paths = {name: _build_once(root, name, b, log) for name, b in CORE_BUILDERS.items()}
+        vlm_paths = {}
+        if vlms:
+            for name, b in VLM_BUILDERS.items():
+                vlm_paths[name] = str(_build_once(root, f"vlm-{name}", b, log))
+    return Zoo(vlms=vlm_paths, clip_model=CLIP_TINY_NAME, clip_pretrained=str(paths["clip"] / CLIP_CKPT),
+               gemma=str(paths["gemma2"]), dcae=str(paths["dcae"]))
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Build the tiny offline model zoo (random weights, fixed seeds) "
+                                             "and print where each model lives.")
+    ap.add_argument("--root", default=None, help="cache folder (default $SANA_ZOO_DIR or <repo>/.cache/zoo)")
+    ap.add_argument("--no-vlms", action="store_true", help="build only Gemma-2, DC-AE and CLIP")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    zoo = ensure_zoo(args.root, vlms=not args.no_vlms, log=print)
+    print(f"gemma:           {zoo.gemma}\ndcae:            {zoo.dcae}\n"
+          f"clip_model:      {zoo.clip_model}\nclip_pretrained: {zoo.clip_pretrained}")
+    for k, v in zoo.vlms.items():
+        print(f"vlm {k + ':':12s} {v}")
+    print(f"zoo ready in {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
