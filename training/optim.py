@@ -1,0 +1,40 @@
+"""Optimizer (AdamW, or CAME as Sana uses, from the `came-pytorch` package) and the learning-rate schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from sana_core.errors import SanaError
+from training.config import OptimConfig
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "came":
+        try:
+            from came_pytorch import CAME
+        except ImportError:
+            raise SanaError("optim.name=came needs the came-pytorch package: pip install came-pytorch") from None
+        # CAME's three betas (first moment, residual, confidence); Sana's config uses (0.9, 0.999, 0.9999).
+        return CAME(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1], 0.9999), eps=(1e-30, 1e-16),
+                    weight_decay=cfg.weight_decay)
+    raise SanaError(f"optim.name {cfg.name!r} is not one of adamw, came")
+
+
+def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Linear warm-up to 1, then constant or cosine down to min_lr_ratio at max_steps."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(1, max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, max_steps))
