@@ -1,0 +1,70 @@
+"""The Gemma-2 text encoder against diffusers' SanaPipeline.encode_prompt, on the zoo's tiny Gemma."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from sana_core.errors import SanaError
+from sana_core.text_encoder import COMPLEX_HUMAN_INSTRUCTION, TextEncoder
+from sana_core.zoo import caption_corpus
+
+
+@pytest.fixture(scope="module")
+def te(zoo):
+    return TextEncoder.from_pretrained(zoo.gemma)
+
+
+def _prompts(n):
+    rng = random.Random()  # fresh prompts every run
+    return [rng.choice(caption_corpus()) for _ in range(n)]
+
+
+def test_shape_mask_and_dropped_instruction(te):
+    short, long = "A cat", " ".join(_prompts(3))
+    emb, mask = te.encode([short, long])
+    assert emb.shape == (2, 300, te.hidden_size) and mask.shape == (2, 300) and mask.dtype == torch.bool
+    for b, p in enumerate([short, long]):
+        # Real tokens of CHI + prompt, less the CHI tokens that were dropped (BOS and the CHI's last token stay).
+        n_real = len(te.tokenizer.encode(te.instruction + p.lower().strip())) - te.num_instruction_tokens + 2
+        assert mask[b].sum().item() == n_real
+        assert mask[b, :n_real].all() and not mask[b, n_real:].any()  # right padding
+    emb_plain, mask_plain = te.encode([short], instruction=False)
+    assert emb_plain.shape == (1, 300, te.hidden_size)
+    assert mask_plain.sum().item() == len(te.tokenizer.encode(short.lower()))
+    assert not torch.allclose(emb[0, 1], emb_plain[0, 1])  # the instruction conditions the prompt tokens
+
+
+def test_matches_diffusers_encode_prompt(te, zoo):
+    from diffusers import DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+
+    from sana_core.autoencoder import Autoencoder
+    from sana_core.dit import DIT_CONFIGS
+
+    pipe = SanaPipeline(tokenizer=te.tokenizer, text_encoder=te.model, vae=Autoencoder.from_pretrained(zoo.dcae).vae,
+                        transformer=SanaTransformer2DModel(**DIT_CONFIGS["tiny"].to_diffusers_config()),
+                        scheduler=DPMSolverMultistepScheduler())
+    prompts = _prompts(3)
+    ref, ref_mask, ref_neg, ref_neg_mask = pipe.encode_prompt(
+        prompts, do_classifier_free_guidance=True, negative_prompt="", device=torch.device("cpu"),
+        complex_human_instruction=COMPLEX_HUMAN_INSTRUCTION)
+    emb, mask = te.encode(prompts)
+    neg, neg_mask = te.encode([""] * 3, instruction=False)
+    assert torch.equal(mask, ref_mask.bool()) and torch.equal(neg_mask, ref_neg_mask.bool())
+    assert torch.allclose(emb, ref, rtol=1e-5, atol=1e-6) and torch.allclose(neg, ref_neg, rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_does_not_depend_on_the_rest_of_the_batch(te):
+    p, longer = _prompts(1)[0], " ".join(_prompts(4))
+    alone, mask_alone = te.encode([p])
+    batched, mask_batched = te.encode([longer, p])
+    assert torch.equal(mask_alone[0], mask_batched[1])
+    real = mask_alone[0]
+    assert torch.allclose(alone[0, real], batched[1, real], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_path_is_one_line_naming_it(tmp_path):
+    with pytest.raises(SanaError, match="no-such-gemma") as e:
+        TextEncoder.from_pretrained(str(tmp_path / "no-such-gemma"))
+    assert "\n" not in str(e.value)
