@@ -26,6 +26,8 @@ stack three separate gradients, another full read and write of all of them.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -33,10 +35,16 @@ import triton.language as tl
 HEAD_DIMS = (16, 32, 64)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Launch shape. The reductions loop over REDUCE_BLOCK-token tiles; the per-token kernels take one
-# TILE_BLOCK-token tile per program. A reduction is split until it has at least
-# PROGRAMS_PER_SM * (number of SMs) programs, so that every SM holds several of them.
-CONFIG = {"REDUCE_BLOCK": 128, "TILE_BLOCK": 128, "PROGRAMS_PER_SM": 4, "num_warps": 4, "num_stages": 3}
+# Launch shapes, per kernel: BLOCK tokens per tile. The reductions (kv, dq) loop over tiles and are
+# split over N until there are at least PROGRAMS_PER_SM * (number of SMs) programs, so that every SM
+# holds several; out and dkv take one tile per program.
+CONFIG = {
+    "kv": {"BLOCK": 128, "num_warps": 4, "num_stages": 3},
+    "out": {"BLOCK": 128, "num_warps": 4},
+    "dq": {"BLOCK": 64, "num_warps": 4, "num_stages": 3},
+    "dkv": {"BLOCK": 128, "num_warps": 4},
+    "PROGRAMS_PER_SM": 4,
+}
 
 
 @triton.jit
@@ -116,6 +124,8 @@ def _dq_kernel(q_ptr, do_ptr, stats_ptr, dq_ptr, dstats_ptr, N, H, sqb, sqn, sqh
     do_base = do_ptr + b * sdob + h * sdoh
     dq_base = dq_ptr + b * sdqb + h * sdqh
     kv, ksum = _load_stats(stats_ptr, pid_bh, D)
+    offs_d = tl.arange(0, D)
+    kv_t = tl.load(stats_ptr + pid_bh.to(tl.int64) * (D * D + D) + offs_d[None, :] * D + offs_d[:, None])
     dkv = tl.zeros((D, D), dtype=tl.float32)
     dksum = tl.zeros((D,), dtype=tl.float32)
     n_start = tl.program_id(1) * tiles_per_prog * BLOCK
@@ -132,12 +142,11 @@ def _dq_kernel(q_ptr, do_ptr, stats_ptr, dq_ptr, dstats_ptr, N, H, sqb, sqn, sqh
         rden = 1.0 / (tl.sum(q * ksum[None, :], axis=1) + eps)
         dnum = do * rden[:, None]
         dden = -tl.sum(do * num, axis=1) * rden * rden
-        dq = tl.dot(dnum, tl.trans(kv), input_precision=PREC) + dden[:, None] * ksum[None, :]
+        dq = tl.dot(dnum, kv_t, input_precision=PREC) + dden[:, None] * ksum[None, :]
         tl.store(dq_ptrs, tl.where(live, dq, 0.0).to(dq_ptr.dtype.element_ty), mask=mask)
         # Masked rows have q = 0, so they add nothing here.
         dkv = tl.dot(tl.trans(q), dnum, dkv, input_precision=PREC)
         dksum += tl.sum(q * dden[:, None], axis=0)
-    offs_d = tl.arange(0, D)
     st = dstats_ptr + pid_bh.to(tl.int64) * (D * D + D)
     dkv_ptrs = st + offs_d[:, None] * D + offs_d[None, :]
     if ATOMIC:
@@ -184,11 +193,15 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(3) == 1 else t.contiguous()
 
 
-def _reduce_grid(B: int, N: int, H: int, device: torch.device) -> tuple[int, int]:
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _reduce_grid(B: int, N: int, H: int, block: int, device: torch.device) -> tuple[int, int]:
     """(chunks, tiles per chunk) for a reduction over N, enough programs to fill the GPU."""
-    n_tiles = triton.cdiv(N, CONFIG["REDUCE_BLOCK"])
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(CONFIG["PROGRAMS_PER_SM"] * sms, B * H)
+    n_tiles = triton.cdiv(N, block)
+    want = triton.cdiv(CONFIG["PROGRAMS_PER_SM"] * _sm_count(device.index), B * H)
     tiles_per = triton.cdiv(n_tiles, min(n_tiles, max(1, want)))
     return triton.cdiv(n_tiles, tiles_per), tiles_per
 
@@ -202,16 +215,18 @@ def _forward(q, k, v, eps: float, out: torch.Tensor | None = None) -> tuple[torc
     """(out, stats): stats rows hold KV (D*D, row-major) then ksum (D) for each (b, h)."""
     B, N, H, D = q.shape
     prec = _precision(q.dtype)
-    chunks, tiles_per = _reduce_grid(B, N, H, q.device)
+    cfg = CONFIG["kv"]
+    chunks, tiles_per = _reduce_grid(B, N, H, cfg["BLOCK"], q.device)
     stats = _stats_buffer(B, H, D, chunks, q.device)
     _kv_kernel[(B * H, chunks)](k, v, stats, N, H, *_strides(k), *_strides(v), tiles_per, D=D,
-                                BLOCK=CONFIG["REDUCE_BLOCK"], ATOMIC=chunks > 1, PREC=prec,
-                                num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
+                                BLOCK=cfg["BLOCK"], ATOMIC=chunks > 1, PREC=prec,
+                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if out is None:
         out = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype)
-    tile = CONFIG["TILE_BLOCK"]
-    _out_kernel[(B * H, triton.cdiv(N, tile))](q, stats, out, N, H, *_strides(q), *_strides(out), eps,
-                                                D=D, BLOCK=tile, PREC=prec, num_warps=CONFIG["num_warps"])
+    cfg = CONFIG["out"]
+    _out_kernel[(B * H, triton.cdiv(N, cfg["BLOCK"]))](q, stats, out, N, H, *_strides(q), *_strides(out), eps,
+                                                       D=D, BLOCK=cfg["BLOCK"], PREC=prec,
+                                                       num_warps=cfg["num_warps"])
     return out, stats
 
 
@@ -220,15 +235,16 @@ def _backward(q, k, v, stats, do, eps: float, dq, dk, dv) -> None:
     B, N, H, D = q.shape
     prec = _precision(q.dtype)
     do = _unit_last(do)
-    chunks, tiles_per = _reduce_grid(B, N, H, q.device)
+    cfg = CONFIG["dq"]
+    chunks, tiles_per = _reduce_grid(B, N, H, cfg["BLOCK"], q.device)
     dstats = _stats_buffer(B, H, D, chunks, q.device)
     _dq_kernel[(B * H, chunks)](q, do, stats, dq, dstats, N, H, *_strides(q), *_strides(do), *_strides(dq),
-                                tiles_per, eps, D=D, BLOCK=CONFIG["REDUCE_BLOCK"], ATOMIC=chunks > 1,
-                                PREC=prec, num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
-    tile = CONFIG["TILE_BLOCK"]
-    _dkv_kernel[(B * H, triton.cdiv(N, tile))](k, v, dstats, dk, dv, N, H, *_strides(k), *_strides(v),
-                                                *_strides(dk), *_strides(dv), D=D, BLOCK=tile, PREC=prec,
-                                                num_warps=CONFIG["num_warps"])
+                                tiles_per, eps, D=D, BLOCK=cfg["BLOCK"], ATOMIC=chunks > 1, PREC=prec,
+                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    cfg = CONFIG["dkv"]
+    _dkv_kernel[(B * H, triton.cdiv(N, cfg["BLOCK"]))](k, v, dstats, dk, dv, N, H, *_strides(k), *_strides(v),
+                                                       *_strides(dk), *_strides(dv), D=D, BLOCK=cfg["BLOCK"],
+                                                       PREC=prec, num_warps=cfg["num_warps"])
 
 
 class _LinearAttention(torch.autograd.Function):
@@ -304,7 +320,7 @@ def triton_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e
 
         return linear_attention_reference(q, k, v, eps)
     q, k, v = (_unit_last(t) for t in (q, k, v))
-    with torch.cuda.device(q.device):
+    with torch.cuda.device(q.device):  # Triton launches on the current device's stream
         if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
             return _forward(q, k, v, eps)[0]
         packed = _packed_source(q, k, v)
