@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,8 @@ from sana_core.errors import SanaError
 from training.distributed import DistInfo, barrier
 
 PREFIX = "step-"
+# One process without a process group is a supported DCP mode, not a problem worth a warning.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:

@@ -7,6 +7,7 @@ creates the process group itself before our training function runs. Either way `
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,10 @@ def wrap(model: nn.Module, strategy: str, info: DistInfo, bf16: bool = False) ->
     so each block's parameters are gathered just before it runs and freed after)."""
     if strategy == "none":
         return model
+    # Harmless here: the depthwise conv's grads are laid out differently from DDP's buckets (a copy, not an
+    # error), and the model's output view is never modified in place.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    warnings.filterwarnings("ignore", message=".*returned a view tensor")
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [info.device.index] if info.device.type == "cuda" else None

@@ -85,7 +85,7 @@ class Trainer:
             self.null_emb, self.null_mask = self.text_encoder.encode([""])
 
         self.step = 0
-        wandb_id = None
+        wandb_id, captions_taken = None, {}
         self.ckpt_dir = self.run_dir / "checkpoints"
         if resume:
             path = ckpt.latest(self.ckpt_dir)
@@ -96,6 +96,7 @@ class Trainer:
                 ckpt.set_rng_state(extra["rng"])
                 self.step = extra["step"]
                 wandb_id = extra.get("wandb_id")
+                captions_taken = extra.get("captions_taken", {})
                 pos = extra["data_position"]
                 if pos["num_workers"] != cfg.data.num_workers or pos["world"] != info.world:
                     print(f"warning: resuming with {cfg.data.num_workers} workers x {info.world} ranks, saved "
@@ -108,6 +109,7 @@ class Trainer:
                                    start_batches=self.step, device=info.device)
         self.tracker = Tracker(self.run_dir, to_dict(cfg), info.is_main, cfg.track.wandb, cfg.track.project,
                                resume_id=wandb_id)
+        self.tracker.captions.update(captions_taken)
         self.skips = SkipWarner()
         self.nonfinite_skipped = 0
 
@@ -217,7 +219,7 @@ class Trainer:
 
     def save(self) -> Path:
         extra = {"step": self.step, "scheduler": self.sched.state_dict(), "generator": self.gen.get_state(),
-                 "rng": ckpt.rng_state(), "wandb_id": self.tracker.run_id if self.info.is_main else None,
+                 "rng": ckpt.rng_state(), "captions_taken": dict(self.tracker.captions), "wandb_id": self.tracker.run_id if self.info.is_main else None,
                  "data_position": {"batches": self.step, "num_workers": self.cfg.data.num_workers,
                                    "world": self.info.world}}
         return ckpt.save(self.ckpt_dir, self.step, self.model, self.opt, self.ema, extra,

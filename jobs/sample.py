@@ -1,0 +1,98 @@
+"""Sample images from a training checkpoint with Flow-DPM-Solver, decoded by DC-AE.
+
+    python -m jobs.sample --checkpoint RUN_DIR_OR_CHECKPOINT --prompt "a red apple" --steps 20 --out out.png
+
+--checkpoint takes a run dir (its latest checkpoint is used) or one checkpoints/step-XXXXXXXX dir. The model
+is rebuilt from the config saved with the checkpoint; EMA weights are used unless --no-ema.
+--export-diffusers DIR also writes the DiT as a diffusers SanaTransformer2DModel folder.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from sana_core.errors import SanaError, cli_main
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    from training.checkpoint import latest
+    p = Path(path)
+    if (p / "meta.json").is_file():
+        return p
+    for d in (p / "checkpoints", p):
+        found = latest(d)
+        if found is not None:
+            return found
+    raise SanaError(f"--checkpoint {p}: no checkpoint found (expected RUN_DIR/checkpoints/step-*/meta.json)")
+
+
+def load_dit(ckpt: Path, prefer_ema: bool = True):
+    import json
+
+    from sana_core.config import from_dict
+    from sana_core.dit import LinearDiT
+    from training.checkpoint import load_weights_for_inference
+    from training.config import TrainConfig
+    meta = json.loads((ckpt / "meta.json").read_text())
+    cfg = from_dict(TrainConfig, meta["config"])
+    dit = LinearDiT(cfg.model.dit)
+    which = load_weights_for_inference(ckpt, dit, prefer_ema=prefer_ema)
+    return dit.eval(), cfg, which, meta["step"]
+
+
+def export_diffusers(dit, out: Path) -> None:
+    from diffusers import SanaTransformer2DModel
+
+    from sana_core.dit import to_diffusers_state_dict
+    model = SanaTransformer2DModel(**dit.cfg.to_diffusers_config())
+    model.load_state_dict(to_diffusers_state_dict(dit), strict=True)
+    model.save_pretrained(str(out))
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m jobs.sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run dir or checkpoints/step-XXXXXXXX dir")
+    p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several images)")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
+    p.add_argument("--out", required=True, help="PNG file; several prompts give FILE-0.png, FILE-1.png, ...")
+    p.add_argument("--height", type=int, help="pixels (default: the run's track.sample_height)")
+    p.add_argument("--width", type=int, help="pixels (default: the run's track.sample_width)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the run's)")
+    p.add_argument("--solver", choices=["flow_dpm", "euler"], default="flow_dpm")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ema", action="store_true", help="use the raw model weights instead of the EMA")
+    p.add_argument("--export-diffusers", metavar="DIR", help="also save the DiT as a diffusers folder")
+    args = p.parse_args(argv)
+
+    t0 = time.time()
+    ckpt = resolve_checkpoint(args.checkpoint)
+    dit, cfg, which, step = load_dit(ckpt, prefer_ema=not args.no_ema)
+    from sana_core.autoencoder import Autoencoder
+    from sana_core.pipeline import SanaPipeline
+    from training.trainer import resolve_model_path
+    from sana_core.text_encoder import TextEncoder
+    te = TextEncoder.from_pretrained(resolve_model_path(cfg.model.text_encoder), max_length=cfg.model.max_length)
+    ae = Autoencoder.from_pretrained(resolve_model_path(cfg.model.autoencoder))
+    h = args.height or cfg.track.sample_height
+    w = args.width or cfg.track.sample_width
+    g = cfg.track.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    images = SanaPipeline(dit, te, ae)(args.prompt, height=h, width=w, steps=args.steps, guidance_scale=g,
+                                       solver=args.solver, seed=args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+    for im, path in zip(images, paths):
+        im.save(path)
+    if args.export_diffusers:
+        export_diffusers(dit, Path(args.export_diffusers))
+    print(f"sampled {len(images)} image(s) {w}x{h} in {time.time() - t0:.1f} s from {ckpt} (step {step}, {which} "
+          f"weights, {args.solver}, {args.steps} steps, guidance {g}) -> {', '.join(map(str, paths))}"
+          + (f"; diffusers export -> {args.export_diffusers}" if args.export_diffusers else ""))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
