@@ -197,6 +197,162 @@ def build_clip(out: Path) -> None:
     (out / f"{CLIP_TINY_NAME}.json").write_text(json.dumps(CLIP_TINY_CONFIG, indent=2))  # for add_model_config
 
 
+# ---------------------------------------------------------------------------------------------- VLMs
+# Four architecture families that vLLM serves on the CPU. Sizes: 2 text layers, hidden 128, head_dim 64
+# (vLLM's CPU attention rejects smaller head dims), a 2-layer vision tower; images are tiny (56 px), so an
+# engine starts in well under a minute. Chat templates are "openai" style (they walk the content parts and
+# emit the model's own image placeholder), which both vLLM's `LLM.chat` and transformers' processors accept.
+
+_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+             head_dim=64, max_position_embeddings=2048)
+
+
+def _template(user: str, assistant: str, end: str, image: str, gen: str, start: str = "{{ bos_token }}") -> str:
+    return (start + "{% for m in messages %}{% if m['role'] == 'assistant' %}" + assistant + "{% else %}" + user
+            + "{% endif %}{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+            "{% if c['type'] in ['image', 'image_url', 'image_pil', 'input_image'] %}" + image + "{% elif c['type'] == 'text' %}{{ c['text'] }}"
+            "{% endif %}{% endfor %}{% endif %}" + end + "{% endfor %}{% if add_generation_prompt %}" + gen + "{% endif %}")
+
+
+def _chat_tokenizer(specials: list[str], template: str, **named):
+    from transformers import PreTrainedTokenizerFast
+
+    named_tokens = set(named.values())
+    extra = [t for t in specials if t not in named_tokens]
+    return PreTrainedTokenizerFast(tokenizer_object=train_bpe(specials), chat_template=template,
+                                   additional_special_tokens=extra, model_max_length=2048, **named)
+
+
+def _save_vlm(out: Path, model, processor, rename: Callable[[str], str] | None = None) -> None:
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    if rename is not None:
+        from safetensors.torch import load_file, save_file
+
+        for f in out.glob("*.safetensors"):
+            sd = load_file(str(f))
+            save_file({rename(k): v for k, v in sd.items()}, str(f), metadata={"format": "pt"})
+        index = out / "model.safetensors.index.json"
+        if index.exists():
+            data = json.loads(index.read_text())
+            data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
+            index.write_text(json.dumps(data))
+
+
+def build_llava(out: Path) -> None:
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    _seed(10)
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    tok = _chat_tokenizer(specials, _template("USER: ", "ASSISTANT: ", "{% if m['role'] == 'assistant' %}"
+                                              "{{ eos_token }}{% endif %}\n", "<image>\n", "ASSISTANT:"),
+                          unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    text = LlamaConfig(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=3, **_TEXT)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
+                              image_size=56, patch_size=14, projection_dim=64)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_select_strategy="default", vision_feature_layer=-1)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    proc = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=tok.chat_template)
+    # transformers 5 writes the CLIP tower without its `vision_model.` level; vLLM's loader wants it.
+    _save_vlm(out, model, proc, rename=lambda k: k.replace("model.vision_tower.", "model.vision_tower.vision_model.")
+              if not k.startswith("model.vision_tower.vision_model.") else k)
+
+
+def build_qwen2vl(out: Path) -> None:
+    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
+                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    _seed(11)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    tok = _chat_tokenizer(specials, _template("<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>\n",
+                                              "<|vision_start|><|image_pad|><|vision_end|>",
+                                              "<|im_start|>assistant\n", start=""),
+                          eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    ids = tok.convert_tokens_to_ids
+    text = dict(vocab_size=len(tok), rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                      "mrope_section": [8, 12, 12]},
+                eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"), bos_token_id=ids("<|endoftext|>"),
+                **{k: v for k, v in _TEXT.items() if k != "head_dim"})
+    vision = dict(depth=2, embed_dim=128, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+                        video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                        vision_end_token_id=ids("<|vision_end|>"))
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    pixels = dict(min_pixels=56 * 56, max_pixels=112 * 112)
+    proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels),
+                            video_processor=Qwen2VLVideoProcessor(**pixels), tokenizer=tok,
+                            chat_template=tok.chat_template)
+    _save_vlm(out, model, proc)
+
+
+def build_idefics3(out: Path) -> None:
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor,
+                              Idefics3Processor, LlamaConfig)
+
+    _seed(12)
+    grid = [f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)]
+    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                "<global-img>"] + grid
+    tok = _chat_tokenizer(specials, _template("<|im_start|>User:", "<|im_start|>Assistant:", "<end_of_utterance>\n",
+                                              "<image>", "<|im_start|>Assistant:", start=""),
+                          bos_token="<|im_start|>", eos_token="<end_of_utterance>", pad_token="<|endoftext|>")
+    ids = tok.convert_tokens_to_ids
+    text = LlamaConfig(vocab_size=len(tok), bos_token_id=ids("<|im_start|>"), eos_token_id=ids("<end_of_utterance>"),
+                       pad_token_id=ids("<|endoftext|>"), **_TEXT)
+    # 56 px / patch 14 = 4x4 patches, pixel-shuffled by scale_factor 2 -> 4 image tokens
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1, image_size=56,
+                  patch_size=14)
+    cfg = Idefics3Config(vision_config=vision, text_config=text.to_dict(), scale_factor=2,
+                         image_token_id=ids("<image>"), pad_token_id=ids("<|endoftext|>"))
+    model = Idefics3ForConditionalGeneration(cfg).eval()
+    ip = Idefics3ImageProcessor(size={"longest_edge": 56}, max_image_size={"longest_edge": 56},
+                                do_image_splitting=False)
+    proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=tok.chat_template)
+    _save_vlm(out, model, proc)
+
+
+def build_gemma3(out: Path) -> None:
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor,
+                              PreTrainedTokenizerFast)
+
+    _seed(13)
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                "<end_of_image>", "<image_soft_token>"]
+    template = _template("<start_of_turn>user\n", "<start_of_turn>model\n", "<end_of_turn>\n", "<start_of_image>",
+                         "<start_of_turn>model\n")
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_bpe(specials), chat_template=template, model_max_length=2048,
+                                  pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+                                  additional_special_tokens=specials[4:],
+                                  extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                                        "image_token": "<image_soft_token>"})
+    ids = tok.convert_tokens_to_ids
+    text = dict(vocab_size=len(tok), pad_token_id=0, eos_token_id=[1, ids("<end_of_turn>")], bos_token_id=2,
+                query_pre_attn_scalar=64, sliding_window=256, **{k: v for k, v in _TEXT.items()})
+    text["num_key_value_heads"] = 1
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1, image_size=56,
+                  patch_size=14, vision_use_head=False)
+    # 4x4 patches average-pooled to 2x2 = 4 soft tokens per image
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                       boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
+                       image_token_index=ids("<image_soft_token>"))
+    model = Gemma3ForConditionalGeneration(cfg).eval()
+    ip = Gemma3ImageProcessor(size={"height": 56, "width": 56})
+    proc = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=template)
+    _save_vlm(out, model, proc)
+
+
+# name -> builder of a tiny VLM that vLLM serves
+VLM_BUILDERS: dict[str, Callable[[Path], None]] = {"llava": build_llava, "qwen2vl": build_qwen2vl,
+                                                       "idefics3": build_idefics3, "gemma3": build_gemma3}
+
+
 # ---------------------------------------------------------------------------------------------- building
 
 def default_root() -> Path:
@@ -231,10 +387,6 @@ def _build_once(root: Path, name: str, builder: Callable[[Path], None], log: Cal
 
 
 CORE_BUILDERS: dict[str, Callable[[Path], None]] = {"gemma2": build_gemma, "dcae": build_dcae, "clip": build_clip}
-
-
-# name -> builder of a tiny VLM that vLLM serves (filled in the VLM section below)
-VLM_BUILDERS: dict[str, Callable[[Path], None]] = {}
 
 
 def ensure_zoo(root: str | Path | None = None, vlms: bool = True, log: Callable[[str], None] | None = None) -> Zoo:
