@@ -57,11 +57,14 @@ class SanaPipeline:
         noise = noise.to(dev, torch.float32)
 
         def model_fn(x, t, y_, m_):
-            # The solver state stays float32 whatever the DiT runs in; t stays float32 (it is scaled by 1000).
-            return self.dit(x.to(dtype), t.float(), y_.to(dev, dtype), m_.to(dev)).float()
+            # The solver state stays float32 whatever the DiT runs in; t keeps the solver's precision (the DiT
+            # scales it by 1000 before embedding).
+            return self.dit(x.to(dtype), t, y_.to(dev, dtype), m_.to(dev)).float()
 
         fn = guided(model_fn, y, y_mask, y_null, y_null_mask, guidance_scale)
-        return sample(fn, noise, steps=steps, solver=solver, shift=self.shift if shift is None else shift)
+        # flow_dpm: the model sees floor(1000 t) like under diffusers' DPMSolverMultistepScheduler (samplers.py).
+        return sample(fn, noise, steps=steps, solver=solver, shift=self.shift if shift is None else shift,
+                      integer_timesteps=solver == "flow_dpm")
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], height: int = 1024, width: int = 1024, steps: int = 20,

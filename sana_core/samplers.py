@@ -6,12 +6,18 @@ flow_shift=shift, final_sigmas_type="zero")`: t_i = shift(linspace(1 - 1/1000, 0
 Flow-DPM-Solver is DPM-Solver++ (data prediction, 2nd-order multistep, midpoint form) written for the flow
 parametrisation: alpha_t = 1 - t, sigma_t = t, lambda = log((1 - t) / t), x0 = x_t - t * v.
 The first step is first order (no history yet) and so is the last (t = 0, lambda = inf), as in diffusers.
+
+`integer_timesteps=True` reproduces one quirk of diffusers' DPMSolverMultistepScheduler: it hands the model
+int64 timesteps, floor(1000 t), while its update uses the exact t. SanaPipeline sets it for flow_dpm so that its
+images equal diffusers' SanaPipeline ones; the model then sees t as float64 multiples of 1/1000 (float32 would
+not survive the DiT's * 1000 exactly). The difference in quality is nil either way (t moves by < 1/1000).
 """
 from __future__ import annotations
 
 import math
 from typing import Callable, Literal
 
+import numpy as np
 import torch
 
 from sana_core.errors import SanaError
@@ -23,31 +29,37 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t of sha
 def time_grid(steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> torch.Tensor:
     if steps < 1:
         raise SanaError(f"sampling needs at least one step, got {steps}")
-    t = torch.linspace(1 - 1 / num_train_timesteps, 0, steps + 1, dtype=torch.float64)
-    return shift_time(t, shift)
+    # The same arithmetic as diffusers (1 - linspace(1, 1/N)), so that floor(1000 t) agrees bit for bit.
+    t = 1 - np.linspace(1, 1 / num_train_timesteps, steps + 1)
+    return shift_time(torch.from_numpy(t), shift).flip(0)
 
 
-def _call(model_fn: ModelFn, x: torch.Tensor, t: float) -> torch.Tensor:
+def _call(model_fn: ModelFn, x: torch.Tensor, t: float, integer_timesteps: bool = False) -> torch.Tensor:
+    if integer_timesteps:
+        return model_fn(x, torch.full((x.shape[0],), math.floor(t * 1000) / 1000, device=x.device,
+                                      dtype=torch.float64))
     return model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype))
 
 
 @torch.no_grad()
-def euler(model_fn: ModelFn, noise: torch.Tensor, steps: int = 20, shift: float = 1.0) -> torch.Tensor:
+def euler(model_fn: ModelFn, noise: torch.Tensor, steps: int = 20, shift: float = 1.0,
+          integer_timesteps: bool = False) -> torch.Tensor:
     ts = time_grid(steps, shift).tolist()
     x = noise
     for t, t_next in zip(ts[:-1], ts[1:]):
-        x = x + (t_next - t) * _call(model_fn, x, t)
+        x = x + (t_next - t) * _call(model_fn, x, t, integer_timesteps)
     return x
 
 
 @torch.no_grad()
-def flow_dpm_solver(model_fn: ModelFn, noise: torch.Tensor, steps: int = 20, shift: float = 1.0) -> torch.Tensor:
+def flow_dpm_solver(model_fn: ModelFn, noise: torch.Tensor, steps: int = 20, shift: float = 1.0,
+                    integer_timesteps: bool = False) -> torch.Tensor:
     ts = time_grid(steps, shift).tolist()
     x = noise
     prev_x0 = None
     prev_lambda = None
     for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
-        x0 = x - t * _call(model_fn, x, t)
+        x0 = x - t * _call(model_fn, x, t, integer_timesteps)
         if t_next == 0:  # lambda = inf: the update is the data prediction itself
             x = x0
             break
@@ -87,7 +99,8 @@ SOLVERS = {"euler": euler, "flow_dpm": flow_dpm_solver}
 
 
 def sample(model_fn: ModelFn, noise: torch.Tensor, steps: int = 20,
-           solver: Literal["flow_dpm", "euler"] = "flow_dpm", shift: float = 1.0) -> torch.Tensor:
+           solver: Literal["flow_dpm", "euler"] = "flow_dpm", shift: float = 1.0,
+           integer_timesteps: bool = False) -> torch.Tensor:
     if solver not in SOLVERS:
         raise SanaError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
-    return SOLVERS[solver](model_fn, noise, steps=steps, shift=shift)
+    return SOLVERS[solver](model_fn, noise, steps=steps, shift=shift, integer_timesteps=integer_timesteps)

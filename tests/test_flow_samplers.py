@@ -11,13 +11,15 @@ from sana_core.flow import FlowConfig, flow_loss, interpolate, resolution_shift,
 from sana_core.samplers import euler, flow_dpm_solver, guided, sample, time_grid
 
 
-def _diffusers_dpm(v, noise, steps, shift):
+def _diffusers_dpm(v, noise, steps, shift, integer_timesteps=False):
     s = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift,
                                     algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero")
     s.set_timesteps(steps)
     x = noise.clone()
     for i, ts in enumerate(s.timesteps):
-        x = s.step(v(x, torch.full((x.shape[0],), s.sigmas[i].item(), dtype=x.dtype)), ts, x).prev_sample
+        # SanaPipeline feeds the model the scheduler's int64 timesteps; the update itself uses the sigmas.
+        t = ts.double() / 1000 if integer_timesteps else s.sigmas[i].to(x.dtype)
+        x = s.step(v(x, t.expand(x.shape[0])), ts, x).prev_sample
     return x
 
 
@@ -46,9 +48,10 @@ def test_flow_dpm_matches_diffusers_on_tiny_model():
     v = lambda x, t: m(x, t, y, mask)  # noqa: E731
     noise = torch.randn(2, 32, 4, 4)
     with torch.no_grad():
-        ours = flow_dpm_solver(v, noise, 20, 3.0)
-        ref = _diffusers_dpm(v, noise, 20, 3.0)
-    assert ((ours - ref).norm() / ref.norm()).item() <= 1e-5
+        for integer_timesteps in (False, True):
+            ours = flow_dpm_solver(v, noise, 20, 3.0, integer_timesteps=integer_timesteps)
+            ref = _diffusers_dpm(v, noise, 20, 3.0, integer_timesteps=integer_timesteps)
+            assert ((ours - ref).norm() / ref.norm()).item() <= 1e-5
 
 
 def test_time_grid_and_shift():
