@@ -44,6 +44,7 @@ CONFIG = {
     "dq": {"BLOCK": 64, "num_warps": 4, "num_stages": 3},
     "dkv": {"BLOCK": 128, "num_warps": 4},
     "PROGRAMS_PER_SM": 4,
+    "bf16_split": True,  # bf16 inputs: float32 operands of the dots as hi + lo bf16 pairs (see _split_bf16)
 }
 
 
@@ -89,43 +90,63 @@ def _kv_kernel(k_ptr, v_ptr, stats_ptr, N, H, skb, skn, skh, svb, svn, svh, tile
 
 @triton.jit
 def _load_stats(stats_ptr, pid_bh, D: tl.constexpr):
+    """KV, its transpose and ksum of one (b, h) from a stats row."""
     offs_d = tl.arange(0, D)
     st = stats_ptr + pid_bh.to(tl.int64) * (D * D + D)
     kv = tl.load(st + offs_d[:, None] * D + offs_d[None, :])
+    kv_t = tl.load(st + offs_d[None, :] * D + offs_d[:, None])
     ksum = tl.load(st + D * D + offs_d)
-    return kv, ksum
+    return kv, kv_t, ksum
+
+
+@triton.jit
+def _split_bf16(x):
+    """float32 x as hi + lo in bfloat16: 16 significant bits, so two bf16 dots against exact bf16 data
+    carry ~2^-17 relative error, against tf32's ~2^-11, with half-size operands."""
+    hi = x.to(tl.bfloat16)
+    return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
+def _dot_f32(a16, a32, b, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """a @ b for a float32 b: a split bf16 pair when a is exact bf16 data (a16), else one dot of a32."""
+    if SPLIT:
+        b_hi, b_lo = _split_bf16(b)
+        return tl.dot(a16, b_lo, tl.dot(a16, b_hi))
+    else:
+        return tl.dot(a32, b, input_precision=PREC)
 
 
 @triton.jit
 def _out_kernel(q_ptr, stats_ptr, o_ptr, N, H, sqb, sqn, sqh, sob, son, soh, eps,
-                D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
+                D: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     n0 = tl.program_id(1) * BLOCK
     q_ptrs, mask = _tile_ptrs(q_ptr + b * sqb + h * sqh, n0, N, sqn, D, BLOCK)
     o_ptrs, _ = _tile_ptrs(o_ptr + b * sob + h * soh, n0, N, son, D, BLOCK)
-    q = tl.load(q_ptrs, mask=mask, other=0.0).to(tl.float32)
-    q = tl.where(q > 0, q, 0.0)
-    kv, ksum = _load_stats(stats_ptr, pid_bh, D)
-    num = tl.dot(q, kv, input_precision=PREC)
-    den = tl.sum(q * ksum[None, :], axis=1) + eps
+    q = tl.load(q_ptrs, mask=mask, other=0.0)
+    q = tl.where(q > 0, q, 0.0).to(q_ptr.dtype.element_ty)
+    qf = q.to(tl.float32)
+    kv, _, ksum = _load_stats(stats_ptr, pid_bh, D)
+    num = _dot_f32(q, qf, kv, SPLIT, PREC)
+    den = tl.sum(qf * ksum[None, :], axis=1) + eps
     tl.store(o_ptrs, (num / den[:, None]).to(o_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _dq_kernel(q_ptr, do_ptr, stats_ptr, dq_ptr, dstats_ptr, N, H, sqb, sqn, sqh, sdob, sdon, sdoh,
                sdqb, sdqn, sdqh, tiles_per_prog, eps,
-               D: tl.constexpr, BLOCK: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr):
+               D: tl.constexpr, BLOCK: tl.constexpr, ATOMIC: tl.constexpr, SPLIT: tl.constexpr,
+               PREC: tl.constexpr):
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     q_base = q_ptr + b * sqb + h * sqh
     do_base = do_ptr + b * sdob + h * sdoh
     dq_base = dq_ptr + b * sdqb + h * sdqh
-    kv, ksum = _load_stats(stats_ptr, pid_bh, D)
-    offs_d = tl.arange(0, D)
-    kv_t = tl.load(stats_ptr + pid_bh.to(tl.int64) * (D * D + D) + offs_d[None, :] * D + offs_d[:, None])
+    kv, kv_t, ksum = _load_stats(stats_ptr, pid_bh, D)
     dkv = tl.zeros((D, D), dtype=tl.float32)
     dksum = tl.zeros((D,), dtype=tl.float32)
     n_start = tl.program_id(1) * tiles_per_prog * BLOCK
@@ -134,19 +155,26 @@ def _dq_kernel(q_ptr, do_ptr, stats_ptr, dq_ptr, dstats_ptr, N, H, sqb, sqn, sqh
         q_ptrs, mask = _tile_ptrs(q_base, n0, N, sqn, D, BLOCK)
         do_ptrs, _ = _tile_ptrs(do_base, n0, N, sdon, D, BLOCK)
         dq_ptrs, _ = _tile_ptrs(dq_base, n0, N, sdqn, D, BLOCK)
-        q = tl.load(q_ptrs, mask=mask, other=0.0).to(tl.float32)
-        do = tl.load(do_ptrs, mask=mask, other=0.0).to(tl.float32)
+        q = tl.load(q_ptrs, mask=mask, other=0.0)
+        do = tl.load(do_ptrs, mask=mask, other=0.0)
         live = q > 0
-        q = tl.where(live, q, 0.0)
-        num = tl.dot(q, kv, input_precision=PREC)
-        rden = 1.0 / (tl.sum(q * ksum[None, :], axis=1) + eps)
-        dnum = do * rden[:, None]
-        dden = -tl.sum(do * num, axis=1) * rden * rden
-        dq = tl.dot(dnum, kv_t, input_precision=PREC) + dden[:, None] * ksum[None, :]
+        q = tl.where(live, q, 0.0).to(q_ptr.dtype.element_ty)
+        qf = q.to(tl.float32)
+        dof = do.to(tl.float32)
+        num = _dot_f32(q, qf, kv, SPLIT, PREC)
+        rden = 1.0 / (tl.sum(qf * ksum[None, :], axis=1) + eps)
+        dden = -tl.sum(dof * num, axis=1) * rden * rden
+        # dnum = dO / den; dq = dnum KV^T + dden ksum^T = (dO KV^T) / den + dden ksum^T
+        dq = _dot_f32(do, dof, kv_t, SPLIT, PREC) * rden[:, None] + dden[:, None] * ksum[None, :]
         tl.store(dq_ptrs, tl.where(live, dq, 0.0).to(dq_ptr.dtype.element_ty), mask=mask)
-        # Masked rows have q = 0, so they add nothing here.
-        dkv = tl.dot(tl.trans(q), dnum, dkv, input_precision=PREC)
-        dksum += tl.sum(q * dden[:, None], axis=0)
+        # dKV += relu(q)^T dnum = (relu(q) / den)^T dO; masked rows have q = 0 and add nothing.
+        if SPLIT:
+            qs_hi, qs_lo = _split_bf16(qf * rden[:, None])
+            dkv = tl.dot(tl.trans(qs_lo), do, tl.dot(tl.trans(qs_hi), do, dkv))
+        else:
+            dkv = tl.dot(tl.trans(qf), dof * rden[:, None], dkv, input_precision=PREC)
+        dksum += tl.sum(qf * dden[:, None], axis=0)
+    offs_d = tl.arange(0, D)
     st = dstats_ptr + pid_bh.to(tl.int64) * (D * D + D)
     dkv_ptrs = st + offs_d[:, None] * D + offs_d[None, :]
     if ATOMIC:
@@ -160,7 +188,7 @@ def _dq_kernel(q_ptr, do_ptr, stats_ptr, dq_ptr, dstats_ptr, N, H, sqb, sqn, sqh
 @triton.jit
 def _dkv_kernel(k_ptr, v_ptr, dstats_ptr, dk_ptr, dv_ptr, N, H, skb, skn, skh, svb, svn, svh,
                 sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
-                D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
+                D: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -169,20 +197,22 @@ def _dkv_kernel(k_ptr, v_ptr, dstats_ptr, dk_ptr, dv_ptr, N, H, skb, skn, skh, s
     v_ptrs, _ = _tile_ptrs(v_ptr + b * svb + h * svh, n0, N, svn, D, BLOCK)
     dk_ptrs, _ = _tile_ptrs(dk_ptr + b * sdkb + h * sdkh, n0, N, sdkn, D, BLOCK)
     dv_ptrs, _ = _tile_ptrs(dv_ptr + b * sdvb + h * sdvh, n0, N, sdvn, D, BLOCK)
-    k = tl.load(k_ptrs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
-    dkv, dksum = _load_stats(dstats_ptr, pid_bh, D)
+    k = tl.load(k_ptrs, mask=mask, other=0.0)
+    v = tl.load(v_ptrs, mask=mask, other=0.0)
     live = k > 0
-    k = tl.where(live, k, 0.0)
-    dv = tl.dot(k, dkv, input_precision=PREC)
-    dk = tl.dot(v, tl.trans(dkv), input_precision=PREC) + dksum[None, :]
+    k = tl.where(live, k, 0.0).to(k_ptr.dtype.element_ty)
+    dkv, dkv_t, dksum = _load_stats(dstats_ptr, pid_bh, D)
+    dv = _dot_f32(k, k.to(tl.float32), dkv, SPLIT, PREC)
+    dk = _dot_f32(v, v.to(tl.float32), dkv_t, SPLIT, PREC) + dksum[None, :]
     tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=mask)
     tl.store(dk_ptrs, tl.where(live, dk, 0.0).to(dk_ptr.dtype.element_ty), mask=mask)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # tf32 rounding (2^-11) sits under the 16-bit output rounding; float32 inputs get full float32.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _precision(dtype: torch.dtype) -> tuple[bool, str]:
+    """(split, input precision) of the dots with a float32 operand. tf32 rounding (2^-11) sits at the
+    16-bit output rounding; float32 inputs get full float32."""
+    split = dtype == torch.bfloat16 and CONFIG["bf16_split"]
+    return split, "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -214,7 +244,7 @@ def _stats_buffer(B: int, H: int, D: int, chunks: int, device: torch.device) -> 
 def _forward(q, k, v, eps: float, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, stats): stats rows hold KV (D*D, row-major) then ksum (D) for each (b, h)."""
     B, N, H, D = q.shape
-    prec = _precision(q.dtype)
+    split, prec = _precision(q.dtype)
     cfg = CONFIG["kv"]
     chunks, tiles_per = _reduce_grid(B, N, H, cfg["BLOCK"], q.device)
     stats = _stats_buffer(B, H, D, chunks, q.device)
@@ -225,7 +255,7 @@ def _forward(q, k, v, eps: float, out: torch.Tensor | None = None) -> tuple[torc
         out = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype)
     cfg = CONFIG["out"]
     _out_kernel[(B * H, triton.cdiv(N, cfg["BLOCK"]))](q, stats, out, N, H, *_strides(q), *_strides(out), eps,
-                                                       D=D, BLOCK=cfg["BLOCK"], PREC=prec,
+                                                       D=D, BLOCK=cfg["BLOCK"], SPLIT=split, PREC=prec,
                                                        num_warps=cfg["num_warps"])
     return out, stats
 
@@ -233,18 +263,18 @@ def _forward(q, k, v, eps: float, out: torch.Tensor | None = None) -> tuple[torc
 def _backward(q, k, v, stats, do, eps: float, dq, dk, dv) -> None:
     """Writes the gradients into dq, dk, dv ((B, N, H, D), unit stride along D)."""
     B, N, H, D = q.shape
-    prec = _precision(q.dtype)
+    split, prec = _precision(q.dtype)
     do = _unit_last(do)
     cfg = CONFIG["dq"]
     chunks, tiles_per = _reduce_grid(B, N, H, cfg["BLOCK"], q.device)
     dstats = _stats_buffer(B, H, D, chunks, q.device)
     _dq_kernel[(B * H, chunks)](q, do, stats, dq, dstats, N, H, *_strides(q), *_strides(do), *_strides(dq),
-                                tiles_per, eps, D=D, BLOCK=cfg["BLOCK"], ATOMIC=chunks > 1, PREC=prec,
+                                tiles_per, eps, D=D, BLOCK=cfg["BLOCK"], ATOMIC=chunks > 1, SPLIT=split, PREC=prec,
                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     cfg = CONFIG["dkv"]
     _dkv_kernel[(B * H, triton.cdiv(N, cfg["BLOCK"]))](k, v, dstats, dk, dv, N, H, *_strides(k), *_strides(v),
                                                        *_strides(dk), *_strides(dv), D=D, BLOCK=cfg["BLOCK"],
-                                                       PREC=prec, num_warps=cfg["num_warps"])
+                                                       SPLIT=split, PREC=prec, num_warps=cfg["num_warps"])
 
 
 class _LinearAttention(torch.autograd.Function):
