@@ -57,7 +57,8 @@ class DiTConfig:
                     cross_attention_head_dim=self.hidden_size // self.cross_heads,
                     cross_attention_dim=self.hidden_size, caption_channels=self.caption_channels,
                     mlp_ratio=self.mlp_ratio, attention_bias=self.attention_bias, patch_size=self.patch_size,
-                    norm_eps=self.norm_eps, norm_elementwise_affine=False, sample_size=32)
+                    norm_eps=self.norm_eps, norm_elementwise_affine=False, sample_size=32,
+                    timestep_scale=self.timestep_scale / 1000.0)
 
     @classmethod
     def from_diffusers_config(cls, c: dict) -> "DiTConfig":
@@ -67,9 +68,15 @@ class DiTConfig:
         out = c.get("out_channels") or c["in_channels"]
         if out != c["in_channels"]:
             raise SanaError(f"LinearDiT needs out_channels == in_channels, got {out} vs {c['in_channels']}")
+        if c.get("norm_elementwise_affine"):
+            raise SanaError("diffusers Sana config with norm_elementwise_affine=True is not supported by LinearDiT")
         hidden = c["num_attention_heads"] * c["attention_head_dim"]
         if c.get("cross_attention_dim", hidden) != hidden:
             raise SanaError(f"cross_attention_dim {c.get('cross_attention_dim')} != hidden size {hidden}")
+        cross_head_dim = c.get("cross_attention_head_dim", 112)
+        if cross_head_dim * c["num_cross_attention_heads"] != hidden:
+            raise SanaError(f"cross-attention heads {c['num_cross_attention_heads']} x {cross_head_dim} != hidden "
+                            f"size {hidden}")
         return cls(in_channels=c["in_channels"], hidden_size=hidden, depth=c["num_layers"],
                    num_heads=c["num_attention_heads"], cross_heads=c["num_cross_attention_heads"],
                    caption_channels=c["caption_channels"], mlp_ratio=c.get("mlp_ratio", 2.5),

@@ -112,3 +112,27 @@ def test_parameter_counts_match_diffusers(name, expected):
     print(f"{name}: ours {ours / 1e6:.1f} M, diffusers {theirs / 1e6:.1f} M")
     assert abs(ours - theirs) / theirs <= 0.02
     assert abs(ours - expected) / expected <= 0.05
+
+
+# config.json of the released diffusers-format checkpoints (Efficient-Large-Model/Sana_{600M,1600M}_1024px_diffusers)
+_OFFICIAL = {
+    "sana-0.6b": dict(attention_bias=False, attention_head_dim=32, caption_channels=2304, cross_attention_dim=1152,
+                      cross_attention_head_dim=72, dropout=0.0, in_channels=32, mlp_ratio=2.5,
+                      norm_elementwise_affine=False, norm_eps=1e-06, num_attention_heads=36,
+                      num_cross_attention_heads=16, num_layers=28, out_channels=32, patch_size=1, sample_size=32),
+    "sana-1.6b": dict(attention_bias=False, attention_head_dim=32, caption_channels=2304, cross_attention_dim=2240,
+                      cross_attention_head_dim=112, dropout=0.0, in_channels=32, mlp_ratio=2.5,
+                      norm_elementwise_affine=False, norm_eps=1e-06, num_attention_heads=70,
+                      num_cross_attention_heads=20, num_layers=20, out_channels=32, patch_size=1, sample_size=32),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_OFFICIAL))
+def test_official_diffusers_configs_map_to_presets(name):
+    assert DiTConfig.from_diffusers_config(_OFFICIAL[name]) == DIT_CONFIGS[name]
+    assert DIT_CONFIGS[name].head_dim == 32
+    bad = {**_OFFICIAL[name], "cross_attention_head_dim": 64}
+    with pytest.raises(SanaError, match="cross-attention heads"):
+        DiTConfig.from_diffusers_config(bad)
+    with pytest.raises(SanaError, match="qk_norm"):
+        DiTConfig.from_diffusers_config({**_OFFICIAL[name], "qk_norm": "rms_norm_across_heads"})
