@@ -114,7 +114,7 @@ def test_parameter_counts_match_diffusers(name, expected):
     assert abs(ours - expected) / expected <= 0.05
 
 
-# config.json of the released diffusers-format checkpoints (Efficient-Large-Model/Sana_{600M,1600M}_1024px_diffusers)
+# The transformer config.json layout of the released diffusers checkpoints (Sana_{600M,1600M}_1024px_diffusers)
 _OFFICIAL = {
     "sana-0.6b": dict(attention_bias=False, attention_head_dim=32, caption_channels=2304, cross_attention_dim=1152,
                       cross_attention_head_dim=72, dropout=0.0, in_channels=32, mlp_ratio=2.5,
