@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     w = args.width or cfg.track.sample_width
     g = cfg.track.guidance_scale if args.guidance_scale is None else args.guidance_scale
     images = SanaPipeline(dit, te, ae)(args.prompt, height=h, width=w, steps=args.steps, guidance_scale=g,
-                                       solver=args.solver, seed=args.seed)
+                                       solver=args.solver, seed=args.seed, shift=cfg.flow.shift)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]

@@ -28,6 +28,9 @@ class ModelConfig:
     text_encoder: str = "zoo:gemma"
     autoencoder: str = "zoo:dcae"
     max_length: int = 300  # text tokens
+    # Embeddings of recent captions kept on the host (entries; 0 = off). The encoder is frozen and encodes each
+    # prompt independently of its batch, so a hit equals a recomputation; it only saves time on small data.
+    text_cache: int = 0
     gradient_checkpointing: bool = False
 
 
@@ -99,6 +102,7 @@ def _tiny() -> TrainConfig:
     c = TrainConfig()
     c.data = DataConfig(batch_size=8, num_workers=1, shuffle_buffer=64)
     c.model.max_length = 32
+    c.model.text_cache = 100_000
     c.optim = OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.0)
     c.ema.decay = 0.99
     c.flow = FlowConfig(timestep_sampling="logit_normal", shift=1.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ def resolve_model_path(name: str) -> str:
     or a Hugging Face id."""
     if name.startswith("zoo:"):
         from sana_core.zoo import ensure_zoo
-        return str(getattr(ensure_zoo(), name[4:]))
+        return str(getattr(ensure_zoo(vlms=False), name[4:]))
     return name
 
 
@@ -82,8 +83,10 @@ class Trainer:
         self.gen.manual_seed(cfg.seed * 1000 + info.rank)  # per-rank noise and timesteps
         self.text_encoder = load_text_encoder(cfg, info.device, torch.float32)
         with torch.no_grad():
-            self.null_emb, self.null_mask = self.text_encoder.encode([""])
+            # Sana / diffusers encode the unconditional prompt without the complex human instruction.
+            self.null_emb, self.null_mask = self.text_encoder.encode([""], instruction=False)
 
+        self.text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.step = 0
         wandb_id, captions_taken = None, {}
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -115,8 +118,23 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------------------
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        cache, size = self.text_cache, self.cfg.model.text_cache
         with torch.no_grad():
-            y, mask = self.text_encoder.encode(captions)
+            if size <= 0:
+                y, mask = self.text_encoder.encode(captions)
+            else:
+                misses = [c for c in dict.fromkeys(captions) if c not in cache and c != ""]
+                if misses:
+                    ym, mm = self.text_encoder.encode(misses)
+                    for c, e, m in zip(misses, ym, mm):
+                        cache[c] = (e.clone(), m.clone())
+                for c in captions:
+                    if c in cache:
+                        cache.move_to_end(c)
+                while len(cache) > size:
+                    cache.popitem(last=False)
+                pairs = [cache[c] if c != "" else (self.null_emb[0], self.null_mask[0]) for c in captions]
+                y, mask = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         empty = [i for i, c in enumerate(captions) if c == ""]
         if empty:  # classifier-free guidance: dropped captions train on the empty-prompt embedding
             y[empty], mask[empty] = self.null_emb.to(y.dtype), self.null_mask
@@ -247,7 +265,8 @@ class Trainer:
         te = self.text_encoder
         pipe = SanaPipeline(dit, te, self.autoencoder)
         images = pipe(list(cfg.track.sample_prompts), height=cfg.track.sample_height, width=cfg.track.sample_width,
-                      steps=cfg.track.sample_steps, guidance_scale=cfg.track.guidance_scale, solver="flow_dpm", seed=0)
+                      steps=cfg.track.sample_steps, guidance_scale=cfg.track.guidance_scale, solver="flow_dpm", seed=0,
+                      shift=cfg.flow.shift)
         grid = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)))
         x = 0
         for im in images:
