@@ -29,13 +29,13 @@ from kernels.linear_attention import linear_attention_reference
 SHAPES = [(32, 36, 1024, 32), (8, 36, 4096, 32), (2, 36, 16384, 32), (16, 70, 1024, 32)]  # (B, H, N, D)
 # Launch configs tried per kernel by --sweep: option i of every kernel is timed in the same run, each
 # kernel's own device time read off the profiler, so one pass over i covers all four kernels.
-SWEEP = {
-    "kv": [(128, 4, 3), (64, 2, 4), (256, 8, 3)],
-    "out": [(128, 4), (64, 2), (128, 8)],
-    "dq": [(64, 4, 3), (32, 2, 3), (32, 4, 3)],
-    "dkv": [(128, 4), (64, 4), (64, 2)],
+SWEEP = {  # kv, dq: (BLOCK, num_warps, num_stages, PROGRAMS_PER_SM); out, dkv: (BLOCK, num_warps)
+    "kv": [(128, 4, 3, 8), (128, 4, 3, 4), (128, 4, 4, 16)],
+    "out": [(128, 4), (64, 4), (256, 8)],
+    "dq": [(32, 2, 3, 8), (32, 2, 4, 16), (16, 1, 3, 8)],
+    "dkv": [(64, 4), (64, 2), (128, 4)],
 }
-SWEEP_OTHER = [{"PROGRAMS_PER_SM": 8}, {"PROGRAMS_PER_SM": 16}, {"bf16_split": False}]
+SWEEP_OTHER = [{"bf16_split": False}]
 
 
 def bench(fn) -> float:
@@ -99,6 +99,19 @@ class Case:
         return run
 
 
+def host_breakdown(case: Case) -> dict[str, float]:
+    """Host (enqueue) time of the pieces of one call of ours, ms."""
+    x, do = case.xs[0].detach(), case.dos[0]
+    q, k, v = x.view(case.shape).unbind(2)
+    _, stats = tla._forward(q, k, v, 1e-15)
+    grads = torch.empty_like(x).view(case.shape).unbind(2)
+    return {"torch.empty(out)": host_ms(lambda: torch.empty(q.shape, device="cuda", dtype=q.dtype)),
+            "_forward (2 launches)": host_ms(lambda: tla._forward(q, k, v, 1e-15)),
+            "_backward (2 launches)": host_ms(lambda: tla._backward(q, k, v, stats, do, 1e-15, *grads)),
+            "no_grad call": host_ms(case.fwd(tla.triton_linear_attention)),
+            "fwd+bwd via autograd": host_ms(case.fwd_bwd(tla.triton_linear_attention))}
+
+
 def kernel_breakdown(case: Case, iters: int = 20) -> dict[str, float]:
     """Mean device time per call of each CUDA kernel in one forward+backward of ours (ms)."""
     run = case.fwd_bwd(tla.triton_linear_attention)
@@ -149,29 +162,40 @@ def main() -> None:
     if not args.no_compile:
         methods["compile"] = torch.compile(linear_attention_reference, dynamic=False)
     rows = []
-    for B, H, N, D in SHAPES:
-        case = Case(B, H, N, D)
-        tensor_bytes = B * N * H * D * 2
-        roof_f, roof_fb = 4 * tensor_bytes / bw * 1e3, 11 * tensor_bytes / bw * 1e3
-        entry = {"B": B, "H": H, "N": N, "D": D, "roofline_fwd_ms": roof_f, "roofline_fwd_bwd_ms": roof_fb}
-        for name, f in methods.items():
-            t0 = time.time()
-            fwd = bench(case.fwd(f)) if name != "ours_unpacked_grad" else float("nan")
-            fb = bench(case.fwd_bwd(f))
-            fwd_g = bench_graph(case.fwd(f)) if name != "ours_unpacked_grad" else float("nan")
-            fb_g = bench_graph(case.fwd_bwd(f))
-            entry[name] = {"fwd_ms": fwd, "fwd_bwd_ms": fb, "fwd_x_roofline": fwd / roof_f,
-                           "fwd_bwd_x_roofline": fb / roof_fb, "graph_fwd_ms": fwd_g, "graph_fwd_bwd_ms": fb_g,
-                           "host_fwd_ms": host_ms(case.fwd(f)), "host_fwd_bwd_ms": host_ms(case.fwd_bwd(f))}
-            rows.append((f"{B}x{H}x{N}x{D}", name, fwd, fwd / roof_f, fb, fb / roof_fb, fwd_g / roof_f,
-                         fb_g / roof_fb, entry[name]["host_fwd_bwd_ms"]))
-            print(f"  {rows[-1][0]:>14} {name:>18}: fwd {fwd:.3f} ms, fwd+bwd {fb:.3f} ms, graph {fwd_g:.3f} / "
-                  f"{fb_g:.3f} ms, host {entry[name]['host_fwd_bwd_ms']:.3f} ms ({time.time() - t0:.0f} s)",
-                  flush=True)
-        entry["ours_kernels_ms"] = kernel_breakdown(case)
-        print("   kernels:", {k: round(v, 4) for k, v in entry["ours_kernels_ms"].items()}, flush=True)
-        report["shapes"].append(entry)
-        del case
+    # torch.compile leaves worker threads behind that slow the host, so it runs after everything else.
+    cases = {}
+    for pass_methods in ([m for m in methods if m != "compile"], [m for m in methods if m == "compile"]):
+        for B, H, N, D in SHAPES:
+            if not pass_methods:
+                continue
+            case = Case(B, H, N, D)
+            tensor_bytes = B * N * H * D * 2
+            roof_f, roof_fb = 4 * tensor_bytes / bw * 1e3, 11 * tensor_bytes / bw * 1e3
+            entry = cases.setdefault((B, H, N, D), {"B": B, "H": H, "N": N, "D": D, "roofline_fwd_ms": roof_f,
+                                                    "roofline_fwd_bwd_ms": roof_fb})
+            for name in pass_methods:
+                f = methods[name]
+                t0 = time.time()
+                fwd = bench(case.fwd(f)) if name != "ours_unpacked_grad" else float("nan")
+                fb = bench(case.fwd_bwd(f))
+                fwd_g = bench_graph(case.fwd(f)) if name != "ours_unpacked_grad" else float("nan")
+                fb_g = bench_graph(case.fwd_bwd(f))
+                entry[name] = {"fwd_ms": fwd, "fwd_bwd_ms": fb, "fwd_x_roofline": fwd / roof_f,
+                               "fwd_bwd_x_roofline": fb / roof_fb, "graph_fwd_ms": fwd_g, "graph_fwd_bwd_ms": fb_g,
+                               "host_fwd_ms": host_ms(case.fwd(f)), "host_fwd_bwd_ms": host_ms(case.fwd_bwd(f))}
+                rows.append((f"{B}x{H}x{N}x{D}", name, fwd, fwd / roof_f, fb, fb / roof_fb, fwd_g / roof_f,
+                             fb_g / roof_fb, entry[name]["host_fwd_bwd_ms"]))
+                print(f"  {rows[-1][0]:>14} {name:>18}: fwd {fwd:.3f} ms, fwd+bwd {fb:.3f} ms, graph {fwd_g:.3f} / "
+                      f"{fb_g:.3f} ms, host {entry[name]['host_fwd_bwd_ms']:.3f} ms ({time.time() - t0:.0f} s)",
+                      flush=True)
+            if "ours" in pass_methods:
+                entry["ours_kernels_ms"] = kernel_breakdown(case)
+                entry["ours_host_ms"] = host_breakdown(case)
+                print("   kernels:", {k: round(v, 4) for k, v in entry["ours_kernels_ms"].items()}, flush=True)
+                print("   host:", {k: round(v, 4) for k, v in entry["ours_host_ms"].items()}, flush=True)
+            del case
+    report["shapes"] = list(cases.values())
+    rows.sort(key=lambda r: [f"{s[0]}x{s[1]}x{s[2]}x{s[3]}" for s in SHAPES].index(r[0]))
     out = Path(args.out) / "linear_attention_h100.json"
     out.write_text(json.dumps(report, indent=1))
     try:
@@ -190,7 +214,7 @@ def main() -> None:
             for trial in trials:
                 for key, opt in trial.items():
                     if isinstance(opt, tuple):
-                        opt = dict(zip(("BLOCK", "num_warps", "num_stages"), opt))
+                        opt = dict(zip(("BLOCK", "num_warps", "num_stages", "PROGRAMS_PER_SM"), opt))
                     tla.CONFIG[key] = opt
                 times = kernel_breakdown(case, iters=10)
                 report["sweep"].append({"shape": [B, H, N, D], "trial": {k: list(v) if isinstance(v, tuple) else v

@@ -35,15 +35,15 @@ import triton.language as tl
 HEAD_DIMS = (16, 32, 64)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Launch shapes, per kernel: BLOCK tokens per tile. The reductions (kv, dq) loop over tiles and are
-# split over N until there are at least PROGRAMS_PER_SM * (number of SMs) programs, so that every SM
-# holds several; out and dkv take one tile per program.
+# Launch shapes, per kernel (picked by bench/bench_linear_attention.py --sweep on an H100): BLOCK tokens
+# per tile. The reductions (kv, dq) loop over tiles and are split over N until there are at least
+# PROGRAMS_PER_SM * (number of SMs) programs, so that a small B*H still fills every SM; out and dkv
+# take one tile per program.
 CONFIG = {
-    "kv": {"BLOCK": 128, "num_warps": 4, "num_stages": 3},
+    "kv": {"BLOCK": 128, "num_warps": 4, "num_stages": 3, "PROGRAMS_PER_SM": 8},
     "out": {"BLOCK": 128, "num_warps": 4},
-    "dq": {"BLOCK": 64, "num_warps": 4, "num_stages": 3},
-    "dkv": {"BLOCK": 128, "num_warps": 4},
-    "PROGRAMS_PER_SM": 4,
+    "dq": {"BLOCK": 32, "num_warps": 2, "num_stages": 3, "PROGRAMS_PER_SM": 8},
+    "dkv": {"BLOCK": 64, "num_warps": 4},
     "bf16_split": True,  # bf16 inputs: float32 operands of the dots as hi + lo bf16 pairs (see _split_bf16)
 }
 
@@ -228,10 +228,10 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _reduce_grid(B: int, N: int, H: int, block: int, device: torch.device) -> tuple[int, int]:
+def _reduce_grid(B: int, N: int, H: int, cfg: dict, device: torch.device) -> tuple[int, int]:
     """(chunks, tiles per chunk) for a reduction over N, enough programs to fill the GPU."""
-    n_tiles = triton.cdiv(N, block)
-    want = triton.cdiv(CONFIG["PROGRAMS_PER_SM"] * _sm_count(device.index), B * H)
+    n_tiles = triton.cdiv(N, cfg["BLOCK"])
+    want = triton.cdiv(cfg["PROGRAMS_PER_SM"] * _sm_count(device.index), B * H)
     tiles_per = triton.cdiv(n_tiles, min(n_tiles, max(1, want)))
     return triton.cdiv(n_tiles, tiles_per), tiles_per
 
@@ -246,7 +246,7 @@ def _forward(q, k, v, eps: float, out: torch.Tensor | None = None) -> tuple[torc
     B, N, H, D = q.shape
     split, prec = _precision(q.dtype)
     cfg = CONFIG["kv"]
-    chunks, tiles_per = _reduce_grid(B, N, H, cfg["BLOCK"], q.device)
+    chunks, tiles_per = _reduce_grid(B, N, H, cfg, q.device)
     stats = _stats_buffer(B, H, D, chunks, q.device)
     _kv_kernel[(B * H, chunks)](k, v, stats, N, H, *_strides(k), *_strides(v), tiles_per, D=D,
                                 BLOCK=cfg["BLOCK"], ATOMIC=chunks > 1, PREC=prec,
@@ -266,7 +266,7 @@ def _backward(q, k, v, stats, do, eps: float, dq, dk, dv) -> None:
     split, prec = _precision(q.dtype)
     do = _unit_last(do)
     cfg = CONFIG["dq"]
-    chunks, tiles_per = _reduce_grid(B, N, H, cfg["BLOCK"], q.device)
+    chunks, tiles_per = _reduce_grid(B, N, H, cfg, q.device)
     dstats = _stats_buffer(B, H, D, chunks, q.device)
     _dq_kernel[(B * H, chunks)](q, do, stats, dq, dstats, N, H, *_strides(q), *_strides(do), *_strides(dq),
                                 tiles_per, eps, D=D, BLOCK=cfg["BLOCK"], ATOMIC=chunks > 1, SPLIT=split, PREC=prec,
