@@ -21,7 +21,7 @@ class Autoencoder:
 
     @classmethod
     def from_pretrained(cls, path_or_hf_id: str, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "Autoencoder":
+                        dtype: torch.dtype = torch.float32) -> Autoencoder:
         """An AutoencoderDC folder or hub id (e.g. mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers), or a diffusers
         Sana repo with a vae/ subfolder."""
         from diffusers import AutoencoderDC

@@ -18,8 +18,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels import linear_attention
@@ -51,17 +51,18 @@ class DiTConfig:
         return self.hidden_size // self.num_heads
 
     def to_diffusers_config(self) -> dict:
-        return dict(in_channels=self.in_channels, out_channels=self.in_channels, num_attention_heads=self.num_heads,
-                    attention_head_dim=self.head_dim, num_layers=self.depth,
-                    num_cross_attention_heads=self.cross_heads,
-                    cross_attention_head_dim=self.hidden_size // self.cross_heads,
-                    cross_attention_dim=self.hidden_size, caption_channels=self.caption_channels,
-                    mlp_ratio=self.mlp_ratio, attention_bias=self.attention_bias, patch_size=self.patch_size,
-                    norm_eps=self.norm_eps, norm_elementwise_affine=False, sample_size=32,
-                    timestep_scale=self.timestep_scale / 1000.0)
+        return {
+            "in_channels": self.in_channels, "out_channels": self.in_channels, "patch_size": self.patch_size,
+            "num_attention_heads": self.num_heads, "attention_head_dim": self.head_dim, "num_layers": self.depth,
+            "num_cross_attention_heads": self.cross_heads,
+            "cross_attention_head_dim": self.hidden_size // self.cross_heads,
+            "cross_attention_dim": self.hidden_size, "caption_channels": self.caption_channels,
+            "mlp_ratio": self.mlp_ratio, "attention_bias": self.attention_bias, "norm_eps": self.norm_eps,
+            "norm_elementwise_affine": False, "sample_size": 32, "timestep_scale": self.timestep_scale / 1000.0,
+        }
 
     @classmethod
-    def from_diffusers_config(cls, c: dict) -> "DiTConfig":
+    def from_diffusers_config(cls, c: dict) -> DiTConfig:
         unsupported = {k: c[k] for k in ("guidance_embeds", "qk_norm", "interpolation_scale") if c.get(k)}
         if unsupported:
             raise SanaError(f"diffusers Sana config options not supported by LinearDiT: {unsupported}")
@@ -163,7 +164,7 @@ class MixFFN(nn.Module):
         self.point = nn.Conv2d(hidden, dim, 1, bias=False)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        B, N, C = x.shape
+        B, _, C = x.shape
         x = x.transpose(1, 2).reshape(B, C, *hw)
         x = self.depthwise(F.silu(self.inverted(x)))
         x, gate = x.chunk(2, dim=1)
@@ -245,8 +246,10 @@ _TOP = {
     "t_embedder.mlp.2.weight": "time_embed.emb.timestep_embedder.linear_2.weight",
     "t_embedder.mlp.2.bias": "time_embed.emb.timestep_embedder.linear_2.bias",
     "t_block.1.weight": "time_embed.linear.weight", "t_block.1.bias": "time_embed.linear.bias",
-    "y_embedder.0.weight": "caption_projection.linear_1.weight", "y_embedder.0.bias": "caption_projection.linear_1.bias",
-    "y_embedder.2.weight": "caption_projection.linear_2.weight", "y_embedder.2.bias": "caption_projection.linear_2.bias",
+    "y_embedder.0.weight": "caption_projection.linear_1.weight",
+    "y_embedder.0.bias": "caption_projection.linear_1.bias",
+    "y_embedder.2.weight": "caption_projection.linear_2.weight",
+    "y_embedder.2.bias": "caption_projection.linear_2.bias",
     "y_norm.weight": "caption_norm.weight",
     "final_scale_shift_table": "scale_shift_table",
     "final_linear.weight": "proj_out.weight", "final_linear.bias": "proj_out.bias",

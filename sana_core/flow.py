@@ -10,8 +10,9 @@ which spends more of training (and, in the samplers, more steps) at high noise, 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 

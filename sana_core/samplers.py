@@ -14,8 +14,10 @@ not survive the DiT's * 1000 exactly). The difference in quality is nil either w
 """
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -46,7 +48,7 @@ def euler(model_fn: ModelFn, noise: torch.Tensor, steps: int = 20, shift: float 
           integer_timesteps: bool = False) -> torch.Tensor:
     ts = time_grid(steps, shift).tolist()
     x = noise
-    for t, t_next in zip(ts[:-1], ts[1:]):
+    for t, t_next in itertools.pairwise(ts):
         x = x + (t_next - t) * _call(model_fn, x, t, integer_timesteps)
     return x
 
@@ -58,7 +60,7 @@ def flow_dpm_solver(model_fn: ModelFn, noise: torch.Tensor, steps: int = 20, shi
     x = noise
     prev_x0 = None
     prev_lambda = None
-    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+    for t, t_next in itertools.pairwise(ts):
         x0 = x - t * _call(model_fn, x, t, integer_timesteps)
         if t_next == 0:  # lambda = inf: the update is the data prediction itself
             x = x0

@@ -23,20 +23,20 @@ from sana_core.errors import SanaError
 
 # diffusers.SanaPipeline.__call__'s default `complex_human_instruction` (= NVlabs/Sana's config), joined by "\n".
 COMPLEX_HUMAN_INSTRUCTION = [
-    "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for "
-    "image generation. Evaluate the level of detail in the user prompt:",
-    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial "
-    "relationships to create vivid and concrete scenes.",
-    "- If the prompt is already detailed, refine and enhance the existing details slightly without "
-    "overcomplicating.",
+    ("Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for "
+    "image generation. Evaluate the level of detail in the user prompt:"),
+    ("- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial "
+    "relationships to create vivid and concrete scenes."),
+    ("- If the prompt is already detailed, refine and enhance the existing details slightly without "
+    "overcomplicating."),
     "Here are examples of how to transform or refine prompts:",
-    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping "
-    "peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",
-    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street "
+    ("- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping "
+    "peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers."),
+    ("- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street "
     "lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass "
-    "skyscrapers.",
-    "Please generate only the enhanced description for the prompt below and avoid including any additional "
-    "commentary or evaluations:",
+    "skyscrapers."),
+    ("Please generate only the enhanced description for the prompt below and avoid including any additional "
+    "commentary or evaluations:"),
     "User Prompt: ",
 ]
 CHI_PROMPT = "\n".join(COMPLEX_HUMAN_INSTRUCTION)
@@ -59,7 +59,7 @@ class TextEncoder:
 
     @classmethod
     def from_pretrained(cls, path_or_hf_id: str, max_length: int = 300, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "TextEncoder":
+                        dtype: torch.dtype = torch.float32) -> TextEncoder:
         """A Gemma-2 folder or hub id (e.g. google/gemma-2-2b-it), or a diffusers Sana repo with
         text_encoder/ and tokenizer/ subfolders."""
         from transformers import AutoModel, AutoTokenizer

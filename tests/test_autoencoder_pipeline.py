@@ -64,7 +64,7 @@ def test_pipeline_matches_diffusers_sana_pipeline(parts):
     ref.set_progress_bar_config(disable=True)
     prompts = ["A busy city street at dusk", "a blue square on a white background"]
     noise = torch.randn(2, 32, 2, 3)
-    kw = dict(height=64, width=96, guidance_scale=4.5)
+    kw = {"height": 64, "width": 96, "guidance_scale": 4.5}
     expected = ref(prompts, num_inference_steps=14, latents=noise.clone(), use_resolution_binning=False,
                    output_type="latent", **kw).images
     ours = SanaPipeline(dit, te, ae, shift=3.0).latents(prompts, steps=14, solver="flow_dpm", noise=noise, **kw)

@@ -6,8 +6,13 @@ import torch
 from diffusers import SanaTransformer2DModel
 
 from kernels import linear_attention_reference
-from sana_core.dit import (DIT_CONFIGS, DiTConfig, LinearDiT, load_diffusers_state_dict,
-                           to_diffusers_state_dict)
+from sana_core.dit import (
+    DIT_CONFIGS,
+    DiTConfig,
+    LinearDiT,
+    load_diffusers_state_dict,
+    to_diffusers_state_dict,
+)
 from sana_core.errors import SanaError
 
 CFG = DiTConfig(hidden_size=64, depth=2, num_heads=2, cross_heads=4, caption_channels=48)
@@ -70,7 +75,8 @@ def test_bad_state_dict_names_the_keys():
     with pytest.raises(SanaError, match="transformer_blocks.1.ff.conv_point.weight.*extra.weight"):
         load_diffusers_state_dict(LinearDiT(CFG), sd)
     with pytest.raises(SanaError, match="expects"):
-        LinearDiT(CFG)(torch.randn(1, 16, 4, 4), torch.rand(1), torch.randn(1, 3, 48), torch.ones(1, 3, dtype=torch.bool))
+        LinearDiT(CFG)(torch.randn(1, 16, 4, 4), torch.rand(1), torch.randn(1, 3, 48),
+                       torch.ones(1, 3, dtype=torch.bool))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -115,15 +121,14 @@ def test_parameter_counts_match_diffusers(name, expected):
 
 
 # The transformer config.json layout of the released diffusers checkpoints (Sana_{600M,1600M}_1024px_diffusers)
+_COMMON = {"attention_bias": False, "attention_head_dim": 32, "caption_channels": 2304, "dropout": 0.0,
+           "in_channels": 32, "out_channels": 32, "mlp_ratio": 2.5, "norm_elementwise_affine": False,
+           "norm_eps": 1e-06, "patch_size": 1, "sample_size": 32}
 _OFFICIAL = {
-    "sana-0.6b": dict(attention_bias=False, attention_head_dim=32, caption_channels=2304, cross_attention_dim=1152,
-                      cross_attention_head_dim=72, dropout=0.0, in_channels=32, mlp_ratio=2.5,
-                      norm_elementwise_affine=False, norm_eps=1e-06, num_attention_heads=36,
-                      num_cross_attention_heads=16, num_layers=28, out_channels=32, patch_size=1, sample_size=32),
-    "sana-1.6b": dict(attention_bias=False, attention_head_dim=32, caption_channels=2304, cross_attention_dim=2240,
-                      cross_attention_head_dim=112, dropout=0.0, in_channels=32, mlp_ratio=2.5,
-                      norm_elementwise_affine=False, norm_eps=1e-06, num_attention_heads=70,
-                      num_cross_attention_heads=20, num_layers=20, out_channels=32, patch_size=1, sample_size=32),
+    "sana-0.6b": {**_COMMON, "cross_attention_dim": 1152, "cross_attention_head_dim": 72, "num_attention_heads": 36,
+                  "num_cross_attention_heads": 16, "num_layers": 28},
+    "sana-1.6b": {**_COMMON, "cross_attention_dim": 2240, "cross_attention_head_dim": 112, "num_attention_heads": 70,
+                  "num_cross_attention_heads": 20, "num_layers": 20},
 }
 
 

@@ -45,7 +45,7 @@ def test_flow_dpm_matches_diffusers_on_tiny_model():
     m = LinearDiT(DIT_CONFIGS["tiny"]).eval()
     y = torch.randn(2, 5, 64)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    v = lambda x, t: m(x, t, y, mask)  # noqa: E731
+    v = lambda x, t: m(x, t, y, mask)
     noise = torch.randn(2, 32, 4, 4)
     with torch.no_grad():
         for integer_timesteps in (False, True):
@@ -81,7 +81,7 @@ def test_flow_loss_is_zero_for_the_true_velocity_and_interpolates():
     t = torch.rand(4)
     xt = interpolate(x0, noise, t)
     assert torch.allclose(xt - t.view(-1, 1, 1, 1) * (noise - x0), x0, atol=1e-6)
-    oracle = lambda x, t_, y, m: noise - x0  # noqa: E731
+    oracle = lambda x, t_, y, m: noise - x0
     loss, per = flow_loss(oracle, x0, None, None, FlowConfig(), noise=noise, t=t)
     assert loss.item() == 0 and per.shape == (4,)
     loss, _ = flow_loss(lambda x, t_, y, m: torch.zeros_like(x), x0, None, None, FlowConfig(weighting="cosmap"),
