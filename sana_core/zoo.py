@@ -29,7 +29,7 @@ from typing import Callable
 from sana_core.errors import SanaError, cli_main
 
 REPO = Path(__file__).resolve().parent.parent
-ZOO_VERSION = 1  # bump when a builder changes, so stale caches are rebuilt in a fresh folder
+ZOO_VERSION = 2  # bump when a builder changes, so stale caches are rebuilt in a fresh folder
 
 # The real checkpoints the tiny models stand in for (HF ids, open_clip name + pretrained tag).
 PRODUCTION = {
@@ -38,8 +38,9 @@ PRODUCTION = {
     "clip_model": "ViT-L-14",
     "clip_pretrained": "openai",
     "vlms": {
-        "llava": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
-        "qwen2vl": "Qwen/Qwen2.5-VL-7B-Instruct",
+        # one per tiny family, same architecture class as the tiny model
+        "llava": "llava-hf/llava-1.5-7b-hf",
+        "qwen2vl": "Qwen/Qwen2-VL-7B-Instruct",
         "idefics3": "HuggingFaceTB/SmolVLM-Instruct",
         "gemma3": "google/gemma-3-12b-it",
     },
@@ -239,6 +240,15 @@ def _save_vlm(out: Path, model, processor, rename: Callable[[str], str] | None =
             index.write_text(json.dumps(data))
 
 
+def _vision_model_level(key: str) -> str:
+    """transformers 5 saves a CLIP/SigLIP tower as `vision_tower.embeddings...`; vLLM 0.32's LLaVA and
+    Gemma-3 loaders want the `vision_tower.vision_model.embeddings...` level of the original checkpoints."""
+    for prefix in ("model.vision_tower.", "vision_tower."):
+        if key.startswith(prefix) and not key.startswith(prefix + "vision_model."):
+            return prefix + "vision_model." + key[len(prefix):]
+    return key
+
+
 def build_llava(out: Path) -> None:
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
@@ -258,9 +268,7 @@ def build_llava(out: Path) -> None:
     proc = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=tok.chat_template)
-    # transformers 5 writes the CLIP tower without its `vision_model.` level; vLLM's loader wants it.
-    _save_vlm(out, model, proc, rename=lambda k: k.replace("model.vision_tower.", "model.vision_tower.vision_model.")
-              if not k.startswith("model.vision_tower.vision_model.") else k)
+    _save_vlm(out, model, proc, rename=_vision_model_level)
 
 
 def build_qwen2vl(out: Path) -> None:
@@ -345,7 +353,7 @@ def build_gemma3(out: Path) -> None:
     model = Gemma3ForConditionalGeneration(cfg).eval()
     ip = Gemma3ImageProcessor(size={"height": 56, "width": 56})
     proc = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=template)
-    _save_vlm(out, model, proc)
+    _save_vlm(out, model, proc, rename=_vision_model_level)
 
 
 # name -> builder of a tiny VLM that vLLM serves
@@ -392,6 +400,8 @@ CORE_BUILDERS: dict[str, Callable[[Path], None]] = {"gemma2": build_gemma, "dcae
 def ensure_zoo(root: str | Path | None = None, vlms: bool = True, log: Callable[[str], None] | None = None) -> Zoo:
     """Build (once) and return the tiny zoo under `root` (default $SANA_ZOO_DIR or <repo>/.cache/zoo)."""
     root = Path(root) if root is not None else default_root()
+    if root.exists() and not root.is_dir():
+        raise SanaError(f"zoo root {root} exists and is not a folder")
     root = root / f"v{ZOO_VERSION}"
     log = log or (lambda s: None)
     with _locked(root):

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from sana_core.errors import SanaError
+from sana_core.zoo import ZOO_VERSION
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,7 +122,7 @@ def test_two_builders_at_once(tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert outs[0][0] == outs[1][0]
-    root = tmp_path / "v1"
+    root = tmp_path / f"v{ZOO_VERSION}"
     assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["clip", "dcae", "gemma2"]
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
 
@@ -130,3 +131,12 @@ def test_zoo_cli_help():
     r = subprocess.run([sys.executable, "-m", "sana_core.zoo", "--help"], capture_output=True, text=True,
                        cwd=REPO, timeout=120)
     assert r.returncode == 0 and "--root" in r.stdout
+
+
+def test_zoo_root_that_is_a_file(tmp_path):
+    from sana_core.zoo import ensure_zoo
+
+    f = tmp_path / "not-a-folder"
+    f.write_text("x")
+    with pytest.raises(SanaError, match=str(f)):
+        ensure_zoo(f)
