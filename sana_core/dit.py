@@ -209,8 +209,10 @@ class LinearDiT(nn.Module):
         self.final_linear = nn.Linear(dim, p * p * cfg.in_channels)
         self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W); t (B,) in [0, 1]; y (B, L, caption_channels); y_mask (B, L) bool -> velocity."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                y_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W); t (B,) in [0, 1]; y (B, L, caption_channels); y_mask (B, L) bool, True = real token
+        (None: all real) -> velocity (B, C, H, W)."""
         B, C, H, W = x.shape
         p = self.cfg.patch_size
         if C != self.cfg.in_channels or H % p or W % p:
@@ -222,6 +224,8 @@ class LinearDiT(nn.Module):
         t_mod = self.t_block(t_emb)
         y = self.y_norm(self.y_embedder(y))
         # Additive -10000 like diffusers (not -inf): an all-padding row then stays finite.
+        if y_mask is None:
+            y_mask = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)
         y_bias = ((~y_mask.bool()).to(x.dtype) * -10000.0)[:, None, None, :]
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():

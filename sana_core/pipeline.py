@@ -40,7 +40,7 @@ class SanaPipeline:
     @torch.no_grad()
     def latents(self, prompts: list[str], height: int, width: int, steps: int = 20, guidance_scale: float = 4.5,
                 solver: str = "flow_dpm", seed: int = 0, negative_prompt: str = "", shift: float | None = None,
-                noise: torch.Tensor | None = None) -> torch.Tensor:
+                noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
         """The sampled (scaled) latents, before decoding; `noise` overrides the seeded starting noise."""
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -64,11 +64,12 @@ class SanaPipeline:
         fn = guided(model_fn, y, y_mask, y_null, y_null_mask, guidance_scale)
         # flow_dpm: the model sees floor(1000 t) like under diffusers' DPMSolverMultistepScheduler (samplers.py).
         return sample(fn, noise, steps=steps, solver=solver, shift=self.shift if shift is None else shift,
-                      integer_timesteps=solver == "flow_dpm")
+                      integer_timesteps=solver == "flow_dpm", progress=progress)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], height: int = 1024, width: int = 1024, steps: int = 20,
                  guidance_scale: float = 4.5, solver: str = "flow_dpm", seed: int = 0, negative_prompt: str = "",
-                 shift: float | None = None) -> list[Image.Image]:
-        lat = self.latents(prompts, height, width, steps, guidance_scale, solver, seed, negative_prompt, shift)
+                 shift: float | None = None, progress: bool = False) -> list[Image.Image]:
+        lat = self.latents(prompts, height, width, steps, guidance_scale, solver, seed, negative_prompt, shift,
+                           progress=progress)
         return to_pil(self.autoencoder.decode(lat))

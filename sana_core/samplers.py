@@ -21,6 +21,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from sana_core.errors import SanaError
 from sana_core.flow import shift_time
@@ -36,6 +37,10 @@ def time_grid(steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -
     return shift_time(torch.from_numpy(t), shift).flip(0)
 
 
+def _steps(ts: list[float], progress: bool, name: str):
+    return tqdm(list(itertools.pairwise(ts)), desc=name, unit="step", disable=not progress, leave=False)
+
+
 def _call(model_fn: ModelFn, x: torch.Tensor, t: float, integer_timesteps: bool = False) -> torch.Tensor:
     if integer_timesteps:
         return model_fn(x, torch.full((x.shape[0],), math.floor(t * 1000) / 1000, device=x.device,
@@ -45,22 +50,22 @@ def _call(model_fn: ModelFn, x: torch.Tensor, t: float, integer_timesteps: bool 
 
 @torch.no_grad()
 def euler(model_fn: ModelFn, noise: torch.Tensor, steps: int = 20, shift: float = 1.0,
-          integer_timesteps: bool = False) -> torch.Tensor:
+          integer_timesteps: bool = False, progress: bool = False) -> torch.Tensor:
     ts = time_grid(steps, shift).tolist()
     x = noise
-    for t, t_next in itertools.pairwise(ts):
+    for t, t_next in _steps(ts, progress, "euler"):
         x = x + (t_next - t) * _call(model_fn, x, t, integer_timesteps)
     return x
 
 
 @torch.no_grad()
 def flow_dpm_solver(model_fn: ModelFn, noise: torch.Tensor, steps: int = 20, shift: float = 1.0,
-                    integer_timesteps: bool = False) -> torch.Tensor:
+                    integer_timesteps: bool = False, progress: bool = False) -> torch.Tensor:
     ts = time_grid(steps, shift).tolist()
     x = noise
     prev_x0 = None
     prev_lambda = None
-    for t, t_next in itertools.pairwise(ts):
+    for t, t_next in _steps(ts, progress, "flow_dpm"):
         x0 = x - t * _call(model_fn, x, t, integer_timesteps)
         if t_next == 0:  # lambda = inf: the update is the data prediction itself
             x = x0
@@ -102,7 +107,8 @@ SOLVERS = {"euler": euler, "flow_dpm": flow_dpm_solver}
 
 def sample(model_fn: ModelFn, noise: torch.Tensor, steps: int = 20,
            solver: Literal["flow_dpm", "euler"] = "flow_dpm", shift: float = 1.0,
-           integer_timesteps: bool = False) -> torch.Tensor:
+           integer_timesteps: bool = False, progress: bool = False) -> torch.Tensor:
     if solver not in SOLVERS:
         raise SanaError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
-    return SOLVERS[solver](model_fn, noise, steps=steps, shift=shift, integer_timesteps=integer_timesteps)
+    return SOLVERS[solver](model_fn, noise, steps=steps, shift=shift, integer_timesteps=integer_timesteps,
+                           progress=progress)

@@ -33,6 +33,14 @@ def test_autoencoder_scaling_and_shapes(parts):
         Autoencoder.from_pretrained("/nonexistent/no-such-dcae")
 
 
+def test_autoencoder_loads_from_a_diffusers_sana_repo_layout(parts, tmp_path):
+    ae = parts[2]
+    ae.vae.save_pretrained(tmp_path / "vae")
+    again = Autoencoder.from_pretrained(str(tmp_path))
+    z = torch.randn(1, 32, 1, 2)
+    assert torch.allclose(again.decode(z), ae.decode(z), atol=1e-6)
+
+
 def test_pipeline_images_are_sized_and_seeded(parts):
     pipe = SanaPipeline(*parts)
     prompts = ["a red car parked near a wooden table", "A cat"]

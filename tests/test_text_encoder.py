@@ -68,3 +68,13 @@ def test_bad_path_is_one_line_naming_it(tmp_path):
     with pytest.raises(SanaError, match="no-such-gemma") as e:
         TextEncoder.from_pretrained(str(tmp_path / "no-such-gemma"))
     assert "\n" not in str(e.value)
+
+
+def test_loads_from_a_diffusers_sana_repo_layout(te, tmp_path):
+    te.model.save_pretrained(tmp_path / "text_encoder")
+    te.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    again = TextEncoder.from_pretrained(str(tmp_path))
+    prompts = _prompts(2)
+    a, ma = te.encode(prompts)
+    b, mb = again.encode(prompts)
+    assert torch.equal(ma, mb) and torch.allclose(a, b, rtol=1e-6, atol=1e-6)
