@@ -99,6 +99,18 @@ class Case:
         return run
 
 
+class _AllocateOnly(torch.autograd.Function):
+    """Autograd node that launches nothing: its fwd+bwd host time is autograd's own cost."""
+
+    @staticmethod
+    def forward(ctx, q):
+        return torch.empty(q.shape, device=q.device, dtype=q.dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        return torch.empty(do.shape, device=do.device, dtype=do.dtype)
+
+
 def host_breakdown(case: Case) -> dict[str, float]:
     """Host (enqueue) time of the pieces of one call of ours, ms."""
     x, do = case.xs[0].detach(), case.dos[0]
@@ -109,7 +121,16 @@ def host_breakdown(case: Case) -> dict[str, float]:
             "_forward (2 launches)": host_ms(lambda: tla._forward(q, k, v, 1e-15)),
             "_backward (2 launches)": host_ms(lambda: tla._backward(q, k, v, stats, do, 1e-15, *grads)),
             "no_grad call": host_ms(case.fwd(tla.triton_linear_attention)),
-            "fwd+bwd via autograd": host_ms(case.fwd_bwd(tla.triton_linear_attention))}
+            "fwd+bwd via autograd": host_ms(case.fwd_bwd(tla.triton_linear_attention)),
+            "fwd+bwd via autograd, allocate-only Function": host_ms(_allocate_only(case))}
+
+
+def _allocate_only(case: Case):
+    def run():
+        x, do = case._next()
+        q = x.view(case.shape).unbind(2)[0]
+        torch.autograd.grad(_AllocateOnly.apply(q), x, do)
+    return run
 
 
 def kernel_breakdown(case: Case, iters: int = 20) -> dict[str, float]:

@@ -349,11 +349,13 @@ def triton_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e
         from kernels.linear_attention import linear_attention_reference  # nothing to launch on empty inputs
 
         return linear_attention_reference(q, k, v, eps)
+    if q.device.index != torch.cuda.current_device():  # Triton launches on the current device's stream
+        with torch.cuda.device(q.device):
+            return triton_linear_attention(q, k, v, eps)
     q, k, v = (_unit_last(t) for t in (q, k, v))
-    with torch.cuda.device(q.device):  # Triton launches on the current device's stream
-        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-            return _forward(q, k, v, eps)[0]
-        packed = _packed_source(q, k, v)
-        if packed is not None:
-            return _PackedLinearAttention.apply(packed, eps)
-        return _LinearAttention.apply(q, k, v, eps)
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return _forward(q, k, v, eps)[0]
+    packed = _packed_source(q, k, v)
+    if packed is not None:
+        return _PackedLinearAttention.apply(packed, eps)
+    return _LinearAttention.apply(q, k, v, eps)
