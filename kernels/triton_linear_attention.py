@@ -22,7 +22,13 @@ GPU; chunks meet through float32 atomics into a zeroed buffer, or a plain store 
 When q, k, v are exactly the unbind(2) views of one contiguous (B, N, 3, H, D) projection output and
 all need gradients, the autograd node is attached to that tensor instead, and the backward writes
 dq, dk, dv straight into one (B, N, 3, H, D) gradient: autograd's unbind backward would otherwise
-stack three separate gradients, another full read and write of all of them.
+stack three separate gradients, another full read and write of all of them. The catch: the views
+themselves are then not in the graph, so `torch.autograd.grad(out, q)` reports q as unused; ask for
+the projection output's (or any upstream) gradient instead. `.backward()` is unaffected.
+
+Precision: KV and ksum are exact products of the inputs accumulated in float32. The dots that have a
+float32 operand (KV, dKV, relu(q)/den) split it into hi + lo bfloat16 for bf16 inputs (16 significant
+bits against exact bf16 data), use tf32 for fp16 inputs and full float32 for float32 inputs.
 """
 from __future__ import annotations
 
@@ -286,6 +292,7 @@ class _LinearAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, v, stats = ctx.saved_tensors
         dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
@@ -304,6 +311,7 @@ class _PackedLinearAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         qkv, stats = ctx.saved_tensors
         dqkv = torch.empty_like(qkv)
