@@ -5,6 +5,7 @@ runs; `training.distributed.setup` finds it and uses it, so nothing else differs
 """
 from __future__ import annotations
 
+import json
 import os
 
 from sana_core.config import from_dict, to_dict
@@ -49,4 +50,9 @@ def run_with_ray(cfg: TrainConfig, data: str, output: str, resume: bool, num_wor
     result = trainer.fit()
     if result.error is not None:
         raise SanaError(f"Ray Train run failed: {str(result.error).splitlines()[0]}")
-    return dict(result.metrics or {})
+    # Rank 0 wrote the run's summary; Ray's own result metrics depend on the Train API version.
+    summary = os.path.join(output, "summary.json")
+    if not os.path.isfile(summary):
+        raise SanaError(f"Ray Train run finished without writing {summary}")
+    with open(summary) as f:
+        return json.load(f)

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import OrderedDict
@@ -297,6 +298,7 @@ def train(cfg: TrainConfig, data: str | Path, output: str | Path, resume: bool =
     finally:
         trainer.close()
     if trainer.info.is_main:
+        (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         print_summary(summary, trainer.run_dir)
     return summary
 
