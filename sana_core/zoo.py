@@ -327,6 +327,7 @@ def build_idefics3(out: Path) -> None:
 
 
 def build_gemma3(out: Path) -> None:
+    from tokenizers import AddedToken
     from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor,
                               PreTrainedTokenizerFast)
 
@@ -335,7 +336,11 @@ def build_gemma3(out: Path) -> None:
                 "<end_of_image>", "<image_soft_token>"]
     template = _template("<start_of_turn>user\n", "<start_of_turn>model\n", "<end_of_turn>\n", "<start_of_image>",
                          "<start_of_turn>model\n")
-    tok = PreTrainedTokenizerFast(tokenizer_object=train_bpe(specials), chat_template=template, model_max_length=2048,
+    bpe = train_bpe(specials)
+    # Gemma's SentencePiece vocabulary has newline runs as single tokens, and vLLM's Gemma-3 processor
+    # looks them up by their literal text (vocab["\n\n"]), which a byte-level BPE spells differently.
+    bpe.add_tokens([AddedToken("\n" * n, normalized=False) for n in (4, 3, 2, 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, chat_template=template, model_max_length=2048,
                                   pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
                                   additional_special_tokens=specials[4:],
                                   extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
@@ -378,20 +383,33 @@ def _locked(root: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _built_version(folder: Path) -> int | None:
+    try:
+        return int(json.loads((folder / ".complete").read_text()).get("version", 1))
+    except (OSError, ValueError):
+        return None
+
+
 def _build_once(root: Path, name: str, builder: Callable[[Path], None], log: Callable[[str], None]) -> Path:
     final = root / name
-    if (final / ".complete").exists():
+    version = BUILDER_VERSIONS.get(name, 1)
+    if _built_version(final) == version:
         return final
     tmp = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    if final.exists():  # an interrupted rename from an older layout; never trust a folder without the marker
-        shutil.rmtree(final)
     t0 = time.time()
     builder(tmp)
-    (tmp / ".complete").write_text(json.dumps({"zoo_version": ZOO_VERSION, "built_s": round(time.time() - t0, 2)}))
+    (tmp / ".complete").write_text(json.dumps({"zoo_version": ZOO_VERSION, "version": version,
+                                               "built_s": round(time.time() - t0, 2)}))
+    if final.exists():  # an older build of this model, or one without its completion marker
+        shutil.rmtree(final)
     os.rename(tmp, final)
     log(f"built {name} in {time.time() - t0:.1f}s -> {final}")
     return final
+
+
+# A model's folder is rebuilt when its builder's version here is newer than the one it was built with.
+BUILDER_VERSIONS = {"vlm-gemma3": 2}
 
 
 CORE_BUILDERS: dict[str, Callable[[Path], None]] = {"gemma2": build_gemma, "dcae": build_dcae, "clip": build_clip}
