@@ -17,7 +17,8 @@ with o = num / den: dnum = dO / den, dden = -(dO . num) / den^2. Only q, k, v an
 are saved for backward; num and den are recomputed from q, which the backward reads anyway.
 
 The two reductions over tokens (KV and dKV) split N into chunks so that a small B*H still fills the
-GPU; chunks meet through float32 atomics into a zeroed buffer, or a plain store when one chunk covers N.
+GPU; chunks meet through float32 atomics into a zeroed buffer, or a plain store when one chunk covers N
+(always the case under torch.use_deterministic_algorithms(True), which makes results bit-reproducible).
 
 When q, k, v are exactly the unbind(2) views of one contiguous (B, N, 3, H, D) projection output and
 all need gradients, the autograd node is attached to that tensor instead, and the backward writes
@@ -235,8 +236,13 @@ def _sm_count(device_index: int) -> int:
 
 
 def _reduce_grid(B: int, N: int, H: int, cfg: dict, device: torch.device) -> tuple[int, int]:
-    """(chunks, tiles per chunk) for a reduction over N, enough programs to fill the GPU."""
+    """(chunks, tiles per chunk) for a reduction over N, enough programs to fill the GPU.
+
+    Under torch.use_deterministic_algorithms(True) one program reduces all of N for its (b, h): no float32
+    atomics, so the same inputs give bit-identical outputs (slower when B*H is small)."""
     n_tiles = triton.cdiv(N, cfg["BLOCK"])
+    if torch.are_deterministic_algorithms_enabled():
+        return 1, n_tiles
     want = triton.cdiv(cfg["PROGRAMS_PER_SM"] * _sm_count(device.index), B * H)
     tiles_per = triton.cdiv(n_tiles, min(n_tiles, max(1, want)))
     return triton.cdiv(n_tiles, tiles_per), tiles_per
