@@ -2,6 +2,7 @@
 offline files, the entry points (jobs.train / jobs.sample)."""
 import glob
 import json
+import math
 import struct
 import subprocess
 import sys
@@ -52,8 +53,10 @@ def test_resume_gives_the_same_losses_bit_for_bit(data, tmp_path):
     assert (part / "config.yaml").is_file()
 
 
-def test_keep_last_k_checkpoints(data, tmp_path):
-    train(tiny_cfg("max_steps=8", "checkpoint.every=2", "checkpoint.keep_last=2", "data.num_workers=0"), data, tmp_path)
+def test_keep_last_k_checkpoints_came_and_gradient_checkpointing(data, tmp_path):
+    s = train(tiny_cfg("max_steps=8", "checkpoint.every=2", "checkpoint.keep_last=2", "data.num_workers=0",
+                       "optim.name=came", "model.gradient_checkpointing=true"), data, tmp_path)
+    assert s["steps"] == 8 and math.isfinite(s["final_loss"])
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000006", "step-00000008"]
 
 
