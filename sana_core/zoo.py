@@ -249,6 +249,18 @@ def _vision_model_level(key: str) -> str:
     return key
 
 
+def _mute_blank_tokens(model, tok) -> None:
+    """Zero the output-embedding rows of tokens that decode to nothing printable (special tokens, newline
+    runs): their logit becomes 0 while a random model's other logits spread around 0, so greedy decoding of
+    random weights emits visible text instead of a caption that strips to "" (which the stage reports as
+    a failure). Only needed where a random init happened to prefer such tokens (the tiny Gemma-3)."""
+    import torch
+
+    blank = [i for i in range(len(tok)) if not tok.decode([i], skip_special_tokens=True).strip()]
+    with torch.no_grad():
+        model.get_output_embeddings().weight[blank] = 0
+
+
 def build_llava(out: Path) -> None:
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
@@ -356,6 +368,7 @@ def build_gemma3(out: Path) -> None:
                        boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
                        image_token_index=ids("<image_soft_token>"))
     model = Gemma3ForConditionalGeneration(cfg).eval()
+    _mute_blank_tokens(model, tok)
     ip = Gemma3ImageProcessor(size={"height": 56, "width": 56})
     proc = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=template)
     _save_vlm(out, model, proc, rename=_vision_model_level)
@@ -409,7 +422,7 @@ def _build_once(root: Path, name: str, builder: Callable[[Path], None], log: Cal
 
 
 # A model's folder is rebuilt when its builder's version here is newer than the one it was built with.
-BUILDER_VERSIONS = {"vlm-gemma3": 2}
+BUILDER_VERSIONS = {"vlm-gemma3": 3}
 
 
 CORE_BUILDERS: dict[str, Callable[[Path], None]] = {"gemma2": build_gemma, "dcae": build_dcae, "clip": build_clip}
