@@ -187,7 +187,7 @@ class Trainer:
         cfg, info = self.cfg, self.info
         self.model.train()
         t_start = time.time()
-        window_t, window_imgs, window_tokens = time.time(), 0, 0
+        window_t, window_imgs, window_flops = time.time(), 0, 0
         last, losses = {}, []
         start_step = self.step
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not info.is_main, desc="train", unit="step",
@@ -202,7 +202,7 @@ class Trainer:
                 self.step += 1
                 B, _, h, w = batch["latents"].shape
                 window_imgs += B
-                window_tokens += B * train_flops_per_image(self.num_params, cfg.model.dit, h, w, cfg.model.max_length)
+                window_flops += B * train_flops_per_image(self.num_params, cfg.model.dit, h, w, cfg.model.max_length)
                 if math.isfinite(out["loss"]):
                     losses.append(out["loss"])
                 bar.update(1)
@@ -212,11 +212,11 @@ class Trainer:
                     per_rank = window_imgs / dt
                     last = {"loss": out["loss"], "lr": self.sched.get_last_lr()[0], "grad_norm": out["grad_norm"],
                             "samples_per_s": per_rank * info.world, "images_per_s_per_gpu": per_rank,
-                            "mfu": window_tokens / dt / (cfg.track.peak_tflops * 1e12),
+                            "mfu": window_flops / dt / (cfg.track.peak_tflops * 1e12),
                             "epoch": batch["epoch"], "nonfinite_skipped": self.nonfinite_skipped,
                             "images_skipped_no_caption": sum(self.skips.per_worker.values())}
                     self.tracker.log(self.step, dict(last))
-                    window_t, window_imgs, window_tokens = time.time(), 0, 0
+                    window_t, window_imgs, window_flops = time.time(), 0, 0
                 if cfg.track.sample_every and self.step % cfg.track.sample_every == 0:
                     self.sample_grid()
                 if self.step % cfg.checkpoint.every == 0 and self.step < cfg.max_steps:
