@@ -68,14 +68,15 @@ def run_transformers(folder: str, images, prompt: str, max_tokens: int, batch_si
 
 
 def run_vllm(cfg, images, max_tokens: int):
-    from curation.caption import build_engine, chat_messages, sampling_params
+    from vllm import SamplingParams
+
+    from curation.caption import build_engine, chat_messages
 
     t0 = time.perf_counter()
     llm = build_engine(cfg)
     startup = time.perf_counter() - t0
-    params = sampling_params(cfg)
-    params.ignore_eos = True
-    params.min_tokens = max_tokens
+    params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0,
+                            seed=cfg.seed)
     convs = [chat_messages(im, cfg.prompt) for im in images]
     llm.chat(convs[:2], params, use_tqdm=False)  # warm-up
     t0 = time.perf_counter()

@@ -89,3 +89,24 @@ def test_resources_follow_config():
     assert kw["fn_constructor_kwargs"] == {"cfg": cfg}
     with pytest.raises(SanaError, match="tensor_parallel_size"):
         VLMConfig(name="q", model="m", num_gpus=1, tensor_parallel_size=2).resources()
+
+
+@pytest.mark.slow
+def test_captioner_as_ray_data_actor(zoo):
+    """The stage as the pipeline runs it: a Ray Data actor pool sized from the VLM's config."""
+    import ray
+
+    cfg = _tiny_cfg("llava", zoo.vlms["llava"])
+    cfg.batch_size, cfg.num_cpus = 3, 1.0
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        images = _images()
+        ds = ray.data.from_items([{"key": f"k{i}", "image": im} for i, im in enumerate(images)])
+        ds = ds.map_batches(VLMCaptioner, **VLMCaptioner.map_batches_kwargs(cfg.resources(), cfg=cfg))
+        rows = sorted(ds.take_all(), key=lambda r: r["key"])
+    finally:
+        ray.shutdown()
+    assert [r["key"] for r in rows] == [f"k{i}" for i in range(len(images))]
+    for r in rows:
+        assert isinstance(r[caption_column("llava")], str) and r[caption_column("llava")]
+        assert r[caption_error_column("llava")] == ""
