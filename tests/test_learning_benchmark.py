@@ -134,7 +134,7 @@ def test_driver_short_run_writes_the_result(tmp_path):
     out = tmp_path / "learning.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
     r = subprocess.run([sys.executable, "-m", "bench.learning.run", "--steps", "6", "--samples", "64",
-                        "--repeats", "1", "--sample-steps", "4", "--workdir", str(tmp_path / "work"),
+                        "--repeats", "1", "--sample-steps", "4", "--batch-size", "16", "--workdir", str(tmp_path / "work"),
                         "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())

@@ -33,12 +33,16 @@ from sana_core.errors import SanaError, cli_main
 REPO = Path(__file__).resolve().parents[2]
 
 # Per-device defaults. The DiT keeps caption_channels 64 (the tiny Gemma-2's width) in both.
-# depth: the DiT has no positional encoding; a cell learns where it is only from the zero padding of the
-# Mix-FFN's 3x3 convolutions, one cell per block, so the quadrant of every cell needs depth >= grid / 2.
+# Why these: the DiT has no positional encoding, so a cell learns which quadrant it is in only from the zero
+# padding of the Mix-FFN's 3x3 convolutions (one cell further per block): depth >= grid / 2 + a margin. And the
+# object's place is decided at high noise, where the model must use that absolute position: with flow shift 1
+# (logit-normal t) colour and size reach 100% but position stays at chance after 1000 steps; Sana's shift 3
+# spends training there and position is learnt in ~600 steps (measured with these settings).
 SETTINGS = {
-    "cpu": dict(grid=4, steps=1500, batch_size=32, samples=4096, dit={"hidden_size": 64, "depth": 2}),
-    "cuda": dict(grid=8, steps=6000, batch_size=64, samples=16384,
-                 dit={"hidden_size": 256, "depth": 6, "num_heads": 8, "cross_heads": 8}),
+    "cpu": dict(grid=4, steps=1000, batch_size=128, samples=4096, flow={"shift": 3.0},
+                dit={"hidden_size": 64, "depth": 4}),
+    "cuda": dict(grid=8, steps=6000, batch_size=128, samples=16384, flow={"shift": 3.0},
+                 dit={"hidden_size": 256, "depth": 8, "num_heads": 8, "cross_heads": 8}),
 }
 
 
@@ -46,17 +50,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.learning.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train and sample (default cpu)")
-    p.add_argument("--steps", type=int, help="training steps (default: 1500 on cpu, 6000 on cuda)")
+    p.add_argument("--steps", type=int, help="training steps (default: 1000 on cpu, 6000 on cuda)")
     p.add_argument("--out", help="result JSON (default: bench/results/learning_<device>.json)")
     p.add_argument("--grid", type=int, help="latent grid side, even (default: 4 on cpu, 8 on cuda)")
     p.add_argument("--samples", type=int, help="training samples (default: 4096 on cpu, 16384 on cuda)")
-    p.add_argument("--batch-size", type=int, help="training batch size (default: 32 on cpu, 64 on cuda)")
+    p.add_argument("--batch-size", type=int, help="training batch size (default: 128)")
     p.add_argument("--repeats", type=int, default=2,
                    help="test prompts per attribute combination (32 combinations; default 2)")
     p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
     p.add_argument("--sample-steps", type=int, default=20, help="Flow-DPM-Solver steps (default 20)")
     p.add_argument("--seed", type=int, default=0, help="dataset, training and sampling noise seed")
     p.add_argument("--workdir", help="where the dataset and the run go (default: a temporary folder, removed)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for training and sampling (default 1: the tiny model's ops are too small to "
+                        "split, and on a shared 2-core machine 2 threads measured 5x slower per step)")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                    help="extra jobs.train config override, applied last (repeatable), e.g. --set optim.lr=5e-4")
     return p.parse_args(argv)
@@ -67,6 +74,7 @@ def train_overrides(args: argparse.Namespace, setting: dict) -> list[str]:
     sets = [f"data.batch_size={setting['batch_size']}", f"seed={args.seed}", f"data.seed={args.seed}",
             "track.wandb=false", "track.sample_prompts=[]", f"checkpoint.every={10 ** 9}", "checkpoint.keep_last=1"]
     sets += [f"model.dit.{k}={v}" for k, v in setting["dit"].items()]
+    sets += [f"flow.{k}={v}" for k, v in setting["flow"].items()]
     return sets + list(args.set)
 
 
@@ -77,6 +85,8 @@ def train(args, setting: dict, data: Path, run_dir: Path) -> tuple[dict, list[st
         cmd += ["--set", s]
     print(f"\n=== train\n$ {' '.join(cmd)}", flush=True)
     env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
+    if args.device == "cpu":
+        env["OMP_NUM_THREADS"] = str(args.threads)
     t0 = time.time()
     r = subprocess.run(cmd, cwd=REPO, env=env)
     wall = time.time() - t0
@@ -172,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
 
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
     from bench.learning.dataset import CHANCE, CHANNELS, build_dataset
     from sana_core.zoo import ensure_zoo
 
@@ -211,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python -m bench.learning.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": args.device, "device_name": torch.cuda.get_device_name() if args.device == "cuda" else
         platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "threads": args.threads if args.device == "cpu" else None,
         **ev,
         "chance": dict(CHANCE), "mean_attribute_chance": sum(CHANCE[a] for a in ("colour", "position", "size")) / 3,
         "training": {"steps": meta["checkpoint_step"], "wall_s": round(wall, 1), "batch_size": setting["batch_size"],
