@@ -95,9 +95,9 @@ def build_engine(cfg: VLMConfig):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_gib))
     from vllm import LLM
 
-    kw: dict[str, Any] = dict(model=cfg.model, max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
-                              tensor_parallel_size=cfg.tensor_parallel_size, dtype=cfg.dtype, seed=cfg.seed,
-                              enforce_eager=cfg.enforce_eager, limit_mm_per_prompt={"image": 1})
+    kw: dict[str, Any] = {"model": cfg.model, "max_model_len": cfg.max_model_len, "max_num_seqs": cfg.max_num_seqs,
+                          "tensor_parallel_size": cfg.tensor_parallel_size, "dtype": cfg.dtype, "seed": cfg.seed,
+                          "enforce_eager": cfg.enforce_eager, "limit_mm_per_prompt": {"image": 1}}
     if cfg.num_gpus > 0:
         kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         if cfg.tensor_parallel_size > 1:
@@ -156,13 +156,13 @@ class VLMCaptioner(Stage):
             convs = [chat_messages(im, self.cfg.prompt) for im in images]
             outs = self.llm.chat(convs, self.params, use_tqdm=False)
             pairs = [_result(o) for o in outs]
-        except Exception:
+        except Exception:  # noqa: BLE001 - any engine/processor error: retry per image to find the culprit
             pairs = []
             for im in images:
                 try:
                     pairs.append(_result(self.llm.chat([chat_messages(im, self.cfg.prompt)], self.params,
                                                        use_tqdm=False)[0]))
-                except Exception as e:  # this sample is rejected as caption_failed with this line
+                except Exception as e:  # noqa: BLE001 - this sample is rejected as caption_failed with this line
                     line = (str(e).strip().splitlines() or [""])[-1]
                     pairs.append((None, f"{type(e).__name__}: {line}"[:500]))
         return [p[0] for p in pairs], [p[1] for p in pairs]

@@ -22,9 +22,9 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from sana_core.errors import SanaError, cli_main
 
@@ -204,8 +204,8 @@ def build_clip(out: Path) -> None:
 # engine starts in well under a minute. Chat templates are "openai" style (they walk the content parts and
 # emit the model's own image placeholder), which both vLLM's `LLM.chat` and transformers' processors accept.
 
-_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-             head_dim=64, max_position_embeddings=2048)
+_TEXT = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
+         "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 2048}
 
 
 def _template(user: str, assistant: str, end: str, image: str, gen: str, start: str = "{{ bos_token }}") -> str:
@@ -262,8 +262,14 @@ def _mute_blank_tokens(model, tok) -> None:
 
 
 def build_llava(out: Path) -> None:
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     _seed(10)
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -284,8 +290,13 @@ def build_llava(out: Path) -> None:
 
 
 def build_qwen2vl(out: Path) -> None:
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
-                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     _seed(11)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -299,13 +310,13 @@ def build_qwen2vl(out: Path) -> None:
                                                       "mrope_section": [8, 12, 12]},
                 eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"), bos_token_id=ids("<|endoftext|>"),
                 **{k: v for k, v in _TEXT.items() if k != "head_dim"})
-    vision = dict(depth=2, embed_dim=128, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2)
+    vision = {"depth": 2, "embed_dim": 128, "hidden_size": 128, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
+              "spatial_merge_size": 2, "temporal_patch_size": 2}
     cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
                         video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
                         vision_end_token_id=ids("<|vision_end|>"))
     model = Qwen2VLForConditionalGeneration(cfg).eval()
-    pixels = dict(min_pixels=56 * 56, max_pixels=112 * 112)
+    pixels = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
     proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels),
                             video_processor=Qwen2VLVideoProcessor(**pixels), tokenizer=tok,
                             chat_template=tok.chat_template)
@@ -313,8 +324,13 @@ def build_qwen2vl(out: Path) -> None:
 
 
 def build_idefics3(out: Path) -> None:
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor,
-                              Idefics3Processor, LlamaConfig)
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+        LlamaConfig,
+    )
 
     _seed(12)
     grid = [f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)]
@@ -327,8 +343,8 @@ def build_idefics3(out: Path) -> None:
     text = LlamaConfig(vocab_size=len(tok), bos_token_id=ids("<|im_start|>"), eos_token_id=ids("<end_of_utterance>"),
                        pad_token_id=ids("<|endoftext|>"), **_TEXT)
     # 56 px / patch 14 = 4x4 patches, pixel-shuffled by scale_factor 2 -> 4 image tokens
-    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1, image_size=56,
-                  patch_size=14)
+    vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 1,
+              "image_size": 56, "patch_size": 14}
     cfg = Idefics3Config(vision_config=vision, text_config=text.to_dict(), scale_factor=2,
                          image_token_id=ids("<image>"), pad_token_id=ids("<|endoftext|>"))
     model = Idefics3ForConditionalGeneration(cfg).eval()
@@ -340,8 +356,13 @@ def build_idefics3(out: Path) -> None:
 
 def build_gemma3(out: Path) -> None:
     from tokenizers import AddedToken
-    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor,
-                              PreTrainedTokenizerFast)
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+        PreTrainedTokenizerFast,
+    )
 
     _seed(13)
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
@@ -361,8 +382,8 @@ def build_gemma3(out: Path) -> None:
     text = dict(vocab_size=len(tok), pad_token_id=0, eos_token_id=[1, ids("<end_of_turn>")], bos_token_id=2,
                 query_pre_attn_scalar=64, sliding_window=256, **{k: v for k, v in _TEXT.items()})
     text["num_key_value_heads"] = 1
-    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1, image_size=56,
-                  patch_size=14, vision_use_head=False)
+    vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 1,
+              "image_size": 56, "patch_size": 14, "vision_use_head": False}
     # 4x4 patches average-pooled to 2x2 = 4 soft tokens per image
     cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
                        boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),

@@ -129,7 +129,7 @@ def test_two_builders_at_once(tmp_path):
 
 def test_zoo_cli_help():
     r = subprocess.run([sys.executable, "-m", "sana_core.zoo", "--help"], capture_output=True, text=True,
-                       cwd=REPO, timeout=120)
+                       cwd=REPO, timeout=120, check=False)
     assert r.returncode == 0 and "--root" in r.stdout
 
 
