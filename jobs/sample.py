@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     dit, cfg, which, step = load_dit(ckpt, prefer_ema=not args.no_ema)
     from sana_core.autoencoder import Autoencoder
     from sana_core.pipeline import SanaPipeline
-    from training.trainer import resolve_model_path
     from sana_core.text_encoder import TextEncoder
+    from training.trainer import resolve_model_path
     te = TextEncoder.from_pretrained(resolve_model_path(cfg.model.text_encoder), max_length=cfg.model.max_length)
     ae = Autoencoder.from_pretrained(resolve_model_path(cfg.model.autoencoder))
     h = args.height or cfg.track.sample_height

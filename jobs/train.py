@@ -13,7 +13,6 @@ unless WANDB_MODE is set) and samples/ (image grids from the fixed prompts).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 

@@ -77,7 +77,7 @@ def test_deterministic_under_seed_and_varies_by_epoch():
     a = CaptionSampler(CaptionSamplerConfig(temperature=5.0, seed=7))
     b = CaptionSampler(CaptionSamplerConfig(temperature=5.0, seed=7))
     c = CaptionSampler(CaptionSamplerConfig(temperature=5.0, seed=8))
-    picks = lambda s, e: [s.pick(f"k{i}", CAPTIONS, SCORES, epoch=e)[0] for i in range(200)]  # noqa: E731
+    picks = lambda s, e: [s.pick(f"k{i}", CAPTIONS, SCORES, epoch=e)[0] for i in range(200)]
     assert picks(a, 0) == picks(b, 0)
     assert picks(a, 0) != picks(c, 0)
     assert picks(a, 0) != picks(a, 1)

@@ -54,7 +54,7 @@ def test_each_sample_exactly_once_per_epoch_across_ranks_and_workers(tmp_path, p
 def test_shuffle_is_seeded_and_epochs_differ(shards_dir):
     d, _ = shards_dir
     cfg = DataConfig(batch_size=4, num_workers=0, shuffle_buffer=16)
-    order = lambda c: [k for b in batches(d, c, epochs=2) for k in b["keys"]]  # noqa: E731
+    order = lambda c: [k for b in batches(d, c, epochs=2) for k in b["keys"]]
     a, b = order(cfg), order(cfg)
     assert a == b
     assert a[:60] != a[60:]  # a new order in the second epoch

@@ -55,7 +55,7 @@ def test_torchrun_gloo_two_processes(data, tmp_path, strategy):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "jobs.train", "--data", str(data), "--output", str(run), *COMMON, "--set", f"dist.strategy={strategy}"]
-    r = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     check_run(run, strategy, 2)
 
@@ -66,7 +66,7 @@ def test_ray_train_two_workers_on_a_local_cluster(data, tmp_path):
     e.pop("RAY_ADDRESS", None)  # jobs.train then starts its own local cluster (never someone else's)
     cmd = [sys.executable, "-m", "jobs.train", "--data", str(data), "--output", str(run), *COMMON,
            "--num-workers", "2"]
-    r = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "training summary" in r.stdout
     check_run(run, "ddp", 2)

@@ -64,7 +64,7 @@ def test_nonfinite_skip_mode_continues(tmp_path, zoo):
     write_shards(tmp_path / "d", n=12, per_shard=12, nan_keys=1)
     s = train(tiny_cfg("max_steps=8", "on_nonfinite=skip", "data.num_workers=0"), tmp_path / "d", tmp_path / "r")
     assert s["steps"] == 8 and s["nonfinite_skipped"] >= 1
-    assert all(v == v for v in list(losses(tmp_path / "r").values())[-1:])
+    assert math.isfinite(s["final_loss"]) and math.isfinite(list(losses(tmp_path / "r").values())[-1])
 
 
 def test_nonfinite_stop_names_step_and_key_in_one_line(tmp_path, zoo):
@@ -106,7 +106,7 @@ def test_wandb_offline_files_hold_the_logged_keys_and_image_grid(data, tmp_path,
     train(cfg, data, tmp_path)
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "*.wandb"))
     assert len(runs) == 1
-    keys, steps = set(), set()
+    keys, _steps = set(), set()
     for r in _wandb_records(runs[0]):
         if r.WhichOneof("record_type") == "history":
             keys |= {i.key or "/".join(i.nested_key) for i in r.history.item}
@@ -120,7 +120,8 @@ def test_wandb_offline_files_hold_the_logged_keys_and_image_grid(data, tmp_path,
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=env, check=False)
 
 
 def test_cli_train_then_sample_and_export(data, tmp_path):

@@ -23,9 +23,9 @@ import io
 import json
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -137,8 +137,8 @@ class ShardStream(IterableDataset):
                     continue
                 drop = np.random.default_rng(_seed(self.cfg.seed, "dropout", epoch, key)).random() \
                     < self.cfg.caption_dropout
-                item = dict(key=key, url=s.get("__url__"), latent=s["latent.npy"], vlm=picked[0],
-                            caption="" if drop else picked[1], score=picked[2], dropped=drop)
+                item = {"key": key, "url": s.get("__url__"), "latent": s["latent.npy"], "vlm": picked[0],
+                            "caption": "" if drop else picked[1], "score": picked[2], "dropped": drop}
                 shape = tuple(meta.get("latent_shape") or ())
                 g = groups.setdefault(shape, [])
                 g.append(item)
@@ -194,7 +194,7 @@ def build_loader(shards: list[Path], cfg: DataConfig, caption_cfg: CaptionSample
                  device: torch.device | None = None) -> DataLoader:
     ds = ShardStream(shards, cfg, caption_cfg, rank, world, start_batches, epochs)
     pin = bool(cfg.pin_memory and device is not None and device.type == "cuda")
-    kw = dict(persistent_workers=False, prefetch_factor=2) if cfg.num_workers > 0 else {}
+    kw = {"persistent_workers": False, "prefetch_factor": 2} if cfg.num_workers > 0 else {}
     return DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin, collate_fn=_identity, **kw)
 
 

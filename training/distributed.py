@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 
 from sana_core.errors import SanaError
 from training.config import DistConfig
@@ -23,7 +23,7 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owns_group: bool = False  # we created the process group (and destroy it at the end)
 
     @property
@@ -36,7 +36,7 @@ class DistInfo:
 
 
 def setup(cfg: DistConfig, device: str | None = None) -> DistInfo:
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available() and device != "cpu"
     if cuda:
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -44,7 +44,7 @@ def setup(cfg: DistConfig, device: str | None = None) -> DistInfo:
     else:
         dev = torch.device("cpu")
     owns = False
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
         dist.init_process_group(backend=backend, device_id=dev if backend == "nccl" else None)
         owns = True
@@ -110,8 +110,8 @@ def wrap(model: nn.Module, strategy: str, info: DistInfo, bf16: bool = False) ->
         ids = [info.device.index] if info.device.type == "cuda" else None
         return DDP(model, device_ids=ids)
     if strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         if not hasattr(model, "blocks"):
             raise SanaError("FSDP2 needs a model with a `blocks` ModuleList to shard per block")
         mesh = init_device_mesh(info.device.type, (info.world,))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from sana_core.errors import SanaError
 from training.config import OptimConfig

@@ -45,9 +45,9 @@ def write_shards(out: str | Path, n: int = 48, per_shard: int = 12, channels: in
         scores = {v: float(s) for v, s in zip(VLMS, rng.uniform(20, 35, len(VLMS)))}
         if nan_keys <= i < nan_keys + no_caption:
             scores = {VLMS[0]: float("nan")}
-        rec = dict(key=key, source=source, sha256=hashlib.sha256(source.encode()).hexdigest(),
-                   width=w * 32, height=h * 32, bucket=[h * 32, w * 32], latent_shape=[channels, h, w],
-                   latent_scaling_factor=1.0, captions=captions, clip_scores=scores, clip_model="synthetic")
+        rec = {"key": key, "source": source, "sha256": hashlib.sha256(source.encode()).hexdigest(),
+                   "width": w * 32, "height": h * 32, "bucket": [h * 32, w * 32], "latent_shape": [channels, h, w],
+                   "latent_scaling_factor": 1.0, "captions": captions, "clip_scores": scores, "clip_model": "synthetic"}
         buf = io.BytesIO()
         np.save(buf, latent)
         writer.write({"__key__": key, "json": json.dumps(rec).encode(), "latent.npy": buf.getvalue()})
