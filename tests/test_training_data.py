@@ -17,9 +17,9 @@ def shards_dir(tmp_path_factory):
     return d, recs
 
 
-def batches(d, cfg, rank=0, world=1, start=0, epochs=1):
+def batches(d, cfg, rank=0, world=1, start=0, epochs=1, positions=None):
     return list(build_loader(find_shards(d), cfg, CaptionSamplerConfig(), rank, world, start_batches=start,
-                             epochs=epochs))
+                             epochs=epochs, positions=positions))
 
 
 def test_find_shards_accepts_output_or_shards_dir(shards_dir, tmp_path):
@@ -61,12 +61,17 @@ def test_shuffle_is_seeded_and_epochs_differ(shards_dir):
     assert a != order(DataConfig(batch_size=4, num_workers=0, shuffle_buffer=16, seed=1))
 
 
-@pytest.mark.parametrize("workers,start", [(0, 7), (2, 7), (2, 8)])
-def test_resume_position_continues_the_exact_batch_sequence(shards_dir, workers, start):
+@pytest.mark.parametrize("workers,start,jump", [(0, 7, False), (2, 7, False), (2, 8, False), (0, 21, True),
+                                                (2, 23, True)])
+def test_resume_position_continues_the_exact_batch_sequence(shards_dir, workers, start, jump):
     d, _ = shards_dir
     cfg = DataConfig(batch_size=4, num_workers=workers, shuffle_buffer=16)
-    full = batches(d, cfg, epochs=2)
-    resumed = batches(d, cfg, start=start, epochs=2)
+    full = batches(d, cfg, epochs=3)
+    # jump: each worker's (epoch, index) of its last consumed batch lets it start in that epoch.
+    positions = {b["worker"]: (b["epoch"], b["index"]) for b in full[:start]} if jump else None
+    if jump:
+        assert min(e for e, _ in positions.values()) >= 1  # the resumed workers really skip an epoch
+    resumed = batches(d, cfg, start=start, epochs=3, positions=positions)
     n = min(len(resumed), len(full) - start) - 2  # limited epochs: the tail's worker turns may differ
     assert n > 10
     for a, b in zip(full[start:start + n], resumed[:n]):

@@ -14,7 +14,9 @@ Order of samples, a pure function of (seed, epoch, rank, worker):
 The DataLoader hands out batches from its workers strictly in turn, so after T batches the next one comes
 from worker T mod W, which has produced ceil((T - w) / W) batches. That count is the whole data position:
 a resumed loader renumbers its workers by T mod W and each one regenerates and discards the batches it had
-already produced (reading tar members, decoding nothing), so the batch sequence continues exactly.
+already produced (reading tar members, decoding nothing), so the batch sequence continues exactly. Given the
+(epoch, index) of each worker's last consumed batch as well (the trainer saves it), a worker jumps straight
+to that epoch, since an epoch's order depends on nothing before it, and re-reads only that epoch's start.
 """
 from __future__ import annotations
 
@@ -82,6 +84,7 @@ def check_latent_channels(shards: list[Path], channels: int) -> tuple[int, ...]:
 class Plan:
     """A batch before decoding: which samples, which captions."""
     epoch: int
+    index: int  # batch number inside this worker's epoch
     samples: list[dict]  # raw tar members + the picked caption
 
 
@@ -89,11 +92,15 @@ class ShardStream(IterableDataset):
     """Infinite iterator of bucketed batches for one rank (see the module docstring for the order)."""
 
     def __init__(self, shards: list[Path], cfg: DataConfig, caption_cfg: CaptionSamplerConfig,
-                 rank: int = 0, world: int = 1, start_batches: int = 0, epochs: int | None = None):
+                 rank: int = 0, world: int = 1, start_batches: int = 0, epochs: int | None = None,
+                 positions: dict[int, tuple[int, int]] | None = None):
         self.shards = [str(s) for s in shards]
         self.cfg, self.caption_cfg = cfg, caption_cfg
         self.rank, self.world = rank, world
         self.start_batches = start_batches  # batches of this rank already consumed (the data position)
+        # Optional shortcut: worker -> (epoch, index) of its last consumed batch, so a resumed worker starts
+        # in that epoch instead of re-reading every earlier one.
+        self.positions = positions or {}
         self.epochs = epochs  # None: forever (training); a number: stop after that many (tests, benchmarks)
 
     # -- order ------------------------------------------------------------------------------------------
@@ -122,11 +129,11 @@ class ShardStream(IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
-    def _plans(self, worker: int, workers: int, sampler: CaptionSampler) -> Iterator[Plan]:
+    def _plans(self, worker: int, workers: int, sampler: CaptionSampler, epoch: int = 0) -> Iterator[Plan]:
         bs = self.cfg.batch_size
-        epoch = 0
         while self.epochs is None or epoch < self.epochs:
             groups: dict[tuple, list[dict]] = {}
+            n = 0
             for s in self._stream_samples(epoch, worker, workers):
                 key = s["__key__"]
                 if "json" not in s or "latent.npy" not in s:
@@ -143,12 +150,14 @@ class ShardStream(IterableDataset):
                 g = groups.setdefault(shape, [])
                 g.append(item)
                 if len(g) == bs:
-                    yield Plan(epoch, g)
+                    yield Plan(epoch, n, g)
+                    n += 1
                     groups[shape] = []
             if not self.cfg.drop_last:
                 for shape in sorted(groups):
                     if groups[shape]:
-                        yield Plan(epoch, groups[shape])
+                        yield Plan(epoch, n, groups[shape])
+                        n += 1
             epoch += 1
 
     # -- batches ----------------------------------------------------------------------------------------
@@ -158,8 +167,12 @@ class ShardStream(IterableDataset):
         # Renumber so that the worker serving the next batch plays the stream that the original run would use.
         worker = (phys + self.start_batches) % workers
         skip = max(0, math.ceil((self.start_batches - worker) / workers))
+        start_epoch = 0
+        if skip and worker in self.positions:
+            start_epoch, last = self.positions[worker]
+            skip = last + 1
         sampler = CaptionSampler(self.caption_cfg)
-        for n, plan in enumerate(self._plans(worker, workers, sampler)):
+        for n, plan in enumerate(self._plans(worker, workers, sampler, start_epoch)):
             if n < skip:
                 continue
             yield self._materialize(plan, worker, sampler.skipped)
@@ -180,6 +193,7 @@ class ShardStream(IterableDataset):
             "scores": torch.tensor([it["score"] for it in plan.samples], dtype=torch.float32),
             "dropped": torch.tensor([it["dropped"] for it in plan.samples]),
             "epoch": plan.epoch,
+            "index": plan.index,
             "worker": worker,
             "skipped": skipped,  # images without a usable caption so far in this worker
         }
@@ -191,8 +205,9 @@ def _identity(x):
 
 def build_loader(shards: list[Path], cfg: DataConfig, caption_cfg: CaptionSamplerConfig, rank: int = 0,
                  world: int = 1, start_batches: int = 0, epochs: int | None = None,
+                 positions: dict[int, tuple[int, int]] | None = None,
                  device: torch.device | None = None) -> DataLoader:
-    ds = ShardStream(shards, cfg, caption_cfg, rank, world, start_batches, epochs)
+    ds = ShardStream(shards, cfg, caption_cfg, rank, world, start_batches, epochs, positions)
     pin = bool(cfg.pin_memory and device is not None and device.type == "cuda")
     kw = {"persistent_workers": False, "prefetch_factor": 2} if cfg.num_workers > 0 else {}
     return DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin, collate_fn=_identity, **kw)

@@ -90,6 +90,7 @@ class Trainer:
         self.text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.step = 0
         wandb_id, captions_taken = None, {}
+        self.data_positions: dict[int, tuple[int, int]] = {}  # worker -> (epoch, index) of its last batch
         self.ckpt_dir = self.run_dir / "checkpoints"
         if resume:
             path = ckpt.latest(self.ckpt_dir)
@@ -102,7 +103,9 @@ class Trainer:
                 wandb_id = extra.get("wandb_id")
                 captions_taken = extra.get("captions_taken", {})
                 pos = extra["data_position"]
-                if pos["num_workers"] != cfg.data.num_workers or pos["world"] != info.world:
+                if pos["num_workers"] == cfg.data.num_workers and pos["world"] == info.world:
+                    self.data_positions = dict(pos.get("workers", {}))
+                else:
                     print(f"warning: resuming with {cfg.data.num_workers} workers x {info.world} ranks, saved "
                           f"with {pos['num_workers']} x {pos['world']}: the sample order will differ")
                 if info.is_main:
@@ -110,7 +113,7 @@ class Trainer:
             elif info.is_main:
                 print(f"--resume: no checkpoint in {self.ckpt_dir}, starting at step 0")
         self.loader = build_loader(self.shards, cfg.data, cfg.caption, info.rank, info.world,
-                                   start_batches=self.step, device=info.device)
+                                   start_batches=self.step, positions=self.data_positions, device=info.device)
         self.tracker = Tracker(self.run_dir, to_dict(cfg), info.is_main, cfg.track.wandb, cfg.track.project,
                                resume_id=wandb_id)
         self.tracker.captions.update(captions_taken)
@@ -197,6 +200,7 @@ class Trainer:
             while self.step < cfg.max_steps:
                 batch = next(it)
                 self.skips.update(batch)
+                self.data_positions[batch["worker"]] = (batch["epoch"], batch["index"])
                 self.tracker.count_captions(batch["vlms"], batch["dropped"].tolist())
                 out = self.train_step(batch)
                 self.step += 1
@@ -240,7 +244,8 @@ class Trainer:
         extra = {"step": self.step, "scheduler": self.sched.state_dict(), "generator": self.gen.get_state(),
                  "rng": ckpt.rng_state(), "captions_taken": dict(self.tracker.captions), "wandb_id": self.tracker.run_id if self.info.is_main else None,
                  "data_position": {"batches": self.step, "num_workers": self.cfg.data.num_workers,
-                                   "world": self.info.world}}
+                                   "world": self.info.world,
+                                   "workers": dict(self.data_positions)}}
         return ckpt.save(self.ckpt_dir, self.step, self.model, self.opt, self.ema, extra,
                          {"config": to_dict(self.cfg), "num_params": self.num_params}, self.info,
                          self.cfg.checkpoint.keep_last)
