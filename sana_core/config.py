@@ -99,12 +99,24 @@ def to_dict(cfg: Any) -> dict:
 
 
 def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.0.c=value`; integer parts index into lists (e.g. one of several VLM entries)."""
     parts = dotted.split(".")
-    for p in parts[:-1]:
-        if not isinstance(d.get(p), dict):
-            d[p] = {}
-        d = d[p]
-    d[parts[-1]] = value
+    node: Any = d
+    for i, p in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not p.isdigit() or int(p) >= len(node):
+                raise SanaError(f"override '{dotted}': '{p}' is not an index of a {len(node)}-item list")
+            if last:
+                node[int(p)] = value
+            else:
+                node = node[int(p)]
+        elif last:
+            node[p] = value
+        else:
+            if not isinstance(node.get(p), (dict, list)):
+                node[p] = {}
+            node = node[p]
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -28,6 +28,7 @@ class Cfg:
     tags: list[str] = field(default_factory=list)
     resume_from: Optional[str] = None
     extra: dict[str, int] = field(default_factory=dict)
+    stages: list[Optim] = field(default_factory=lambda: [Optim(), Optim()])
 
 
 def test_layers_apply_in_order(tmp_path):
@@ -38,6 +39,13 @@ def test_layers_apply_in_order(tmp_path):
     assert cfg.name == "p" and cfg.steps == 20
     assert cfg.optim.lr == pytest.approx(3e-4) and cfg.optim.schedule == "cosine"
     assert cfg.optim.betas == (0.9, 0.999) and cfg.tags == ["a", "b"] and cfg.extra == {"x": 3}
+
+
+def test_overrides_index_into_lists():
+    cfg = load_config(Cfg, overrides=["stages.1.lr=0.5", "stages.0.schedule=cosine"])
+    assert cfg.stages[1].lr == 0.5 and cfg.stages[0].schedule == "cosine" and cfg.stages[0].lr == 1e-4
+    with pytest.raises(SanaError, match="not an index"):
+        load_config(Cfg, overrides=["stages.2.lr=1"])
 
 
 def test_int_is_accepted_for_float_and_yaml_round_trip(tmp_path):
