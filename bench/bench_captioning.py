@@ -53,7 +53,7 @@ def run_transformers(folder: str, images, prompt: str, max_tokens: int, batch_si
     text = proc.apply_chat_template(msgs, add_generation_prompt=True)
 
     def gen(batch):
-        pil = [Image.fromarray(im) for im in batch]
+        pil = [[Image.fromarray(im)] for im in batch]  # one image per prompt (Gemma-3 insists on the nesting)
         inp = proc(images=pil, text=[text] * len(pil), return_tensors="pt", padding=True)
         with torch.inference_mode():
             out = model.generate(**inp, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)

@@ -152,16 +152,22 @@ class VLMCaptioner(Stage):
     def caption(self, images: list[np.ndarray]) -> tuple[list[str | None], list[str]]:
         """Captions and error lines, aligned with `images`. A batch that fails is retried image by image,
         so one bad input costs only its own caption."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         try:
             convs = [chat_messages(im, self.cfg.prompt) for im in images]
             outs = self.llm.chat(convs, self.params, use_tqdm=False)
             pairs = [_result(o) for o in outs]
+        except EngineDeadError:
+            raise  # not a bad sample: every later one would fail too, so the run must stop (Ray retries)
         except Exception:  # noqa: BLE001 - any engine/processor error: retry per image to find the culprit
             pairs = []
             for im in images:
                 try:
                     pairs.append(_result(self.llm.chat([chat_messages(im, self.cfg.prompt)], self.params,
                                                        use_tqdm=False)[0]))
+                except EngineDeadError:
+                    raise
                 except Exception as e:  # noqa: BLE001 - this sample is rejected as caption_failed with this line
                     line = (str(e).strip().splitlines() or [""])[-1]
                     pairs.append((None, f"{type(e).__name__}: {line}"[:500]))
