@@ -13,8 +13,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bench.learning.dataset import (ATTRIBUTES, CHANCE, COLOURS, GROUP_SIZE, GROUPS, POSITIONS,
-                                    SCORE_THRESHOLD, Attributes, small_side)
+from bench.learning.dataset import (
+    ATTRIBUTES,
+    CHANCE,
+    COLOURS,
+    GROUP_SIZE,
+    GROUPS,
+    POSITIONS,
+    SCORE_THRESHOLD,
+    Attributes,
+    small_side,
+)
 
 
 def decode(latent) -> Attributes:
