@@ -6,6 +6,7 @@ loaders (config, processor, chat template with an image), which is what vLLM rea
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -112,8 +113,9 @@ def test_zoo_is_idempotent_and_cached(zoo):
         assert os.path.isfile(os.path.join(p, ".complete")), p
 
 
-def test_two_builders_at_once(tmp_path):
-    """Two processes building the same (core) zoo: one builds under the lock, the other reuses it."""
+def test_two_builders_at_once(tmp_path, zoo):
+    """Two processes building the same (core) zoo: one builds under the lock, the other reuses it; the
+    weights are bit-identical to the session zoo's (fixed seeds)."""
     code = ("import sys; from sana_core.zoo import ensure_zoo; "
             "z = ensure_zoo(sys.argv[1], vlms=False); print(z.gemma, z.dcae, z.clip_pretrained)")
     env = dict(os.environ, PYTHONPATH=REPO)
@@ -125,6 +127,15 @@ def test_two_builders_at_once(tmp_path):
     root = tmp_path / f"v{ZOO_VERSION}"
     assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["clip", "dcae", "gemma2"]
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+    for name, ref in [("gemma2", zoo.gemma), ("dcae", zoo.dcae), ("clip", os.path.dirname(zoo.clip_pretrained))]:
+        for f in sorted(os.listdir(ref)):
+            if f.endswith(".safetensors"):
+                assert _sha(root / name / f) == _sha(os.path.join(ref, f)), (name, f)
+
+
+def _sha(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def test_zoo_cli_help():
