@@ -1,0 +1,62 @@
+"""Curate images into a training dataset: captions from several VLMs, CLIP scores, DC-AE latents.
+
+    python -m jobs.curate --input IMAGES/ --output OUT/ --preset tiny
+    ray job submit --working-dir . -- python -m jobs.curate --input /data/imgs --output /data/out --preset production
+
+INPUT is a folder tree of images, a WebDataset .tar (or a brace/glob pattern, or a folder of tars
+with --set input.format=webdataset), or a .parquet file with a `path` column (local paths or fsspec URLs).
+OUTPUT gets WebDataset shards, manifest.parquet, rejected.parquet and run.json (docs/data_contract.md).
+
+Re-running the same command resumes: finished shards and recorded rejections are kept, the rest is
+done, nothing is duplicated (also after kill -9). A changed config or input is refused unless you pass
+--new-output, which deletes the earlier results in OUTPUT first.
+
+Bad inputs (empty, truncated, not images, decompression bombs, too small, unreadable, 16-bit / CMYK /
+palette / alpha under input.special_modes=reject) are recorded in rejected.parquet with a reason; the
+job still exits 0 and prints how many were rejected.
+
+Ray: attaches to the cluster in RAY_ADDRESS (set by `ray job submit`), else starts a private local one.
+"""
+from __future__ import annotations
+
+import argparse
+
+from sana_core.config import add_config_args, load_config
+from sana_core.errors import cli_main
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    from curation.config import PRESETS, CurateConfig, preset, resolve_models
+
+    p = argparse.ArgumentParser(prog="python -m jobs.curate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="image folder, WebDataset tar(s), or a .parquet listing paths")
+    p.add_argument("--output", required=True, help="output folder (shards/, manifest.parquet, rejected.parquet, "
+                                                   "run.json)")
+    add_config_args(p, presets=sorted(PRESETS), default_preset="production")
+    p.add_argument("--new-output", action="store_true",
+                   help="OUTPUT was written with another config/input: delete those results and start afresh")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    args = p.parse_args(argv)
+
+    cfg = load_config(CurateConfig, preset=preset(args.preset), path=args.config, overrides=args.set)
+    if args.print_config:
+        import yaml
+
+        from sana_core.config import to_dict
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return
+    from curation.pipeline import run
+    from curation.summary import format_table
+
+    cfg = resolve_models(cfg)
+    result = run(cfg, args.input, args.output, new_output=args.new_output)
+    print(format_table(result.record), flush=True)
+    print(f"done: {result.accepted} accepted, {result.rejected} rejected of {result.inputs} inputs "
+          f"-> {args.output}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
