@@ -113,12 +113,13 @@ def _tiny() -> CurateConfig:
     small = lambda bs: StageResources(num_cpus=0.25, num_gpus=0, concurrency=1, batch_size=bs)  # noqa: E731
     prompts = {"llava": "Describe the image.", "qwen2vl": "What is in the picture?",
                "idefics3": "Write a short caption for this image.", "gemma3": "Describe this image in one sentence."}
-    # vLLM on CPU: eager mode, a small context and KV cache, one engine per VLM.
+    # vLLM on CPU: eager mode, a small context and KV cache, one in-process engine per VLM. Four engines
+    # share the cores, so each must not pin its threads to the same core (vLLM's "auto" binding would).
     vlms = {name: VLMConfig(name=name, model=ZOO, prompt=p, max_tokens=24 + 4 * i, min_tokens=4,
                             temperature=0.0 if i % 2 == 0 else 0.7, top_p=1.0 if i % 2 == 0 else 0.9, seed=i,
                             batch_size=16, max_num_seqs=16, tensor_parallel_size=1, max_model_len=512,
                             dtype="float32", num_gpus=0, num_cpus=0.25, concurrency=1, enforce_eager=True,
-                            cpu_kvcache_gib=1)
+                            cpu_kvcache_gib=1, in_process=True, env={"VLLM_CPU_OMP_THREADS_BIND": "nobind"})
             for i, (name, p) in enumerate(prompts.items())}
     return CurateConfig(
         input=InputConfig(max_pixels=4096 * 4096, min_size=32, resources=small(8)),
@@ -182,7 +183,8 @@ def config_hash(cfg: CurateConfig, input_path: str) -> str:
     for section in [d["input"], d["resize"], d["clip"], d["encode"]]:
         section.pop("resources", None)
     for v in d["vlms"].values():  # speed and placement, not results
-        for k in ("batch_size", "num_gpus", "num_cpus", "concurrency", "gpu_memory_utilization", "cpu_kvcache_gib"):
+        for k in ("batch_size", "num_gpus", "num_cpus", "concurrency", "gpu_memory_utilization", "cpu_kvcache_gib",
+                  "in_process", "env"):
             v.pop(k, None)
     blob = json.dumps({"config": d, "input": input_path}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

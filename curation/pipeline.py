@@ -138,7 +138,6 @@ def add_stage(ds, stage_cls: type[Stage], resources: StageResources, kwargs: dic
     if stage_cls.stateful:
         return ds.map_batches(GuardedActor, fn_constructor_kwargs=dict(
             stage_cls=stage_cls, stage_kwargs=kwargs, name=name, outputs=outputs), **kw)
-    kw["concurrency"] = resources.concurrency
     return ds.map_batches(guarded_task, fn_kwargs=dict(stage_cls=stage_cls, stage_kwargs=kwargs, name=name,
                                                        outputs=outputs), **kw)
 

@@ -43,11 +43,15 @@ class Stage:
     @classmethod
     def map_batches_kwargs(cls, resources: StageResources, **ctor_kwargs: Any) -> dict[str, Any]:
         """The keyword arguments for `Dataset.map_batches(cls, **kwargs)` that honour `resources`."""
+        from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
         kw: dict[str, Any] = dict(batch_size=resources.batch_size, batch_format="numpy",
                                   num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)
         if cls.stateful:
-            kw["concurrency"] = resources.concurrency
+            kw["compute"] = ActorPoolStrategy(size=resources.concurrency)
             kw["fn_constructor_kwargs"] = ctor_kwargs
+        else:
+            kw["compute"] = TaskPoolStrategy(size=resources.concurrency)
         return kw
 
 

@@ -251,12 +251,17 @@ def _vision_model_level(key: str) -> str:
 
 def _mute_blank_tokens(model, tok) -> None:
     """Zero the output-embedding rows of tokens that decode to nothing printable (special tokens, newline
-    runs): their logit becomes 0 while a random model's other logits spread around 0, so greedy decoding of
-    random weights emits visible text instead of a caption that strips to "" (which the stage reports as
-    a failure). Only needed where a random init happened to prefer such tokens (the tiny Gemma-3)."""
+    runs, stray bytes of multi-byte characters): their logit becomes 0 while a random model's other logits
+    spread around 0, so greedy decoding of random weights emits visible text instead of a caption that
+    strips to "" (which the stage reports as a failure). Applied to every tiny VLM: which ones a random init happens to favour is luck."""
     import torch
 
-    blank = [i for i in range(len(tok)) if not tok.decode([i], skip_special_tokens=True).strip()]
+    def unprintable(text: str) -> bool:
+        # "\ufffd": a lone byte of a multi-byte character; a run of them never becomes text, and vLLM's
+        # incremental detokenizer emits nothing for it.
+        return not text.strip() or "\ufffd" in text
+
+    blank = [i for i in range(len(tok)) if unprintable(tok.decode([i], skip_special_tokens=True))]
     with torch.no_grad():
         model.get_output_embeddings().weight[blank] = 0
 
@@ -286,6 +291,7 @@ def build_llava(out: Path) -> None:
     proc = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=tok.chat_template)
+    _mute_blank_tokens(model, tok)
     _save_vlm(out, model, proc, rename=_vision_model_level)
 
 
@@ -320,6 +326,7 @@ def build_qwen2vl(out: Path) -> None:
     proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels),
                             video_processor=Qwen2VLVideoProcessor(**pixels), tokenizer=tok,
                             chat_template=tok.chat_template)
+    _mute_blank_tokens(model, tok)
     _save_vlm(out, model, proc)
 
 
@@ -351,6 +358,7 @@ def build_idefics3(out: Path) -> None:
     ip = Idefics3ImageProcessor(size={"longest_edge": 56}, max_image_size={"longest_edge": 56},
                                 do_image_splitting=False)
     proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=tok.chat_template)
+    _mute_blank_tokens(model, tok)
     _save_vlm(out, model, proc)
 
 
@@ -443,7 +451,7 @@ def _build_once(root: Path, name: str, builder: Callable[[Path], None], log: Cal
 
 
 # A model's folder is rebuilt when its builder's version here is newer than the one it was built with.
-BUILDER_VERSIONS = {"vlm-gemma3": 3}
+BUILDER_VERSIONS = {"vlm-gemma3": 4, "vlm-llava": 3, "vlm-qwen2vl": 3, "vlm-idefics3": 3}
 
 
 CORE_BUILDERS: dict[str, Callable[[Path], None]] = {"gemma2": build_gemma, "dcae": build_dcae, "clip": build_clip}

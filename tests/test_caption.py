@@ -85,7 +85,7 @@ def test_resources_follow_config():
     cfg = VLMConfig(name="q", model="Qwen/Qwen2.5-VL-7B-Instruct", num_gpus=2, tensor_parallel_size=2,
                     concurrency=3, batch_size=32)
     kw = VLMCaptioner.map_batches_kwargs(cfg.resources(), cfg=cfg)
-    assert kw["num_gpus"] == 2 and kw["concurrency"] == 3 and kw["batch_size"] == 32
+    assert kw["num_gpus"] == 2 and kw["compute"].min_size == kw["compute"].max_size == 3 and kw["batch_size"] == 32
     assert kw["fn_constructor_kwargs"] == {"cfg": cfg}
     with pytest.raises(SanaError, match="tensor_parallel_size"):
         VLMConfig(name="q", model="m", num_gpus=1, tensor_parallel_size=2).resources()
