@@ -110,7 +110,7 @@ def _production() -> CurateConfig:
 
 def _tiny() -> CurateConfig:
     # One small actor per stage on a 2-core machine: fractional CPUs so all pools fit at once.
-    small = lambda bs: StageResources(num_cpus=0.25, num_gpus=0, concurrency=1, batch_size=bs)  # noqa: E731
+    small = lambda bs: StageResources(num_cpus=0.25, num_gpus=0, concurrency=1, batch_size=bs)
     prompts = {"llava": "Describe the image.", "qwen2vl": "What is in the picture?",
                "idefics3": "Write a short caption for this image.", "gemma3": "Describe this image in one sentence."}
     # vLLM on CPU: eager mode, a small context and KV cache, one in-process engine per VLM. Four engines

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 from sana_core.errors import SanaError, cli_main
+from sana_core.zoo import default_root
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,8 +51,14 @@ class LocalRayCluster:
         self.port, self.dash = _free_port(), _free_port()
         self.tmp = f"/tmp/ray_demo_{os.getpid()}"
         bindir = str(Path(sys.executable).parent)
-        # The job's `python` is whatever is first on PATH of the process that ran `ray start`.
-        self.env = dict(os.environ, PATH=f"{bindir}:{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0")
+        # The job's `python` is whatever is first on PATH of the process that ran `ray start`. Ray (>= 2.5x)
+        # turns token authentication on for a head node once any local ray.init() has left a token in
+        # ~/.ray, but `ray job submit` does not pick that token up by itself; a token of our own, given to
+        # both sides, works whatever ~/.ray holds.
+        self.env = dict(os.environ, PATH=f"{bindir}:{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
+                        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
+                        # jobs run in a copy of the working dir without .cache/: point them at this zoo
+                        SANA_ZOO_DIR=str(default_root()))
         self.num_cpus = num_cpus
 
     def __enter__(self):
