@@ -205,7 +205,7 @@ def _init_ray(cfg: CurateConfig) -> None:
         try:
             ray.init(**kw)
             return
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for a node that failed to start
             if address != "local" or "timed out during startup" not in str(e) or attempt == 2:
                 raise
             print(f"ray: local node failed to start ({e}); retrying", flush=True)

@@ -98,7 +98,7 @@ def decode(data: bytes, *, max_pixels: int, min_size: int, special_modes: str) -
         raise Rejected("unsupported_mode", f"unsupported_mode:{special} (set input.special_modes=convert to convert to RGB)")
     try:
         img = ImageOps.exif_transpose(img)
-    except Exception as e:  # a broken EXIF block is not worth the image; keep the stored orientation
+    except Exception as e:  # noqa: BLE001 - a broken EXIF block is not worth the image; keep the stored orientation
         del e
     rgb = _to_rgb(img)
     return Decoded(rgb, rgb.width, rgb.height)
