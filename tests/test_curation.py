@@ -289,3 +289,37 @@ def test_sigkill_then_rerun_gives_the_same_samples(reference, resumed):
     for tar in (out / "shards").glob("shard-*.tar"):
         assert _shard_problem(tar) is None
     assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".")]
+
+
+# ---------------------------------------------------------------------------------------------- the other side of the contract
+
+@pytest.mark.slow
+def test_training_consumes_the_curated_output(reference, tmp_path):
+    """What curation wrote is what training reads: every sample once per epoch, one latent shape per batch,
+    captions drawn from the sample's own four; then a few steps of `jobs.train` on it."""
+    from collections import Counter
+
+    from training.caption_sampler import CaptionSamplerConfig
+    from training.config import DataConfig
+    from training.data import build_loader, find_shards
+
+    out, _ = reference
+    man = {m["key"]: m for m in _manifest(out)}
+    cfg = DataConfig(batch_size=4, num_workers=2, shuffle_buffer=8, caption_dropout=0.0)
+    seen = Counter()
+    for b in build_loader(find_shards(out), cfg, CaptionSamplerConfig(), epochs=1):
+        seen.update(b["keys"])
+        assert b["latents"].shape[1] == 32 and b["latents"].dtype.is_floating_point
+        for key, cap, vlm in zip(b["keys"], b["captions"], b["vlms"]):
+            m = man[key]
+            assert cap == m["captions"][m["vlms"].index(vlm)]
+            assert tuple(b["latents"].shape[2:]) == (m["bucket_h"] // 32, m["bucket_w"] // 32)
+    assert seen == Counter(man.keys())
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "jobs.train", "--data", str(out), "--output", str(run), "--preset",
+                        "tiny", "--max-steps", "3", "--set", "track.sample_prompts=[]", "--set", "data.batch_size=4"],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1]["step"] == 3 and all(math.isfinite(s["loss"]) for s in steps)
+    assert {k.split("/")[-1] for s in steps for k in s if k.startswith("caption/share/")} <= set(VLMS)
