@@ -225,6 +225,7 @@ def _chat_tokenizer(specials: list[str], template: str, **named):
 
 
 def _save_vlm(out: Path, model, processor, rename: Callable[[str], str] | None = None) -> None:
+    _mute_blank_tokens(model, processor.tokenizer)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     if rename is not None:
@@ -253,7 +254,8 @@ def _mute_blank_tokens(model, tok) -> None:
     """Zero the output-embedding rows of tokens that decode to nothing printable (special tokens, newline
     runs, stray bytes of multi-byte characters): their logit becomes 0 while a random model's other logits
     spread around 0, so greedy decoding of random weights emits visible text instead of a caption that
-    strips to "" (which the stage reports as a failure). Applied to every tiny VLM: which ones a random init happens to favour is luck."""
+    strips to "" (which the stage reports as a failure). Every tiny VLM gets it (in _save_vlm): which ones
+    a random init happens to favour is luck."""
     import torch
 
     def unprintable(text: str) -> bool:
@@ -291,7 +293,6 @@ def build_llava(out: Path) -> None:
     proc = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=tok.chat_template)
-    _mute_blank_tokens(model, tok)
     _save_vlm(out, model, proc, rename=_vision_model_level)
 
 
@@ -326,7 +327,6 @@ def build_qwen2vl(out: Path) -> None:
     proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels),
                             video_processor=Qwen2VLVideoProcessor(**pixels), tokenizer=tok,
                             chat_template=tok.chat_template)
-    _mute_blank_tokens(model, tok)
     _save_vlm(out, model, proc)
 
 
@@ -358,7 +358,6 @@ def build_idefics3(out: Path) -> None:
     ip = Idefics3ImageProcessor(size={"longest_edge": 56}, max_image_size={"longest_edge": 56},
                                 do_image_splitting=False)
     proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=tok.chat_template)
-    _mute_blank_tokens(model, tok)
     _save_vlm(out, model, proc)
 
 
@@ -397,7 +396,6 @@ def build_gemma3(out: Path) -> None:
                        boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
                        image_token_index=ids("<image_soft_token>"))
     model = Gemma3ForConditionalGeneration(cfg).eval()
-    _mute_blank_tokens(model, tok)
     ip = Gemma3ImageProcessor(size={"height": 56, "width": 56})
     proc = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=template)
     _save_vlm(out, model, proc, rename=_vision_model_level)

@@ -5,7 +5,7 @@ import argparse
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 import pytest
 
@@ -26,7 +26,7 @@ class Cfg:
     steps: int = 10
     optim: Optim = field(default_factory=Optim)
     tags: list[str] = field(default_factory=list)
-    resume_from: str | None = None
+    resume_from: Optional[str] = None
     extra: dict[str, int] = field(default_factory=dict)
     stages: list[Optim] = field(default_factory=lambda: [Optim(), Optim()])
 
