@@ -137,6 +137,19 @@ def _expand_tars(path: str) -> list[str]:
     return out
 
 
+def _check_protocols(protocols: set[str]) -> None:
+    """Fail on the driver, in one line, for URLs whose filesystem is not installed (e.g. s3 without s3fs),
+    instead of on every worker for every input."""
+    import fsspec
+
+    for proto in sorted(protocols):
+        try:
+            fsspec.get_filesystem_class(proto)
+        except (ImportError, ValueError) as e:
+            raise SanaError(f"inputs use {proto}:// URLs but fsspec cannot open them: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
 def list_inputs(path: str, fmt: str, extensions: list[str], parquet_column: str) -> tuple[list[InputItem], int]:
     """All inputs (deduplicated by source, first occurrence kept) and how many duplicates were dropped."""
     exts = _norm_exts(extensions)
@@ -158,6 +171,7 @@ def list_inputs(path: str, fmt: str, extensions: list[str], parquet_column: str)
         items = list_parquet(path, parquet_column)
     else:
         raise SanaError(f"unknown input.format '{fmt}'")
+    _check_protocols({it.locator.split("://", 1)[0] for it in items if _is_url(it.locator)})
     seen: set[str] = set()
     unique = []
     for it in items:

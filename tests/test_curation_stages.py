@@ -124,6 +124,14 @@ def test_parquet_input_relative_paths_and_bad_column(folder, tmp_path):
     assert [it.source for it in items] == good and dups == 1
     with pytest.raises(SanaError, match="parquet_column"):
         list_inputs(str(root.parent / "list.parquet"), "auto", EXTS, "url")
+    # URLs go through fsspec; a protocol it cannot open fails on the driver in one line
+    pq.write_table(pa.table({"path": [f"file://{p}" for p in good]}), tmp_path / "urls.parquet")
+    items, _ = list_inputs(str(tmp_path / "urls.parquet"), "auto", EXTS, "path")
+    assert read_bytes(items[0].locator) == Path(good[0]).read_bytes()
+    pq.write_table(pa.table({"path": ["nosuchfs://bucket/a.jpg"]}), tmp_path / "bad.parquet")
+    with pytest.raises(SanaError, match="nosuchfs://") as e:
+        list_inputs(str(tmp_path / "bad.parquet"), "auto", EXTS, "path")
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("make,needle", [
