@@ -7,14 +7,17 @@ projection output; every method is timed from that tensor (forward under no_grad
 out = f(x) then torch.autograd.grad(out, x, dO)). Times are triton.testing.do_bench medians, which
 flush L2 before every call; input sets rotate as well. The HBM roofline counts q, k, v read and o
 written once (forward), plus dO read and dq, dk, dv written (backward), at the measured copy bandwidth.
+"ours_jit_launch" is ours with every launch going through Triton's JIT (tla.FAST_LAUNCH = False).
 Prints a table and writes linear_attention_h100.json to --out.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,16 +54,30 @@ def bench_graph(fn) -> float:
         return float("nan")
 
 
-def host_ms(fn, calls: int = 20) -> float:
-    """Host time to enqueue one call (the queue stays far from full, so nothing waits on the device)."""
+def host_ms(fn, calls: int = 20, reps: int = 7) -> float:
+    """Host time to enqueue one call, median over reps of `calls` calls (the queue stays far from full, so
+    nothing waits on the device)."""
     fn()
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / calls * 1e3
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        times.append((t1 - t0) / calls * 1e3)
+    return statistics.median(times)
+
+
+class jit_launches:
+    """Context: our kernels launched through Triton's JIT on every call (the path before _Launcher)."""
+
+    def __enter__(self):
+        self.saved, tla.FAST_LAUNCH = tla.FAST_LAUNCH, False
+
+    def __exit__(self, *exc):
+        tla.FAST_LAUNCH = self.saved
 
 
 def copy_bandwidth() -> float:
@@ -112,17 +129,32 @@ class _AllocateOnly(torch.autograd.Function):
 
 
 def host_breakdown(case: Case) -> dict[str, float]:
-    """Host (enqueue) time of the pieces of one call of ours, ms."""
+    """Host (enqueue) time of the pieces of one call of ours, ms; "JIT" = through Triton's JIT launch path."""
     x, do = case.xs[0].detach(), case.dos[0]
     q, k, v = x.view(case.shape).unbind(2)
-    _, stats = tla._forward(q, k, v, 1e-15)
+    out, stats = tla._forward(q, k, v, 1e-15)
     grads = torch.empty_like(x).view(case.shape).unbind(2)
-    return {"torch.empty(out)": host_ms(lambda: torch.empty(q.shape, device="cuda", dtype=q.dtype)),
-            "_forward (2 launches)": host_ms(lambda: tla._forward(q, k, v, 1e-15)),
-            "_backward (2 launches)": host_ms(lambda: tla._backward(q, k, v, stats, do, 1e-15, *grads)),
-            "no_grad call": host_ms(case.fwd(tla.triton_linear_attention)),
-            "fwd+bwd via autograd": host_ms(case.fwd_bwd(tla.triton_linear_attention)),
-            "fwd+bwd via autograd, allocate-only Function": host_ms(_allocate_only(case))}
+    B, N, H, D = q.shape
+    cfg = tla.CONFIG["out"]
+    grid = (B * H, triton.cdiv(N, cfg["BLOCK"]))
+    split, prec = tla._precision(q.dtype)
+    scalars = (N, H, *q.stride()[:3], *out.stride()[:3], 1e-15)
+    consts = (D, cfg["BLOCK"], split, prec)
+    res = {"torch.empty(out)": host_ms(lambda: torch.empty(q.shape, device="cuda", dtype=q.dtype)),
+           "one launch (_out_kernel), direct": host_ms(lambda: tla._out_launch(
+               grid, q.get_device(), (q, stats, out), scalars, consts, (("num_warps", cfg["num_warps"]),))),
+           "one launch (_out_kernel), JIT": host_ms(lambda: tla._out_kernel[grid](
+               q, stats, out, *scalars, *consts, num_warps=cfg["num_warps"])),
+           "_forward (2 launches)": host_ms(lambda: tla._forward(q, k, v, 1e-15)),
+           "_backward (2 launches)": host_ms(lambda: tla._backward(q, k, v, stats, do, 1e-15, *grads)),
+           "no_grad call": host_ms(case.fwd(tla.triton_linear_attention)),
+           "fwd+bwd via autograd": host_ms(case.fwd_bwd(tla.triton_linear_attention)),
+           "fwd+bwd via autograd, allocate-only Function": host_ms(_allocate_only(case))}
+    with jit_launches():
+        res["_forward, JIT"] = host_ms(lambda: tla._forward(q, k, v, 1e-15))
+        res["_backward, JIT"] = host_ms(lambda: tla._backward(q, k, v, stats, do, 1e-15, *grads))
+        res["fwd+bwd via autograd, JIT"] = host_ms(case.fwd_bwd(tla.triton_linear_attention))
+    return res
 
 
 def _allocate_only(case: Case):
@@ -179,7 +211,9 @@ def main() -> None:
         return tla._LinearAttention.apply(q, k, v, 1e-15)
 
     methods = {"eager": linear_attention_reference, "ours": tla.triton_linear_attention,
-               "ours_unpacked_grad": unpacked}
+               "ours_jit_launch": tla.triton_linear_attention, "ours_unpacked_grad": unpacked}
+    fwd_bwd_only = ("ours_unpacked_grad",)  # what it changes is the backward
+    no_graph = ("ours_jit_launch",)  # a graph replays the kernels, not the launch path
     if not args.no_compile:
         methods["compile"] = torch.compile(linear_attention_reference, dynamic=False)
     rows = []
@@ -197,13 +231,16 @@ def main() -> None:
             for name in pass_methods:
                 f = methods[name]
                 t0 = time.time()
-                fwd = bench(case.fwd(f)) if name != "ours_unpacked_grad" else float("nan")
-                fb = bench(case.fwd_bwd(f))
-                fwd_g = bench_graph(case.fwd(f)) if name != "ours_unpacked_grad" else float("nan")
-                fb_g = bench_graph(case.fwd_bwd(f))
-                entry[name] = {"fwd_ms": fwd, "fwd_bwd_ms": fb, "fwd_x_roofline": fwd / roof_f,
-                               "fwd_bwd_x_roofline": fb / roof_fb, "graph_fwd_ms": fwd_g, "graph_fwd_bwd_ms": fb_g,
-                               "host_fwd_ms": host_ms(case.fwd(f)), "host_fwd_bwd_ms": host_ms(case.fwd_bwd(f))}
+                launches = jit_launches() if name == "ours_jit_launch" else contextlib.nullcontext()
+                with launches:
+                    fwd = bench(case.fwd(f)) if name not in fwd_bwd_only else float("nan")
+                    fb = bench(case.fwd_bwd(f))
+                    fwd_g = bench_graph(case.fwd(f)) if name not in fwd_bwd_only + no_graph else float("nan")
+                    fb_g = bench_graph(case.fwd_bwd(f)) if name not in no_graph else float("nan")
+                    entry[name] = {"fwd_ms": fwd, "fwd_bwd_ms": fb, "fwd_x_roofline": fwd / roof_f,
+                                   "fwd_bwd_x_roofline": fb / roof_fb, "graph_fwd_ms": fwd_g,
+                                   "graph_fwd_bwd_ms": fb_g, "host_fwd_ms": host_ms(case.fwd(f)),
+                                   "host_fwd_bwd_ms": host_ms(case.fwd_bwd(f))}
                 rows.append((f"{B}x{H}x{N}x{D}", name, fwd, fwd / roof_f, fb, fb / roof_fb, fwd_g / roof_f,
                              fb_g / roof_fb, entry[name]["host_fwd_bwd_ms"]))
                 print(f"  {rows[-1][0]:>14} {name:>18}: fwd {fwd:.3f} ms, fwd+bwd {fb:.3f} ms, graph {fwd_g:.3f} / "

@@ -128,6 +128,41 @@ def test_deterministic_mode_is_bit_reproducible():
     assert _rel(runs[0][0], ref[0]) <= TOL[torch.bfloat16]
 
 
+@gpu
+def test_direct_launches_match_the_jit(monkeypatch):
+    """Repeated calls launch the compiled kernels directly (kernels/triton_linear_attention._Launcher), not
+    through Triton's JIT: same bits as the JIT path, and inputs at an address that is not a multiple of 16
+    bytes (another specialization) get their own kernel."""
+    from kernels import triton_linear_attention as tla
+
+    B, N, H, D = 2, 300, 3, 32
+    n = B * N * 3 * H * D
+    flat = torch.randn(n + 8, device="cuda", dtype=torch.bfloat16)
+    do = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16)
+    torch.use_deterministic_algorithms(True)  # plain stores: bit-comparable runs
+    try:
+        for offset in (0, 1, 0):  # 1 element = 2 bytes off 16-byte alignment
+            q, k, v = flat[offset:offset + n].view(B, N, 3, H, D).unbind(2)
+            runs = []
+            for fast in (False, True, True):
+                monkeypatch.setattr(tla, "FAST_LAUNCH", fast)
+                direct = tla._dkv_launch.direct
+                out, stats = tla._forward(q, k, v, EPS)
+                grads = [torch.full((B, N, H, D), float("nan"), device="cuda", dtype=torch.bfloat16)
+                         for _ in range(3)]
+                tla._backward(q, k, v, stats, do, EPS, *grads)
+                runs.append((out, *grads))
+                if not fast or len(runs) == 3:  # the third call's key was seen by the second at the latest
+                    assert tla._dkv_launch.direct == direct + fast
+            for run in runs[1:]:
+                assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))
+            ref = _reference(q, k, v, do)
+            errs = [_rel(t, r) for t, r in zip(runs[-1], ref)]
+            assert max(errs) <= TOL[torch.bfloat16], f"offset {offset}: relative errors out/dq/dk/dv {errs}"
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_dispatch_uses_torch_on_cpu(monkeypatch):
     monkeypatch.delenv("SANA_ATTENTION_BACKEND", raising=False)
     q, k, v = torch.randn(1, 9, 3, 2, 8).unbind(2)
