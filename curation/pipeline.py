@@ -30,7 +30,7 @@ from curation.encode import EncodeStage
 from curation.read import InputItem, key_of, list_inputs
 from curation.resize import ResizeStage
 from curation.stage import Batch, Stage, StageResources, caption_column, clip_column
-from curation.summary import Stats
+from curation.summary import Stats, output_summary
 from curation.validate import DecodeStage
 from curation.writer import ShardWriter, atomic_write_bytes
 from sana_core.config import to_dict
@@ -92,7 +92,7 @@ def guarded_call(stage: Stage, name: str, batch: Batch, outputs: dict[str, Any] 
         detail = np.asarray(batch["detail"], dtype=object).copy()
         cols = {c: _full(d, n) for c, d in outputs.items()}
         if live_n:
-            sub = {k: np.asarray(v)[idx] if not isinstance(v, np.ndarray) else v[idx] for k, v in batch.items()}
+            sub = {k: np.asarray(v)[idx] for k, v in batch.items()}
             res = stage(sub)
             for c in outputs:
                 vals = res[c]
@@ -248,7 +248,7 @@ class RunResult:
 
 
 def run(cfg: CurateConfig, input_path: str, output: str | Path, new_output: bool = False,
-        log: Callable[[str], None] = print, batch_hook: Callable[[int], None] | None = None) -> RunResult:
+        log: Callable[[str], None] = print) -> RunResult:
     """Curate `input_path` into `output`; resumes a same-config output, refuses a different one."""
     t_start = time.time()
     if not cfg.vlms:
@@ -282,15 +282,11 @@ def run(cfg: CurateConfig, input_path: str, output: str | Path, new_output: bool
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = False
         ds = build_dataset(cfg, todo)
-        n_batches = 0
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
             rejected, accepted = stats.add_batch(batch)
             writer.reject(rejected)
             for s in accepted:
                 writer.add(s)
-            n_batches += 1
-            if batch_hook is not None:
-                batch_hook(n_batches)
     accepted_n, rejected_n = writer.close()
     if accepted_n + rejected_n != len(items):
         raise SanaError(f"bookkeeping error in {out}: {accepted_n} accepted + {rejected_n} rejected != "
@@ -299,6 +295,6 @@ def run(cfg: CurateConfig, input_path: str, output: str | Path, new_output: bool
     record.update(status="complete", finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   counts=dict(inputs=len(items), duplicates_dropped=dups, accepted=accepted_n, rejected=rejected_n,
                               processed_this_attempt=len(todo)),
-                  summary=stats.summary(out), timings=dict(wall_s=round(wall, 2), stages=stats.stage_times()))
+                  summary=output_summary(out), timings=dict(wall_s=round(wall, 2), stages=stats.stage_times()))
     atomic_write_bytes(out / "run.json", json.dumps(record, indent=2).encode())
     return RunResult(len(items), accepted_n, rejected_n, len(items) - len(todo), stats, record)

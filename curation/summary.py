@@ -53,9 +53,6 @@ class Stats:
                     "rows_per_s": round(self.rows[k] / self.busy[k], 2) if self.busy[k] > 0 else None}
                 for k in self.busy}
 
-    def summary(self, out: Path) -> dict[str, Any]:
-        return output_summary(out)
-
 
 def output_summary(out: Path) -> dict[str, Any]:
     """Whole-output numbers from manifest.parquet and rejected.parquet (all attempts together)."""
