@@ -7,7 +7,7 @@ projection output; every method is timed from that tensor (forward under no_grad
 out = f(x) then torch.autograd.grad(out, x, dO)). Times are triton.testing.do_bench medians, which
 flush L2 before every call; input sets rotate as well. The HBM roofline counts q, k, v read and o
 written once (forward), plus dO read and dq, dk, dv written (backward), at the measured copy bandwidth.
-"ours_jit_launch" is ours with every launch going through Triton's JIT (tla.FAST_LAUNCH = False).
+"ours_jit_launch" is ours with every launch going through Triton's JIT (kernels.launch.FAST_LAUNCH = False).
 Prints a table and writes linear_attention_h100.json to --out.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels import launch  # noqa: E402
 from kernels import triton_linear_attention as tla
 from kernels.linear_attention import linear_attention_reference
 
@@ -71,13 +72,13 @@ def host_ms(fn, calls: int = 20, reps: int = 7) -> float:
 
 
 class jit_launches:
-    """Context: our kernels launched through Triton's JIT on every call (the path before _Launcher)."""
+    """Context: our kernels launched through Triton's JIT on every call (the path before kernels.launch.Launcher)."""
 
     def __enter__(self):
-        self.saved, tla.FAST_LAUNCH = tla.FAST_LAUNCH, False
+        self.saved, launch.FAST_LAUNCH = launch.FAST_LAUNCH, False
 
     def __exit__(self, *exc):
-        tla.FAST_LAUNCH = self.saved
+        launch.FAST_LAUNCH = self.saved
 
 
 def copy_bandwidth() -> float:

@@ -9,6 +9,8 @@ is materialised. The output is a contiguous (B, N, H, D) in the input dtype, so 
 
 Backend choice: argument `backend`, else the environment variable SANA_ATTENTION_BACKEND
 ("auto" | "torch" | "triton"); "auto" uses Triton for CUDA tensors when Triton imports, else torch.
+"triton" is also accepted for CPU tensors under Triton's interpreter (TRITON_INTERPRET=1), which is how
+the kernels are tested without a GPU.
 """
 from __future__ import annotations
 
@@ -43,14 +45,20 @@ def _triton_available() -> bool:
     return True
 
 
+def _interpreting() -> bool:
+    # Read here rather than from kernels.launch, which imports triton: "auto" on the CPU must not.
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def resolve_backend(x: torch.Tensor, backend: str | None = None) -> str:
     backend = backend or os.environ.get("SANA_ATTENTION_BACKEND", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if x.is_cuda and _triton_available() else "torch"
-    if backend == "triton" and not (x.is_cuda and _triton_available()):
-        raise RuntimeError("attention backend 'triton' needs CUDA tensors and an importable triton")
+    if backend == "triton" and not ((x.is_cuda or _interpreting()) and _triton_available()):
+        raise RuntimeError("attention backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU "
+                           "tensors) and an importable triton")
     return backend
 
 

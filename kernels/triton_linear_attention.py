@@ -33,11 +33,11 @@ bits against exact bf16 data), use tf32 for fp16 inputs and full float32 for flo
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from kernels.launch import Launcher, cdiv, device_index, on_current_device, sm_count, supported_device
 
 HEAD_DIMS = (16, 32, 64)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -222,85 +222,14 @@ def _precision(dtype: torch.dtype) -> tuple[bool, str]:
     return split, "ieee" if dtype == torch.float32 else "tf32"
 
 
-# Launches. Triton's JIT call (kernel[grid](...)) binds and specializes every argument, builds a cache key
-# and reads its knobs on every call: tens of microseconds of host time per launch, more than some of
-# these kernels run. _Launcher goes through the JIT once per specialization and afterwards calls the
-# compiled kernel's own launcher, the call that the JIT itself ends with. FAST_LAUNCH = False sends every
-# launch through the JIT (the bench compares both).
-try:
-    from triton import knobs as _knobs
-    from triton.runtime import driver as _driver
-
-    FAST_LAUNCH = torch.version.hip is None  # the key below follows Triton's NVIDIA specialization
-except ImportError:  # a Triton without the knobs module: the JIT path only
-    _knobs = _driver = None
-    FAST_LAUNCH = False
-
-
-def _hooked(hook) -> bool:
-    """Whether a Triton launch hook does anything (None, or since 3.7 a HookChain, empty by default)."""
-    return hook is not None and bool(getattr(hook, "calls", True))
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # triton.cdiv is a constexpr_function: microseconds of wrapper per host call
-
-
-class _Launcher:
-    """Launches one @triton.jit kernel with arguments (*tensors, *scalars, *constexprs).
-
-    Which compiled kernel the JIT picks depends on the tensors' dtypes and whether their addresses are
-    multiples of 16, on each int (== 1, a multiple of 16, 32 or 64 bits), on the constexprs, the launch
-    options and the current device. The key here holds all of those, and more (ints and floats by value,
-    addresses mod 16), so a hit launches the kernel the JIT would have launched; a miss goes through the JIT
-    and remembers what it compiled."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.kernels: dict = {}
-        self.direct = 0  # launches that skipped the JIT (tests read this)
-
-    def __call__(self, grid: tuple[int, int], device: int, tensors: tuple, scalars: tuple, consts: tuple,
-                 options: tuple) -> None:
-        fast = FAST_LAUNCH
-        if fast:
-            ptrs = tuple([t.data_ptr() for t in tensors])
-            key = (device, tuple([t.dtype for t in tensors]), tuple([p & 15 for p in ptrs]), scalars, consts,
-                   options)
-            kernel = self.kernels.get(key)
-            if kernel is not None:
-                args = (*ptrs, *scalars, *consts)
-                stream = self.stream(device)
-                enter, exit_ = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
-                if _hooked(enter) or _hooked(exit_):  # e.g. a profiler: exactly what the JIT passes
-                    meta = kernel.launch_metadata(grid, stream, *args)
-                else:
-                    meta = enter = exit_ = None
-                kernel.run(grid[0], grid[1], 1, stream, kernel.function, kernel.packed_metadata, meta, enter,
-                           exit_, *args)
-                self.direct += 1
-                return
-        kernel = self.fn[grid](*tensors, *scalars, *consts, **dict(options))
-        if fast and kernel is not None and getattr(kernel, "function", None) is not None:
-            if len(self.kernels) >= 256:  # shapes come from a model: a handful, but never unbounded
-                self.kernels.clear()
-            self.stream = _driver.active.get_current_stream
-            self.kernels[key] = kernel
-
-
-_kv_launch = _Launcher(_kv_kernel)
-_out_launch = _Launcher(_out_kernel)
-_dq_launch = _Launcher(_dq_kernel)
-_dkv_launch = _Launcher(_dkv_kernel)
+_kv_launch = Launcher(_kv_kernel)
+_out_launch = Launcher(_out_kernel)
+_dq_launch = Launcher(_dq_kernel)
+_dkv_launch = Launcher(_dkv_kernel)
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(3) == 1 else t.contiguous()
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _reduce_grid(B: int, N: int, H: int, cfg: dict, device: int) -> tuple[int, int]:
@@ -308,12 +237,12 @@ def _reduce_grid(B: int, N: int, H: int, cfg: dict, device: int) -> tuple[int, i
 
     Under torch.use_deterministic_algorithms(True) one program reduces all of N for its (b, h): no float32
     atomics, so the same inputs give bit-identical outputs (slower when B*H is small)."""
-    n_tiles = _cdiv(N, cfg["BLOCK"])
+    n_tiles = cdiv(N, cfg["BLOCK"])
     if torch.are_deterministic_algorithms_enabled():
         return 1, n_tiles
-    want = _cdiv(cfg["PROGRAMS_PER_SM"] * _sm_count(device), B * H)
-    tiles_per = _cdiv(n_tiles, min(n_tiles, max(1, want)))
-    return _cdiv(n_tiles, tiles_per), tiles_per
+    want = cdiv(cfg["PROGRAMS_PER_SM"] * sm_count(device), B * H)
+    tiles_per = cdiv(n_tiles, min(n_tiles, max(1, want)))
+    return cdiv(n_tiles, tiles_per), tiles_per
 
 
 def _stats_buffer(like: torch.Tensor, B: int, H: int, D: int, chunks: int) -> torch.Tensor:
@@ -324,7 +253,7 @@ def _stats_buffer(like: torch.Tensor, B: int, H: int, D: int, chunks: int) -> to
 def _forward(q, k, v, eps: float, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, stats): stats rows hold KV (D*D, row-major) then ksum (D) for each (b, h)."""
     B, N, H, D = q.shape
-    dev = q.get_device()
+    dev = device_index(q)
     split, prec = _precision(q.dtype)
     cfg = CONFIG["kv"]
     chunks, tiles_per = _reduce_grid(B, N, H, cfg, dev)
@@ -335,7 +264,7 @@ def _forward(q, k, v, eps: float, out: torch.Tensor | None = None) -> tuple[torc
     if out is None:
         out = q.new_empty((B, N, H, D))
     cfg = CONFIG["out"]
-    _out_launch((B * H, _cdiv(N, cfg["BLOCK"])), dev, (q, stats, out),
+    _out_launch((B * H, cdiv(N, cfg["BLOCK"])), dev, (q, stats, out),
                 (N, H, *q.stride()[:3], *out.stride()[:3], eps), (D, cfg["BLOCK"], split, prec),
                 (("num_warps", cfg["num_warps"]),))
     return out, stats
@@ -344,7 +273,7 @@ def _forward(q, k, v, eps: float, out: torch.Tensor | None = None) -> tuple[torc
 def _backward(q, k, v, stats, do, eps: float, dq, dk, dv) -> None:
     """Writes the gradients into dq, dk, dv ((B, N, H, D), unit stride along D)."""
     B, N, H, D = q.shape
-    dev = q.get_device()
+    dev = device_index(q)
     split, prec = _precision(q.dtype)
     do = _unit_last(do)
     cfg = CONFIG["dq"]
@@ -355,7 +284,7 @@ def _backward(q, k, v, stats, do, eps: float, dq, dk, dv) -> None:
                (D, cfg["BLOCK"], chunks > 1, split, prec),
                (("num_warps", cfg["num_warps"]), ("num_stages", cfg["num_stages"])))
     cfg = CONFIG["dkv"]
-    _dkv_launch((B * H, _cdiv(N, cfg["BLOCK"])), dev, (k, v, dstats, dk, dv),
+    _dkv_launch((B * H, cdiv(N, cfg["BLOCK"])), dev, (k, v, dstats, dk, dv),
                 (N, H, *k.stride()[:3], *v.stride()[:3], *dk.stride()[:3], *dv.stride()[:3]),
                 (D, cfg["BLOCK"], split, prec), (("num_warps", cfg["num_warps"]),))
 
@@ -430,8 +359,9 @@ def _check(q, k, v) -> None:
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"triton linear attention supports head dims {HEAD_DIMS}, got {q.shape[-1]}")
-    if not (q.is_cuda and q.device == k.device == v.device):
-        raise ValueError("triton linear attention needs q, k, v on one CUDA device")
+    if not (supported_device(q) and q.device == k.device == v.device):
+        raise ValueError("triton linear attention needs q, k, v on one CUDA device (or on the CPU with "
+                         "TRITON_INTERPRET=1)")
 
 
 def triton_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-15) -> torch.Tensor:
@@ -440,7 +370,7 @@ def triton_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e
         from kernels.linear_attention import linear_attention_reference  # nothing to launch on empty inputs
 
         return linear_attention_reference(q, k, v, eps)
-    if q.get_device() != torch.cuda.current_device():  # Triton launches on the current device's stream
+    if not on_current_device(q):
         with torch.cuda.device(q.device):
             return triton_linear_attention(q, k, v, eps)
     if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:

@@ -1,0 +1,189 @@
+"""The Linear DiT block's fused kernels (kernels.adaln: modulate, gated residual; kernels.mixffn: depthwise
+GLU) against a float64 reference, forward and backward: on the GPU at real shapes, on the CPU under Triton's
+interpreter at small ones (see conftest.py). Also: the custom ops pass torch.library.opcheck (schema, fake
+implementation, autograd registration) and compile without graph breaks.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.adaln import gated_residual, gated_residual_reference, modulate, modulate_reference
+from kernels.block_backend import resolve_block_backend
+from kernels.mixffn import depthwise_glu, depthwise_glu_reference
+from tests.kernels.modes import DEVICE, ON_GPU, pick
+
+# These kernels have no tl.dot, so bf16 runs correctly under the interpreter as well.
+DTYPES = (torch.bfloat16, torch.float32)
+TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
+EPS = 1e-6
+
+# (B, N, C) for the AdaLN ops: N = 1, odd token counts and channel counts that are not powers of two.
+ADALN_SHAPES = pick(small=[(2, 15, 64), (3, 1, 40), (1, 527, 96), (2, 17 * 31, 24)],
+                    real=[(16, 1024, 1152), (8, 1024, 2240), (2, 16384, 1152), (3, 1, 1152), (5, 527, 72)])
+# (B, H, W, hid) for the depthwise GLU: odd latent sizes (3x5, 17x31), a single token, Sana's real sizes.
+GLU_SHAPES = pick(small=[(2, 3, 5, 24), (1, 1, 1, 8), (2, 17, 31, 8), (3, 4, 4, 72)],
+                  real=[(16, 32, 32, 2880), (8, 32, 32, 5600), (1, 128, 128, 2880), (3, 3, 5, 2880),
+                        (2, 17, 31, 72), (2, 1, 1, 2880)])
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(x).all(), "non-finite values (unwritten or overflowed)"
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_()
+
+
+def _check(fast_fn, ref_fn, inputs, dtype):
+    """Run fast_fn on inputs and ref_fn on their float64 copies; compare the output and every input gradient."""
+    out = fast_fn(*inputs)
+    assert out.dtype == inputs[0].dtype
+    dy = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, dy)
+    ref_in = [_leaf(t.double()) for t in inputs]
+    ref = ref_fn(*ref_in)
+    ref_grads = torch.autograd.grad(ref, ref_in, dy.double())
+    errs = [_rel(out, ref)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
+    for g, t in zip(grads, inputs):
+        assert g.shape == t.shape and g.dtype == t.dtype
+    assert max(errs) <= TOL[dtype], f"relative errors out and grads {errs}"
+
+
+def _table(B, C, rows=6):
+    """A (B, 6, C) float32 modulation table with the spread of a trained one; chunks are strided views of it."""
+    return _leaf(torch.randn(B, rows, C, device=DEVICE) * 0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ADALN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_modulate_matches_float64(shape, dtype):
+    B, N, C = shape
+    x = _leaf(torch.randn(shape, device=DEVICE).mul(3).add(1).to(dtype))  # off-centre rows: mean matters
+    table = _table(B, C)
+
+    def fast(x, table):
+        return modulate(x, table[:, 0:1], table[:, 1:2], EPS, backend="triton")
+
+    def ref(x, table):
+        return modulate_reference(x, table[:, 0:1], table[:, 1:2], EPS)
+
+    _check(fast, ref, [x, table], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ADALN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gated_residual_matches_float64(shape, dtype):
+    B, N, C = shape
+    x, branch = (_leaf(torch.randn(shape, device=DEVICE).to(dtype)) for _ in range(2))
+    table = _table(B, C)
+
+    def fast(x, table, branch):
+        return gated_residual(x, table[:, 2:3], branch, backend="triton")
+
+    def ref(x, table, branch):
+        return gated_residual_reference(x, table[:, 2:3], branch)
+
+    _check(fast, ref, [x, table, branch], dtype)
+
+
+def test_adaln_ops_broadcast_one_row_over_the_batch():
+    """shift/scale/gate of batch 1, as (1, C) rows: the gradient sums over the batch."""
+    x = _leaf(torch.randn(3, 10, 48, device=DEVICE))
+    rows = _leaf(torch.randn(3, 48, device=DEVICE))
+
+    def fast(x, rows):
+        return gated_residual(modulate(x, rows[0:1], rows[1:2], EPS, backend="triton"), rows[2:3], x,
+                              backend="triton")
+
+    def ref(x, rows):
+        return gated_residual_reference(modulate_reference(x, rows[0:1], rows[1:2], EPS), rows[2:3], x)
+
+    _check(fast, ref, [x, rows], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GLU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_depthwise_glu_matches_float64(shape, dtype):
+    B, H, W, hid = shape
+    u = _leaf(torch.randn(B, H * W, 2 * hid, device=DEVICE).to(dtype))
+    weight = _leaf(torch.randn(2 * hid, 1, 3, 3, device=DEVICE) / 3)
+    bias = _leaf(torch.randn(2 * hid, device=DEVICE))
+
+    def fast(u, weight, bias):
+        return depthwise_glu(u, weight, bias, (H, W), backend="triton")
+
+    def ref(u, weight, bias):
+        return depthwise_glu_reference(u, weight, bias, (H, W))
+
+    _check(fast, ref, [u, weight, bias], dtype)
+
+
+def test_depthwise_glu_is_local_and_zero_padded():
+    """One hot token: the output is nonzero exactly on its 3x3 neighbourhood, clipped at the image edge
+    (checks the grid order H-major and that no tap wraps around a row end)."""
+    B, H, W, hid = 2, 4, 5, 4
+    u = torch.full((B, H * W, 2 * hid), -30.0, device=DEVICE)  # silu(-30) ~ 0
+    u[1, 0 * W + 4] = 3.0  # top-right corner of image 1
+    weight = torch.ones(2 * hid, 1, 3, 3, device=DEVICE)
+    bias = torch.zeros(2 * hid, device=DEVICE)
+    out = depthwise_glu(u, weight, bias, (H, W), backend="triton")
+    live = out.abs().amax(-1) > 1e-6
+    expected = torch.zeros(B, H, W, dtype=torch.bool, device=DEVICE)
+    expected[1, 0:2, 3:5] = True
+    assert torch.equal(live.view(B, H, W), expected)
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) implementations and the autograd registrations, as torch.compile needs them."""
+    import kernels.triton_adaln  # noqa: F401 - registers the ops
+    import kernels.triton_mixffn  # noqa: F401
+
+    B, H, W, C = 2, 3, 5, 16
+    x = _leaf(torch.randn(B, H * W, C, device=DEVICE))
+    table = torch.randn(B, 6, C, device=DEVICE)
+    shift, scale, gate = (_leaf(table[:, i:i + 1].clone()) for i in range(3))
+    torch.library.opcheck(torch.ops.sana.modulate, (x, shift, scale, EPS))
+    torch.library.opcheck(torch.ops.sana.gated_residual, (x, gate, _leaf(torch.randn_like(x))))
+    u = _leaf(torch.randn(B, H * W, 2 * C, device=DEVICE))
+    weight, bias = _leaf(torch.randn(2 * C, 1, 3, 3, device=DEVICE)), _leaf(torch.randn(2 * C, device=DEVICE))
+    torch.library.opcheck(torch.ops.sana.depthwise_glu, (u, weight, bias, H, W))
+
+
+def test_compiles_without_graph_breaks():
+    """A block-shaped function of all three ops under torch.compile(fullgraph=True) equals eager, grads too."""
+    B, H, W, C = 2, 3, 5, 16
+    x = _leaf(torch.randn(B, H * W, C, device=DEVICE))
+    table = _leaf(torch.randn(B, 6, C, device=DEVICE))
+    weight, bias = _leaf(torch.randn(2 * C, 1, 3, 3, device=DEVICE)), _leaf(torch.randn(2 * C, device=DEVICE))
+    lin = torch.randn(C, 2 * C, device=DEVICE)
+
+    def f(x, table, weight, bias):
+        h = modulate(x, table[:, 0:1], table[:, 1:2], EPS, backend="triton") @ lin
+        h = depthwise_glu(h, weight, bias, (H, W), backend="triton")
+        return gated_residual(x, table[:, 2:3], h, backend="triton")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
+    inputs = (x, table, weight, bias)
+    eager_out, comp_out = f(*inputs), compiled(*inputs)
+    eager_grads = torch.autograd.grad(eager_out.square().sum(), inputs)
+    comp_grads = torch.autograd.grad(comp_out.square().sum(), inputs)
+    assert _rel(comp_out, eager_out.double()) <= 1e-6
+    for a, b in zip(comp_grads, eager_grads):
+        assert _rel(a, b.double()) <= 1e-6
+
+
+def test_bad_inputs_fail_with_one_clear_line():
+    u = torch.randn(2, 15, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="15 tokens do not make a 4x4 grid"):
+        depthwise_glu(u, torch.randn(8, 1, 3, 3, device=DEVICE), torch.randn(8, device=DEVICE), (4, 4),
+                      backend="triton")
+    with pytest.raises(ValueError, match=r"weight \(8, 1, 3, 3\)"):
+        depthwise_glu(u, torch.randn(8, 3, 3, device=DEVICE), torch.randn(8, device=DEVICE), (3, 5))
+    with pytest.raises(ValueError, match="modulate shift must be"):
+        modulate(u, torch.randn(3, 1, 8, device=DEVICE), torch.randn(2, 1, 8, device=DEVICE), EPS,
+                 backend="triton")
+    with pytest.raises(ValueError, match="block backend must be one of"):
+        resolve_block_backend(u, "cuda")
