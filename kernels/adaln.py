@@ -1,0 +1,47 @@
+"""AdaLN-single's two per-block idioms, with a PyTorch reference and fused Triton kernels.
+
+    modulate:        y = layer_norm(x) * (1 + scale) + shift      (no affine weights)
+    gated residual:  y = x + gate * branch
+
+x, branch, y are (B, N, C) token tensors; shift, scale, gate are (B, 1, C) (or (B, C), or batch 1 to
+broadcast) rows of the modulation table, with any stride between batch rows, so the chunks of one
+(B, 6, C) table are read in place. The reference is exactly the PyTorch expression (under autocast
+layer_norm runs in float32 and the result is float32); the Triton path keeps activations in x's dtype with
+float32 only inside the kernels (row statistics and the batch reductions of the backward).
+
+Backend choice: see kernels.block_backend (SANA_BLOCK_BACKEND).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.block_backend import resolve_block_backend
+
+
+def modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale) + shift
+
+
+def gated_residual_reference(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    return x + gate * branch
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+             backend: str | None = None) -> torch.Tensor:
+    """layer_norm(x) * (1 + scale) + shift; x (B, N, C), shift and scale (B, 1, C)."""
+    if resolve_block_backend(x, backend) == "triton":
+        from kernels.triton_adaln import modulate_triton
+
+        return modulate_triton(x, shift, scale, eps)
+    return modulate_reference(x, shift, scale, eps)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor,
+                   backend: str | None = None) -> torch.Tensor:
+    """x + gate * branch; x and branch (B, N, C), gate (B, 1, C)."""
+    if resolve_block_backend(x, backend) == "triton":
+        from kernels.triton_adaln import gated_residual_triton
+
+        return gated_residual_triton(x, gate, branch)
+    return gated_residual_reference(x, gate, branch)

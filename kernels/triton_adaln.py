@@ -1,0 +1,298 @@
+"""Fused Triton kernels for AdaLN-single's modulate and gated residual (see kernels.adaln), forward and
+backward, each a torch.library custom op with a fake implementation (torch.compile traces them without
+graph breaks; autograd, activation checkpointing and FSDP2 see ordinary ops).
+
+    modulate fwd   x, shift, scale         -> y = (x - mean) * rstd * (1 + scale) + shift, mean, rstd
+    modulate bwd   dy, x, scale, mean, rstd -> dx, dshift = sum_n dy, dscale = sum_n dy * xhat
+    residual fwd   x, gate, branch         -> x + gate * branch
+    residual bwd   dy, gate, branch        -> dbranch = gate * dy, dgate = sum_n dy * branch   (dx = dy)
+
+Each forward reads its inputs once and writes y once in x's dtype (bf16 in training), the float32
+LayerNorm output and the float32 product that eager PyTorch materialises under autocast never exist.
+The backward kernels loop over the tokens of one image, keep the per-channel sums (dshift, dscale,
+dgate) in float32 registers and write one partial row per program, summed afterwards (a few MB,
+deterministic: no atomics).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.launch import Launcher, cdiv, device_index, on_current_device, sm_count, supported_device
+
+ELEMENTS = 8192  # elements of a (rows, channels) tile: 32 float32 registers a thread at 8 warps
+PROGRAMS_PER_SM = 4  # for the backward reductions over tokens: enough programs to fill the GPU
+
+
+@triton.jit
+def _modulate_fwd(x_ptr, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr, M, N, C, s_shift, s_scale, eps,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    rmask = rows < M
+    mask = rmask[:, None] & (cols < C)[None, :]
+    offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / C
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+    b = (rows // N).to(tl.int64)[:, None]
+    scale = tl.load(scale_ptr + b * s_scale + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptr + b * s_shift + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * (1.0 + scale) + shift
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + rows, mean, mask=rmask)
+    tl.store(rstd_ptr + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _modulate_bwd(dy_ptr, x_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr, N, C, s_scale, tiles_per_prog,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    one_scale = 1.0 + tl.load(scale_ptr + b * s_scale + cols, mask=cmask, other=0.0).to(tl.float32)
+    dshift = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dscale = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for i in range(tiles_per_prog):
+        n = (chunk * tiles_per_prog + i) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = n < N
+        rows = b * N + n
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows[:, None] * C + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        dshift += tl.sum(dy, axis=0)
+        dscale += tl.sum(dy * xhat, axis=0)
+        g = dy * one_scale[None, :]
+        c1 = tl.sum(g * xhat, axis=1) / C
+        c2 = tl.sum(g, axis=1) / C
+        dx = (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    part = part_ptr + (b * tl.num_programs(1) + chunk) * 2 * C
+    tl.store(part + cols, dshift, mask=cmask)
+    tl.store(part + C + cols, dscale, mask=cmask)
+
+
+@triton.jit
+def _residual_fwd(x_ptr, gate_ptr, branch_ptr, y_ptr, M, N, C, s_gate,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    mask = (rows < M)[:, None] & (cols < C)[None, :]
+    offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    b = (rows // N).to(tl.int64)[:, None]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    branch = tl.load(branch_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + b * s_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, (x + gate * branch).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _residual_bwd(dy_ptr, gate_ptr, branch_ptr, dbranch_ptr, part_ptr, N, C, s_gate, tiles_per_prog,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    gate = tl.load(gate_ptr + b * s_gate + cols, mask=cmask, other=0.0).to(tl.float32)
+    dgate = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for i in range(tiles_per_prog):
+        n = (chunk * tiles_per_prog + i) * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask = (n < N)[:, None] & cmask[None, :]
+        offs = (b * N + n)[:, None] * C + cols[None, :]
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        branch = tl.load(branch_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dgate += tl.sum(dy * branch, axis=0)
+        tl.store(dbranch_ptr + offs, (dy * gate[None, :]).to(dbranch_ptr.dtype.element_ty), mask=mask)
+    tl.store(part_ptr + (b * tl.num_programs(1) + chunk) * C + cols, dgate, mask=cmask)
+
+
+_modulate_fwd_launch = Launcher(_modulate_fwd)
+_modulate_bwd_launch = Launcher(_modulate_bwd)
+_residual_fwd_launch = Launcher(_residual_fwd)
+_residual_bwd_launch = Launcher(_residual_bwd)
+
+
+def _tile(C: int) -> tuple[int, int, tuple]:
+    """(BLOCK_R, BLOCK_C, launch options): whole rows of C channels, several rows a program when C is small."""
+    block_c = triton.next_power_of_2(C)
+    block_r = max(1, min(64, ELEMENTS // block_c))
+    return block_r, block_c, (("num_warps", 8 if block_r * block_c >= 4096 else 4),)
+
+
+def _reduce_grid(B: int, N: int, block_r: int, device: int) -> tuple[int, int]:
+    """(chunks of one image's tokens, tiles of BLOCK_R rows per chunk) for the backward reductions."""
+    n_tiles = cdiv(N, block_r)
+    want = cdiv(PROGRAMS_PER_SM * sm_count(device), B)
+    tiles_per = cdiv(n_tiles, min(n_tiles, max(1, want)))
+    return cdiv(n_tiles, tiles_per), tiles_per
+
+
+def _rows(t: torch.Tensor, B: int, C: int, what: str) -> tuple[torch.Tensor, int]:
+    """A (B or 1, [1,] C) modulation row tensor as (rows, C) with unit channel stride, and its batch stride
+    (0 to broadcast one row over the batch)."""
+    if t.shape[-1] != C or t.numel() not in (C, B * C) or (t.dim() == 3 and t.shape[1] != 1) or t.dim() > 3:
+        raise ValueError(f"{what} must be (B, 1, C) or (B, C) (or batch 1) with B={B}, C={C}, got {tuple(t.shape)}")
+    t = t.reshape(-1, C)
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t, (t.stride(0) if t.shape[0] > 1 else 0)
+
+
+def _check(x: torch.Tensor, what: str) -> torch.Tensor:
+    if x.dim() != 3:
+        raise ValueError(f"{what} must be (B, N, C), got {tuple(x.shape)}")
+    if not supported_device(x):
+        raise ValueError(f"{what}: the Triton kernels need a CUDA tensor (or the CPU under TRITON_INTERPRET=1)")
+    return x.contiguous()
+
+
+def _reduce_rows(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-image partial sums (B, chunks, C) -> the gradient of a modulation row tensor of like's shape."""
+    d = part.sum(1)
+    if like.numel() != d.numel():  # one row broadcast over the batch
+        d = d.sum(0, keepdim=True)
+    return d.reshape(like.shape).to(like.dtype)
+
+
+@torch.library.custom_op("sana::modulate", mutates_args=())
+def _modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = _check(x, "modulate x")
+    B, N, C = x.shape
+    shift2, s_shift = _rows(shift, B, C, "modulate shift")
+    scale2, s_scale = _rows(scale, B, C, "modulate scale")
+    y = torch.empty_like(x)
+    mean = x.new_empty((B * N,), dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    if x.numel():
+        block_r, block_c, opts = _tile(C)
+        _modulate_fwd_launch((cdiv(B * N, block_r),), device_index(x), (x, shift2, scale2, y, mean, rstd),
+                             (B * N, N, C, s_shift, s_scale, eps), (block_r, block_c), opts)
+    return y, mean, rstd
+
+
+@_modulate_op.register_fake
+def _(x, shift, scale, eps):
+    B, N, _ = x.shape
+    mean = x.new_empty((B * N,), dtype=torch.float32)
+    return torch.empty_like(x), mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("sana::modulate_backward", mutates_args=())
+def _modulate_backward_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
+                          rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> dx (like x), partial sums (B, chunks, 2, C) float32 of dshift ([:, :, 0]) and dscale ([:, :, 1])."""
+    x, dy = x.contiguous(), dy.contiguous()
+    B, N, C = x.shape
+    scale2, s_scale = _rows(scale, B, C, "modulate scale")
+    dx = torch.empty_like(x)
+    block_r, block_c, opts = _tile(C)
+    chunks, tiles_per = _reduce_grid(B, N, block_r, device_index(x))
+    part = x.new_zeros((B, chunks, 2, C), dtype=torch.float32)
+    if x.numel():
+        _modulate_bwd_launch((B, chunks), device_index(x), (dy, x, scale2, mean, rstd, dx, part),
+                             (N, C, s_scale, tiles_per), (block_r, block_c), opts)
+    return dx, part
+
+
+@_modulate_backward_op.register_fake
+def _(dy, x, scale, mean, rstd):
+    B, N, C = x.shape
+    chunks, _ = _reduce_grid(B, N, _tile(C)[0], device_index(x))
+    return torch.empty_like(x), x.new_empty((B, chunks, 2, C), dtype=torch.float32)
+
+
+def _modulate_setup(ctx, inputs, output):
+    x, shift, scale, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, shift, scale, mean, rstd)
+
+
+def _modulate_backward(ctx, dy, _dmean, _drstd):
+    x, shift, scale, mean, rstd = ctx.saved_tensors
+    dx, part = torch.ops.sana.modulate_backward(dy, x, scale, mean, rstd)
+    return dx, _reduce_rows(part[:, :, 0], shift), _reduce_rows(part[:, :, 1], scale), None
+
+
+_modulate_op.register_autograd(_modulate_backward, setup_context=_modulate_setup)
+
+
+@torch.library.custom_op("sana::gated_residual", mutates_args=())
+def _gated_residual_op(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    x, branch = _check(x, "gated residual x"), branch.contiguous()
+    if branch.shape != x.shape:
+        raise ValueError(f"gated residual: branch {tuple(branch.shape)} must have x's shape {tuple(x.shape)}")
+    B, N, C = x.shape
+    gate2, s_gate = _rows(gate, B, C, "gated residual gate")
+    y = torch.empty_like(x)
+    if x.numel():
+        block_r, block_c, opts = _tile(C)
+        _residual_fwd_launch((cdiv(B * N, block_r),), device_index(x), (x, gate2, branch, y),
+                             (B * N, N, C, s_gate), (block_r, block_c), opts)
+    return y
+
+
+@_gated_residual_op.register_fake
+def _(x, gate, branch):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("sana::gated_residual_backward", mutates_args=())
+def _gated_residual_backward_op(dy: torch.Tensor, gate: torch.Tensor,
+                                branch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> dbranch (like branch), partial sums (B, chunks, C) float32 of dgate."""
+    dy, branch = dy.contiguous(), branch.contiguous()
+    B, N, C = branch.shape
+    gate2, s_gate = _rows(gate, B, C, "gated residual gate")
+    dbranch = torch.empty_like(branch)
+    block_r, block_c, opts = _tile(C)
+    chunks, tiles_per = _reduce_grid(B, N, block_r, device_index(branch))
+    part = branch.new_zeros((B, chunks, C), dtype=torch.float32)
+    if branch.numel():
+        _residual_bwd_launch((B, chunks), device_index(branch), (dy, gate2, branch, dbranch, part),
+                             (N, C, s_gate, tiles_per), (block_r, block_c), opts)
+    return dbranch, part
+
+
+@_gated_residual_backward_op.register_fake
+def _(dy, gate, branch):
+    B, N, C = branch.shape
+    chunks, _ = _reduce_grid(B, N, _tile(C)[0], device_index(branch))
+    return torch.empty_like(branch), branch.new_empty((B, chunks, C), dtype=torch.float32)
+
+
+def _gated_residual_setup(ctx, inputs, output):
+    x, gate, branch = inputs
+    ctx.x_dtype = x.dtype
+    ctx.save_for_backward(gate, branch)
+
+
+def _gated_residual_backward(ctx, dy):
+    gate, branch = ctx.saved_tensors
+    dbranch, part = torch.ops.sana.gated_residual_backward(dy, gate, branch)
+    return dy.to(ctx.x_dtype), _reduce_rows(part, gate), dbranch
+
+
+_gated_residual_op.register_autograd(_gated_residual_backward, setup_context=_gated_residual_setup)
+
+
+def _guarded(fn, x, *args):
+    if not on_current_device(x):  # Triton launches on the current device's stream
+        with torch.cuda.device(x.device):
+            return fn(x, *args)
+    return fn(x, *args)
+
+
+def modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    return _guarded(torch.ops.sana.modulate, x, shift, scale, float(eps))[0]
+
+
+def gated_residual_triton(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    return _guarded(torch.ops.sana.gated_residual, x, gate, branch)
