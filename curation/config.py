@@ -32,9 +32,20 @@ class InputConfig:
     parquet_column: str = "path"  # the column of a Parquet input that holds paths / URLs
     max_pixels: int = 89_478_485  # larger images are decompression bombs (PIL's default limit)
     min_size: int = 256  # shorter side in pixels; smaller images are rejected as too_small
-    special_modes: Literal["reject", "convert"] = "reject"  # 16-bit, CMYK, palette, alpha images
+    # convert: palette/alpha (composited over `background`), 16/32-bit, CMYK, ICC and animated images become
+    # 8-bit sRGB (curation.validate.to_rgb); reject: only RGB/L/1/YCbCr are kept, the rest is unsupported_mode.
+    special_modes: Literal["reject", "convert"] = "convert"
+    background: list[int] = field(default_factory=lambda: [255, 255, 255])  # RGB behind transparent pixels
+    max_bytes: int = 256 * 1024 * 1024  # larger files are rejected as too_large before being read (0 = no cap)
     resources: StageResources = field(default_factory=lambda: StageResources(num_cpus=1, concurrency=8,
                                                                               batch_size=16))
+
+    def __post_init__(self):
+        bg = self.background
+        if len(bg) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in bg):
+            raise SanaError(f"config key 'input.background': {bg!r} is not three integers 0..255 (R, G, B)")
+        if self.max_bytes < 0:
+            raise SanaError(f"config key 'input.max_bytes': {self.max_bytes} < 0 (0 means no cap)")
 
 
 @dataclass
@@ -72,6 +83,9 @@ class WriterConfig:
 @dataclass
 class RayConfig:
     num_cpus: int = 0  # CPUs of a local cluster the job starts itself (0 = all); ignored on an existing cluster
+    # How long to wait for the cluster to grow (autoscaling) before refusing a job whose actor pools cannot fit
+    # (curation.resources); 0 = refuse at once. `jobs.curate --wait-for-resources SECONDS` sets it.
+    wait_for_resources_s: float = 0.0
 
 
 @dataclass

@@ -29,12 +29,14 @@ from curation.config import CurateConfig, config_hash
 from curation.encode import EncodeStage
 from curation.read import InputItem, key_of, list_inputs
 from curation.resize import ResizeStage
+from curation.resources import check_resources
 from curation.stage import Batch, Stage, StageResources, caption_column, clip_column
 from curation.summary import Stats, output_summary
 from curation.validate import DecodeStage
 from curation.writer import ShardWriter, atomic_write_bytes
 from sana_core.config import to_dict
 from sana_core.errors import SanaError
+from sana_core.secrets import redact, strip_url_credentials
 
 EMPTY_LATENT = np.zeros((0, 0, 0), dtype=np.float16)
 
@@ -153,7 +155,8 @@ def build_dataset(cfg: CurateConfig, items: list[InputItem]):
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(math.ceil(len(rows) / bs), 1000)))
     ic = cfg.input
     ds = add_stage(ds, DecodeStage, ic.resources, dict(max_pixels=ic.max_pixels, min_size=ic.min_size,
-                                                       special_modes=ic.special_modes), "decode")
+                                                       special_modes=ic.special_modes, background=ic.background,
+                                                       max_bytes=ic.max_bytes), "decode")
     rc = cfg.resize
     ds = add_stage(ds, ResizeStage, rc.resources, dict(base=rc.base, write_jpg=rc.write_jpg,
                                                        jpg_quality=rc.jpg_quality), "resize")
@@ -268,8 +271,8 @@ def run(cfg: CurateConfig, input_path: str, output: str | Path, new_output: bool
     log(f"inputs: {len(items)} ({dups} duplicate sources dropped); already done: {len(items) - len(todo)}; "
         f"to do: {len(todo)}" + (f"; removed {writer.removed_orphans} uncommitted shard(s)" if writer.removed_orphans
                                  else ""))
-    record = {"status": "running", "config_hash": chash, "input": input_path, "output": str(out),
-              "config": to_dict(cfg), "versions": _versions(),
+    record = {"status": "running", "config_hash": chash, "input": strip_url_credentials(input_path),
+              "output": str(out), "config": redact(to_dict(cfg)), "versions": _versions(),
               "started_at": (prev or {}).get("started_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
               "attempts": (prev or {}).get("attempts", 0) + 1}
     atomic_write_bytes(out / "run.json", json.dumps(record, indent=2).encode())
@@ -277,6 +280,7 @@ def run(cfg: CurateConfig, input_path: str, output: str | Path, new_output: bool
     stats = Stats(vlms)
     if todo:
         _init_ray(cfg)
+        check_resources(cfg, log)  # refuse in one line a job whose actor pools this cluster can never hold
         import ray.data
 
         ctx = ray.data.DataContext.get_current()

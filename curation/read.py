@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sana_core.errors import SanaError
+from sana_core.secrets import strip_url_credentials
 
 
 def key_of(source: str) -> str:
@@ -43,20 +44,45 @@ def _open(path: str, mode: str = "rb"):
     return open(path, mode)
 
 
-def read_bytes(locator: str) -> bytes:
-    """The bytes of one input; OSError (incl. FileNotFoundError, PermissionError) when unreadable."""
+class InputTooLarge(Exception):
+    """An input over input.max_bytes, told from its size before any byte is read."""
+
+    def __init__(self, size: int):
+        super().__init__(f"{size} bytes")
+        self.size = size
+
+
+def _size(path: str) -> int:
+    if _is_url(path):
+        import fsspec
+
+        fs, p = fsspec.core.url_to_fs(path)
+        return int(fs.size(p) or 0)
+    return os.stat(path).st_size
+
+
+def read_bytes(locator: str, max_bytes: int = 0) -> bytes:
+    """The bytes of one input; OSError (incl. FileNotFoundError, PermissionError) when unreadable,
+    InputTooLarge when max_bytes > 0 and the input is larger (checked before reading)."""
     if "::" in locator:
         tar, rest = locator.split("::", 1)
         span = rest.rsplit("@", 1)[1]
         offset, size = (int(x) for x in span.split(":"))
+        if max_bytes and size > max_bytes:
+            raise InputTooLarge(size)
         with _open(tar) as f:
             f.seek(offset)
             data = f.read(size)
         if len(data) != size:
             raise OSError(f"{tar} ends before member at offset {offset} (tar truncated)")
         return data
+    if max_bytes and (size := _size(locator)) > max_bytes:
+        raise InputTooLarge(size)
     with _open(locator) as f:
-        return f.read()
+        data = f.read(max_bytes + 1) if max_bytes else f.read()  # also caps a file that grew since the stat
+    if max_bytes and len(data) > max_bytes:
+        raise InputTooLarge(len(data))
+    return data
 
 
 def _norm_exts(exts: list[str]) -> set[str]:
@@ -83,7 +109,8 @@ def list_tar(path: str, exts: set[str]) -> list[InputItem]:
             for m in tf:
                 if m.isfile() and Path(m.name).suffix.lower() in exts:
                     src = f"{path}::{m.name}"
-                    items.append(InputItem(src, f"{src}@{m.offset_data}:{m.size}"))
+                    items.append(InputItem(f"{strip_url_credentials(path)}::{m.name}",
+                                           f"{src}@{m.offset_data}:{m.size}"))
     except tarfile.TarError as e:
         raise SanaError(f"input tar {path} cannot be read: {e}") from None
     return items
@@ -105,7 +132,7 @@ def list_parquet(path: str, column: str) -> list[InputItem]:
         p = str(p)
         if not _is_url(p) and not os.path.isabs(p):
             p = os.path.join(base, p)  # relative paths are relative to the parquet file
-        items.append(InputItem(p, p))
+        items.append(InputItem(strip_url_credentials(p), p))  # credentials stay in the locator only
     return items
 
 

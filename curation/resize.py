@@ -10,7 +10,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from curation.stage import Batch, Stage
+from curation.stage import Batch, Stage, error_reason
 from sana_core.buckets import make_buckets, nearest_bucket
 
 EMPTY = np.zeros((0, 0, 3), dtype=np.uint8)
@@ -30,7 +30,9 @@ def resize_to_bucket(img: Image.Image, bucket: tuple[int, int]) -> np.ndarray:
 
 
 class ResizeStage(Stage):
-    """image (PIL, original size) -> image (uint8 at bucket size), bucket_h, bucket_w [, jpg bytes]."""
+    """image (PIL, original size) -> image (uint8 at bucket size), bucket_h, bucket_w [, jpg bytes].
+
+    Each row is guarded: an exception while resizing or encoding one image rejects that row (`error:<Type>`)."""
 
     name = "resize"
     stateful = False
@@ -45,19 +47,27 @@ class ResizeStage(Stage):
         jpgs = np.empty(n, dtype=object)
         bh = np.zeros(n, dtype=np.int32)
         bw = np.zeros(n, dtype=np.int32)
+        reject = np.asarray(batch["reject"], dtype=object).copy()
+        detail = np.asarray(batch["detail"], dtype=object).copy() if "detail" in batch else np.full(n, "", object)
         for i in range(n):
             img = batch["image"][i]
             images[i], jpgs[i] = EMPTY, b""
-            if batch["reject"][i] != "" or img is None:
+            if reject[i] != "" or img is None:
                 continue
-            bucket = nearest_bucket(img.height, img.width, self.buckets)
-            images[i] = resize_to_bucket(img, bucket)
+            try:
+                bucket = nearest_bucket(img.height, img.width, self.buckets)
+                resized = resize_to_bucket(img, bucket)
+                if self.write_jpg:
+                    buf = io.BytesIO()
+                    Image.fromarray(resized).save(buf, format="JPEG", quality=self.jpg_quality)
+                    jpgs[i] = buf.getvalue()
+            except Exception as e:  # noqa: BLE001 - the guard: one image's failure must not fail the task
+                jpgs[i] = b""
+                reject[i], detail[i] = error_reason(self.name, e)
+                continue
+            images[i] = resized
             bh[i], bw[i] = bucket
-            if self.write_jpg:
-                buf = io.BytesIO()
-                Image.fromarray(images[i]).save(buf, format="JPEG", quality=self.jpg_quality)
-                jpgs[i] = buf.getvalue()
-        out = dict(batch, image=images, bucket_h=bh, bucket_w=bw)
+        out = dict(batch, image=images, bucket_h=bh, bucket_w=bw, reject=reject, detail=detail)
         if self.write_jpg:
             out["jpg"] = jpgs
         return out

@@ -7,7 +7,7 @@ its actors need in a `StageResources`, taken from config, so that on a cluster e
 gets its own actor pool and scales independently.
 
 Columns flowing between stages (see docs/data_contract.md for what finally lands on disk):
-  key (str), source (str), sha256 (str), width (int), height (int)   -- from reading/validation
+  key (str), source (str), sha256 (str), width (int), height (int), mode (str) -- from reading/validation
   bucket_h (int), bucket_w (int), image (uint8 HxWx3 at the bucket size) -- from resizing
   caption__<vlm> (str)                                                 -- one per captioner
   clip__<vlm> (float32)                                                -- from CLIP scoring
@@ -53,6 +53,14 @@ class Stage:
         else:
             kw["compute"] = TaskPoolStrategy(size=resources.concurrency)
         return kw
+
+
+def error_reason(stage: str, e: BaseException) -> tuple[str, str]:
+    """(reason, detail) for an unexpected exception on one input: `error:<Type>` groups them in reports,
+    the detail names the stage and keeps the message's first line."""
+    msg = str(e).strip().splitlines()[0][:500] if str(e).strip() else ""
+    name = type(e).__name__
+    return f"error:{name}", f"{stage}: {name}: {msg}" if msg else f"{stage}: {name}"
 
 
 def caption_column(vlm: str) -> str:

@@ -40,7 +40,8 @@ class Stats:
                 continue
             s = {c: _py(batch[c][i]) for c in ("sha256", "width", "height", "bucket_h", "bucket_w",
                                                 "latent_scaling_factor")}
-            s.update(key=key, source=source, latent=np.asarray(batch["latent"][i]),
+            s.update(key=key, source=source, mode=str(batch["mode"][i]) if "mode" in batch else "",
+                     latent=np.asarray(batch["latent"][i]),
                      captions={v: str(batch[caption_column(v)][i]) for v in self.vlms},
                      clip_scores={v: float(batch[clip_column(v)][i]) for v in self.vlms})
             if "jpg" in batch:

@@ -27,6 +27,7 @@ import webdataset as wds
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("shard", pa.string()), ("source", pa.string()), ("sha256", pa.string()),
     ("width", pa.int32()), ("height", pa.int32()), ("bucket_h", pa.int32()), ("bucket_w", pa.int32()),
+    ("mode", pa.string()),  # the input's mode and conversion flags (curation.validate.Decoded.mode)
     ("vlms", pa.list_(pa.string())), ("captions", pa.list_(pa.string())), ("clip_scores", pa.list_(pa.float32())),
 ])
 REJECTED_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("reason", pa.string()),
@@ -149,7 +150,7 @@ class ShardWriter:
                 tw.write(member)
                 rows.append(dict(key=s["key"], shard=name, source=s["source"], sha256=s["sha256"],
                                  width=int(s["width"]), height=int(s["height"]), bucket_h=int(s["bucket_h"]),
-                                 bucket_w=int(s["bucket_w"]), vlms=self.vlms,
+                                 bucket_w=int(s["bucket_w"]), mode=s.get("mode", ""), vlms=self.vlms,
                                  captions=[s["captions"][v] for v in self.vlms],
                                  clip_scores=[float(s["clip_scores"][v]) for v in self.vlms]))
             tw.close()
@@ -167,7 +168,8 @@ class ShardWriter:
     def _json(self, s: dict[str, Any]) -> dict[str, Any]:
         lat = s["latent"]
         return {"key": s["key"], "source": s["source"], "sha256": s["sha256"], "width": int(s["width"]),
-                "height": int(s["height"]), "bucket": [int(s["bucket_h"]), int(s["bucket_w"])],
+                "height": int(s["height"]), "mode": s.get("mode", ""),
+                "bucket": [int(s["bucket_h"]), int(s["bucket_w"])],
                 "latent_shape": [int(d) for d in lat.shape],
                 "latent_scaling_factor": float(s["latent_scaling_factor"]),
                 "captions": {v: s["captions"][v] for v in self.vlms},

@@ -11,18 +11,25 @@ Re-running the same command resumes: finished shards and recorded rejections are
 done, nothing is duplicated (also after kill -9). A changed config or input is refused unless you pass
 --new-output, which deletes the earlier results in OUTPUT first.
 
-Bad inputs (empty, truncated, not images, decompression bombs, too small, unreadable, 16-bit / CMYK /
-palette / alpha under input.special_modes=reject) are recorded in rejected.parquet with a reason; the
+Palette, alpha, 16/32-bit, CMYK, ICC-profiled and animated images are converted to 8-bit sRGB (alpha over
+input.background, default white); input.special_modes=reject rejects them instead. Bad inputs (empty, larger
+than input.max_bytes, truncated, not images, decompression bombs, too small, unreadable, or any error while
+reading/decoding/resizing one input, as error:<Type>) are recorded in rejected.parquet with a reason; the
 job still exits 0 and prints how many were rejected.
 
 Ray: attaches to the cluster in RAY_ADDRESS (set by `ray job submit`), else starts a private local one.
+A job whose actor pools the cluster can never hold (e.g. the production preset's GPUs on a CPU machine) is
+refused at once in one line; --wait-for-resources SECONDS waits for an autoscaling cluster instead.
+One job at a time per OUTPUT (a lock file, OUTPUT/.sana.lock; a dead job's lock is taken over).
+Secrets (token/key/password-like config values, vlms.*.env) are redacted in run.json and --print-config;
+credentials in input URLs (user:pass@, signed query strings) never reach the manifests, shards or report.
 """
 from __future__ import annotations
 
 import argparse
 
 from sana_core.config import add_config_args, load_config
-from sana_core.errors import cli_main
+from sana_core.errors import SanaError, cli_main
 
 
 @cli_main
@@ -37,22 +44,35 @@ def main(argv: list[str] | None = None) -> None:
     add_config_args(p, presets=sorted(PRESETS), default_preset="production")
     p.add_argument("--new-output", action="store_true",
                    help="OUTPUT was written with another config/input: delete those results and start afresh")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit "
+                                                                  "(secrets redacted)")
+    p.add_argument("--wait-for-resources", type=float, metavar="SECONDS", default=None,
+                   help="on an autoscaling cluster: wait up to SECONDS for the CPUs/GPUs the actor pools need "
+                        "(default: refuse at once, in one line, a job the cluster can never run)")
     args = p.parse_args(argv)
 
     cfg = load_config(CurateConfig, preset=preset(args.preset), path=args.config, overrides=args.set)
+    if args.wait_for_resources is not None:
+        if args.wait_for_resources < 0:
+            raise SanaError(f"--wait-for-resources {args.wait_for_resources:g}: must be >= 0 seconds")
+        cfg.ray.wait_for_resources_s = args.wait_for_resources
     if args.print_config:
         import yaml
 
         from sana_core.config import to_dict
+        from sana_core.secrets import redact
 
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        print(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))
         return
     from curation.pipeline import run
     from curation.summary import format_table
+    from sana_core.lock import OutputLock
 
     cfg = resolve_models(cfg)
-    result = run(cfg, args.input, args.output, new_output=args.new_output)
+    # One job per output folder: a second one fails in one line naming the holder; a dead holder's lock is
+    # taken over (sana_core.lock).
+    with OutputLock(args.output, what="curation job"):
+        result = run(cfg, args.input, args.output, new_output=args.new_output)
     print(format_table(result.record), flush=True)
     print(f"done: {result.accepted} accepted, {result.rejected} rejected of {result.inputs} inputs "
           f"-> {args.output}", flush=True)

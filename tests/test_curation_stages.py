@@ -1,11 +1,13 @@
-"""Curation stages one by one, without Ray or vLLM: inputs, validation, resize, CLIP scoring, DC-AE encoding,
-the guard that turns bad outputs into rejections, the exactly-once shard writer and the run's config checks.
+"""Curation stages one by one, without Ray or vLLM: inputs, validation and conversion of every image mode to
+sRGB RGB (checked pixel by pixel against reference conversions), resize, CLIP scoring, DC-AE encoding, the guard
+that turns bad outputs into rejections, the exactly-once shard writer and the run's config checks.
 """
 from __future__ import annotations
 
 import io
 import json
 import math
+import re
 import tarfile
 from pathlib import Path
 
@@ -13,14 +15,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms
 
 from curation.read import key_of, list_inputs, read_bytes
 from curation.testdata import make_image_folder
 from curation.validate import DecodeStage, Rejected, decode
 from sana_core.errors import SanaError
 
-EXTS = [".jpg", ".jpeg", ".png"]
+EXTS = [".jpg", ".jpeg", ".png", ".gif"]
 TINY = dict(max_pixels=4096 * 4096, min_size=32)
 
 
@@ -43,34 +45,170 @@ def test_folder_listing_and_every_bad_kind_gets_its_reason(folder):
     root, expected = folder
     items, dups = list_inputs(str(root), "auto", EXTS, "path")
     assert dups == 0 and {it.source for it in items} == expected.all  # notes.txt is not an input
-    out = DecodeStage(special_modes="reject", **TINY)(_batch(items))
+    out = DecodeStage(**TINY)(_batch(items))  # the default policy converts special modes
     got = {s: r for s, r in zip(out["source"], out["reject"]) if r}
-    assert got == expected.rejected
-    for s, r, d, img in zip(out["source"], out["reject"], out["detail"], out["image"]):
+    assert got == expected.rejected and expected.converted
+    for s, r, d, img, mode in zip(out["source"], out["reject"], out["detail"], out["image"], out["mode"]):
         if r:
-            assert img is None and d and "\n" not in d
+            assert img is None and d and "\n" not in d and mode == ""
         else:
             assert img.mode == "RGB" and img.size == Image.open(s).size
+            assert mode == expected.converted.get(s, Image.open(s).mode)
+    # special_modes=reject keeps only plain modes
+    out = DecodeStage(special_modes="reject", **TINY)(_batch(items))
+    got = {s: r for s, r in zip(out["source"], out["reject"]) if r}
+    assert got == {**expected.rejected, **{p: "unsupported_mode" for p in expected.converted}}
 
 
-def test_special_modes_convert_to_correct_rgb(folder):
-    root, expected = folder
-    for path, mode in expected.converted.items():
-        with pytest.raises(Rejected, match="unsupported_mode"):
-            decode(Path(path).read_bytes(), special_modes="reject", **TINY)
-        d = decode(Path(path).read_bytes(), special_modes="convert", **TINY)
-        assert d.image.mode == "RGB" and (d.width, d.height) == Image.open(path).size, mode
-    # alpha is composited on white; 16 bits are scaled to 8
-    rgba = Image.new("RGBA", (40, 40), (255, 0, 0, 0))
-    rgba.paste((0, 0, 255, 255), (0, 0, 20, 40))
+def _png(img: Image.Image, **kw) -> bytes:
     buf = io.BytesIO()
-    rgba.save(buf, "PNG")
-    a = np.asarray(decode(buf.getvalue(), special_modes="convert", **TINY).image)
-    assert a[5, 5].tolist() == [0, 0, 255] and a[5, 30].tolist() == [255, 255, 255]
-    g16 = Image.fromarray(np.full((40, 40), 65535, np.uint16))
+    img.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def _composite(rgb: np.ndarray, alpha: np.ndarray, bg) -> np.ndarray:
+    """Reference alpha compositing in 8-bit sRGB (what browsers show)."""
+    a = alpha.astype(np.float64)[..., None] / 255.0
+    return rgb.astype(np.float64) * a + np.asarray(bg, np.float64) * (1 - a)
+
+
+@pytest.mark.parametrize("bg", [(255, 255, 255), (10, 120, 250)])
+def test_palette_with_transparency_composited_over_the_background(bg):
+    pal = [255, 0, 0, 0, 0, 255, 0, 200, 0] + [0] * (256 * 3 - 9)  # 0 red (transparent), 1 blue, 2 green (half)
+    idx = np.zeros((40, 60), np.uint8)
+    idx[:, 20:40], idx[:, 40:] = 1, 2
+    img = Image.fromarray(idx, "P")
+    img.putpalette(pal)
+    d = decode(_png(img, transparency=bytes([0, 255, 128])), background=bg, **TINY)
+    a = np.asarray(d.image).astype(int)
+    assert d.mode == "P+transparency"
+    assert a[5, 5].tolist() == list(bg) and a[5, 30].tolist() == [0, 0, 255]
+    np.testing.assert_allclose(a[5, 50], _composite(np.array([0, 200, 0]), np.array(128), bg), atol=1)
+    # the GIF form of palette transparency: one transparent index
     buf = io.BytesIO()
-    g16.save(buf, "PNG")
-    assert np.asarray(decode(buf.getvalue(), special_modes="convert", **TINY).image).min() == 255
+    img.save(buf, "GIF", transparency=0)
+    g = decode(buf.getvalue(), background=bg, **TINY)
+    assert g.mode == "P+transparency" and np.asarray(g.image)[5, 5].tolist() == list(bg)
+    assert np.asarray(g.image)[5, 30].tolist() == [0, 0, 255]
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_alpha_images_composited_over_the_background(mode):
+    rng = np.random.default_rng(3)
+    bg = (30, 60, 90)
+    colour = rng.integers(0, 256, (48, 64, 3 if mode == "RGBA" else 1), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (48, 64), dtype=np.uint8)
+    alpha[0, 0], alpha[0, 1] = 0, 255
+    arr = np.concatenate([colour, alpha[..., None]], axis=2)
+    d = decode(_png(Image.fromarray(arr, mode)), background=bg, **TINY)
+    got = np.asarray(d.image).astype(np.float64)
+    ref = _composite(np.repeat(colour, 3, axis=2) if mode == "LA" else colour, alpha, bg)
+    assert d.mode == mode and np.abs(got - ref).max() <= 1
+    assert got[0, 0].tolist() == list(bg) and got[0, 1].tolist() == np.broadcast_to(colour[0, 1], 3).tolist()
+
+
+def test_high_bit_depth_scaled_to_8_bits():
+    rng = np.random.default_rng(4)
+    g16 = rng.integers(0, 65536, (40, 50), dtype=np.uint16)
+    g16[0, 0], g16[0, 1] = 0, 65535
+    d = decode(_png(Image.fromarray(g16)), **TINY)
+    assert d.mode == "I;16"
+    ref = np.round(g16 / 65535.0 * 255).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(d.image), np.repeat(ref[..., None], 3, axis=2))
+    # 32-bit integer and float TIFFs
+    for values in ([-2**31, 0, 2**31 - 1], [0, 2**30, 2**31 - 1]):  # signed, and beyond 16 bits
+        i32 = np.repeat(np.array(values, np.int32), 16)[None].repeat(40, axis=0)
+        buf = io.BytesIO()
+        Image.fromarray(i32, "I").save(buf, "TIFF")
+        d = decode(buf.getvalue(), **TINY)
+        assert d.mode == "I" and np.asarray(d.image)[0, ::16, 0].tolist() == [0, 128, 255], values
+    f = np.linspace(0, 1, 40 * 40, dtype=np.float32).reshape(40, 40)
+    buf = io.BytesIO()
+    Image.fromarray(f, "F").save(buf, "TIFF")
+    d = decode(buf.getvalue(), **TINY)
+    assert d.mode == "F" and np.asarray(d.image)[0, 0, 0] == 0 and np.asarray(d.image)[-1, -1, 0] == 255
+
+
+def _cmyk_blocks() -> Image.Image:
+    """Flat blocks of pure inks (JPEG keeps block centres nearly exact): white, C, M, Y, K."""
+    img = Image.new("CMYK", (5 * 32, 32), (0, 0, 0, 0))
+    for i, ink in enumerate([(0, 0, 0, 0), (255, 0, 0, 0), (0, 255, 0, 0), (0, 0, 255, 0), (0, 0, 0, 255)]):
+        img.paste(ink, (32 * i, 0, 32 * i + 32, 32))
+    return img
+
+
+def test_cmyk_without_profile_plain_conversion():
+    buf = io.BytesIO()
+    _cmyk_blocks().save(buf, "JPEG", quality=95)
+    d = decode(buf.getvalue(), **TINY)
+    assert d.mode == "CMYK"
+    ref = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")).astype(int)
+    got = np.asarray(d.image).astype(int)
+    np.testing.assert_array_equal(got, ref)
+    plain = [[255, 255, 255], [0, 255, 255], [255, 0, 255], [255, 255, 0], [0, 0, 0]]
+    for i, rgb in enumerate(plain):
+        assert np.abs(got[16, 32 * i + 16] - rgb).max() <= 6, (i, got[16, 32 * i + 16])
+
+
+def test_cmyk_with_icc_profile_converted_through_it():
+    from curation.testdata import cmyk_icc_profile, swapped_cmyk
+
+    profile = cmyk_icc_profile(swapped_cmyk)  # cyan ink shows as yellow, yellow ink as cyan
+    buf = io.BytesIO()
+    _cmyk_blocks().save(buf, "JPEG", quality=95, icc_profile=profile)
+    d = decode(buf.getvalue(), **TINY)
+    assert d.mode == "CMYK+icc"
+    got = np.asarray(d.image).astype(int)
+    src = Image.open(io.BytesIO(buf.getvalue()))
+    ref = ImageCms.profileToProfile(src, ImageCms.ImageCmsProfile(io.BytesIO(profile)),
+                                    ImageCms.createProfile("sRGB"), outputMode="RGB")
+    assert np.abs(got - np.asarray(ref).astype(int)).max() <= 1
+    swapped = [[255, 255, 255], [255, 255, 0], [255, 0, 255], [0, 255, 255], [0, 0, 0]]
+    for i, rgb in enumerate(swapped):
+        assert np.abs(got[16, 32 * i + 16] - rgb).max() <= 10, (i, got[16, 32 * i + 16])
+    # a profile LittleCMS cannot parse: plain conversion, said in the mode
+    buf = io.BytesIO()
+    _cmyk_blocks().save(buf, "JPEG", quality=95, icc_profile=b"not a profile" * 20)
+    bad = decode(buf.getvalue(), **TINY)
+    assert bad.mode == "CMYK+icc_invalid" and np.abs(np.asarray(bad.image)[16, 48].astype(int) - [0, 255, 255]).max() <= 6
+
+
+def test_lab_image_converted_through_the_lab_profile():
+    lab = np.array([[[255, 128, 128], [0, 128, 128], [136, 208, 195]]], np.uint8)  # white, black, ~sRGB red
+    buf = io.BytesIO()
+    Image.fromarray(np.repeat(np.repeat(lab, 16, axis=0), 16, axis=1), "LAB").save(buf, "TIFF")
+    a = np.asarray(decode(buf.getvalue(), max_pixels=10**6, min_size=8).image).astype(int)
+    assert np.abs(a[0, 0] - 255).max() <= 2 and np.abs(a[0, 16]).max() <= 2
+    assert np.abs(a[0, 40] - [255, 0, 0]).max() <= 12
+
+
+def test_animated_gif_uses_its_first_frame():
+    frames = [Image.new("RGB", (48, 40), c) for c in [(0, 255, 0), (255, 0, 0), (0, 0, 255)]]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    assert Image.open(io.BytesIO(buf.getvalue())).n_frames == 3
+    d = decode(buf.getvalue(), **TINY)
+    assert d.mode.endswith("+animated") and (d.width, d.height) == (48, 40)
+    assert np.asarray(d.image)[10, 10].tolist() == [0, 255, 0]
+    # animated WebP likewise
+    buf = io.BytesIO()
+    frames[1].save(buf, "WEBP", save_all=True, append_images=frames[2:], lossless=True)
+    w = decode(buf.getvalue(), **TINY)
+    assert w.mode.endswith("+animated") and np.asarray(w.image)[10, 10].tolist() == [255, 0, 0]
+
+
+def test_special_modes_reject_policy_and_background_checked():
+    for path_mode, img in [("P", Image.new("P", (40, 40))), ("RGBA", Image.new("RGBA", (40, 40))),
+                           ("I;16", Image.new("I;16", (40, 40)))]:
+        with pytest.raises(Rejected, match=f"unsupported_mode:{re.escape(path_mode)}"):
+            decode(_png(img), special_modes="reject", **TINY)
+    from curation.config import CurateConfig
+    from sana_core.config import load_config
+
+    cfg = load_config(CurateConfig, overrides=["input.background=[0, 0, 0]"])
+    assert cfg.input.background == [0, 0, 0] and cfg.input.special_modes == "convert"
+    with pytest.raises(SanaError, match="input.background"):
+        load_config(CurateConfig, overrides=["input.background=[0, 300, 0]"])
 
 
 def test_exif_orientation_is_applied():
@@ -79,8 +217,8 @@ def test_exif_orientation_is_applied():
     exif[0x0112] = 6  # rotate 90 on display
     buf = io.BytesIO()
     img.save(buf, "JPEG", exif=exif)
-    d = decode(buf.getvalue(), special_modes="reject", **TINY)
-    assert (d.width, d.height) == (40, 64)
+    d = decode(buf.getvalue(), **TINY)
+    assert (d.width, d.height) == (40, 64) and d.mode == "RGB"
 
 
 def test_webdataset_tar_input_reads_members_in_place(folder, tmp_path):
@@ -97,7 +235,7 @@ def test_webdataset_tar_input_reads_members_in_place(folder, tmp_path):
     for it, p in zip(items, good):
         assert it.source.startswith(f"{tar}::s") and "@" not in it.source
         assert read_bytes(it.locator) == Path(p).read_bytes()
-    out = DecodeStage(special_modes="reject", **TINY)(_batch(items))
+    out = DecodeStage(**TINY)(_batch(items))
     assert all(r == "" for r in out["reject"])
     # brace patterns and folders of tars
     items2, _ = list_inputs(str(tmp_path / "in-{000..000}.tar"), "auto", EXTS, "path")
@@ -111,7 +249,7 @@ def test_webdataset_tar_input_reads_members_in_place(folder, tmp_path):
     locs = [it.locator.replace(str(tar), str(cut)) for it in items]
     batch = _batch(items)
     batch["locator"] = np.array(locs, dtype=object)
-    out = DecodeStage(special_modes="reject", **TINY)(batch)
+    out = DecodeStage(**TINY)(batch)
     assert "unreadable" in set(out["reject"])
 
 
