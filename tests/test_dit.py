@@ -37,8 +37,9 @@ def _inputs(B, H, W, L=9):
     return torch.randn(B, 32, H, W), torch.rand(B), torch.randn(B, L, CFG.caption_channels), y_mask
 
 
+@pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("hw", [(4, 4), (3, 6)])
-def test_matches_diffusers_sana(hw):
+def test_matches_diffusers_sana(hw, seed):
     ref = _random_diffusers_model(CFG)
     ours = LinearDiT(CFG).eval()
     load_diffusers_state_dict(ours, ref.state_dict())
@@ -49,10 +50,12 @@ def test_matches_diffusers_sana(hw):
         assert a.shape == x.shape
         print(f"latent {hw}: |ours - diffusers| / |diffusers| = {_rel(a, b):.2e}")
         assert _rel(a, b) <= 1e-5
-        # The comparison is sensitive: a different padding mask changes the output.
+        # The comparison is sensitive: inverting one caption's padding mask changes that sample's output by
+        # >= 4.3e-3 (the least over seeds 0-59), 400x the agreement asserted above. (Flipping a single mask
+        # entry moved it by as little as 8e-5 at some seeds: too close to the tolerance to prove anything.)
         flipped = y_mask.clone()
-        flipped[-1, -1] = ~flipped[-1, -1]
-        assert _rel(ours(x, t, y, flipped), b) > 1e-4
+        flipped[-1] = ~flipped[-1]
+        assert _rel(ours(x, t, y, flipped)[-1], a[-1]) > 1e-3
 
 
 def test_export_round_trip_into_diffusers():
