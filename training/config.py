@@ -42,6 +42,10 @@ class OptimConfig:
     weight_decay: float = 0.0
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # Micro-batches per optimizer step: the global batch is data.batch_size x processes x grad_accum_steps.
+    # The data order and noise depend only on processes x grad_accum_steps (see training/data.py), so a
+    # 1-GPU run with 2 steps repeats a 2-GPU run, and a checkpoint resumes exactly across such layouts.
+    grad_accum_steps: int = 1
     warmup_steps: int = 1000
     schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at max_steps
@@ -57,6 +61,8 @@ class EMAConfig:
 class DistConfig:
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: DDP when there is more than one process
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    bucket_cap_mb: int = 25  # DDP all-reduce bucket size (torch's default; larger across slow links)
+    reshard_after_forward: bool = True  # FSDP2: free each block's gathered weights after forward (ZeRO-3)
 
 
 @dataclass
@@ -78,6 +84,9 @@ class TrackConfig:
     sample_height: int = 512  # pixels
     sample_width: int = 512
     guidance_scale: float = 4.5
+    # Debug: each rank appends the sample keys of every micro-batch to RUN/sample_keys/rank-R.jsonl, to audit
+    # the data order (each sample once per epoch across ranks, exact continuation on resume).
+    log_sample_keys: bool = False
     peak_tflops: float = 989.0  # per device, for the MFU estimate (H100 SXM dense bf16)
 
 

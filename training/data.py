@@ -2,9 +2,9 @@
 
 Order of samples, a pure function of (seed, epoch, rank, worker):
   1. each epoch the shard list is permuted with a seed derived from (seed, epoch) -- the same on every rank;
-  2. shards are split over ranks, then over DataLoader workers (shards[rank::world][worker::workers]); when
-     there are fewer shards than rank x worker streams, every stream reads all shards and keeps every
-     (world*workers)-th sample instead, so each sample is still read exactly once per epoch;
+  2. shards are split over the rank x worker streams, n // streams whole shards each; the leftover shards
+     are read by every stream, each keeping every streams-th sample, so each sample is read exactly once per
+     epoch and streams differ in size by at most one sample per leftover shard;
   3. a seeded shuffle buffer mixes samples inside a stream;
   4. each sample gets its caption from the CLIP-score caption sampler (a function of seed, epoch, key);
   5. samples are grouped per latent shape (aspect-ratio bucket), a full group is a batch, so every batch has
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import math
 import warnings
@@ -110,16 +111,20 @@ class ShardStream(IterableDataset):
         ordered = [self.shards[i] for i in perm]
         streams = self.world * workers
         stream = self.rank * workers + worker
-        if n >= streams:
-            mine, stride, offset = ordered[self.rank::self.world][worker::workers], 1, 0
-        else:
-            mine, stride, offset = ordered, streams, stream
-        raw = wds.tarfile_samples([{"url": u} for u in mine])
+        # Balanced split: each stream reads n // streams whole shards; the n % streams shards left over are
+        # read by every stream, each keeping every streams-th sample of them. A plain shard split would give
+        # some streams one shard more than others: with 10 shards over 8 streams, 2 streams read twice as much
+        # as 6, so their epochs last twice as long while every rank takes one batch per step, and the samples
+        # of the short streams are trained on twice as often. Here stream sizes differ by at most one sample
+        # per leftover shard, and with fewer shards than streams this is the old split by sample.
+        full = n // streams * streams
+        mine, rest = ordered[:full][stream::streams], ordered[full:]
+        raw = itertools.chain(
+            wds.tarfile_samples([{"url": u} for u in mine]),
+            (s for i, s in enumerate(wds.tarfile_samples([{"url": u} for u in rest])) if i % streams == stream))
         rng = np.random.default_rng(_seed(self.cfg.seed, "buffer", epoch, self.rank, worker))
         buf: list[dict] = []
-        for i, s in enumerate(raw):
-            if i % stride != offset:
-                continue
+        for s in raw:
             if len(buf) < max(1, self.cfg.shuffle_buffer):
                 buf.append(s)
                 continue
@@ -203,11 +208,33 @@ def _identity(x):
     return x
 
 
+class MicroBatches(IterableDataset):
+    """Gradient accumulation: the ShardStreams of A data slots zipped, one list of A batches per step.
+
+    A process of rank r with A micro-batches per step plays slots r*A .. r*A+A-1 of world*A, so the data
+    order depends only on world*A: a 1-process run with A=2 reads, per step, exactly the batches that ranks
+    0 and 1 of a 2-process run read. Each worker yields whole steps, so one step's micro-batches come from
+    the same worker and the DataLoader's turn-taking over workers stays what the resume logic expects."""
+
+    def __init__(self, streams: list[ShardStream]):
+        self.streams = streams
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        return (list(step) for step in zip(*self.streams))
+
+
 def build_loader(shards: list[Path], cfg: DataConfig, caption_cfg: CaptionSamplerConfig, rank: int = 0,
                  world: int = 1, start_batches: int = 0, epochs: int | None = None,
-                 positions: dict[int, tuple[int, int]] | None = None,
-                 device: torch.device | None = None) -> DataLoader:
-    ds = ShardStream(shards, cfg, caption_cfg, rank, world, start_batches, epochs, positions)
+                 positions: dict[int, tuple[int, int]] | list[dict] | None = None,
+                 device: torch.device | None = None, accum: int = 1) -> DataLoader:
+    """Batches of one rank; with accum > 1, lists of `accum` micro-batches (MicroBatches), and `positions`
+    is then a list with one worker -> (epoch, index) dict per micro-batch slot."""
+    if accum == 1:
+        ds = ShardStream(shards, cfg, caption_cfg, rank, world, start_batches, epochs, positions)
+    else:
+        pos = positions or [None] * accum
+        ds = MicroBatches([ShardStream(shards, cfg, caption_cfg, rank * accum + a, world * accum, start_batches,
+                                       epochs, pos[a]) for a in range(accum)])
     pin = bool(cfg.pin_memory and device is not None and device.type == "cuda")
     kw = {"persistent_workers": False, "prefetch_factor": 2} if cfg.num_workers > 0 else {}
     return DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin, collate_fn=_identity, **kw)

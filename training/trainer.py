@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -75,13 +76,21 @@ class Trainer:
         model.gradient_checkpointing = cfg.model.gradient_checkpointing
         self.num_params = sum(p.numel() for p in model.parameters())
         self.strategy = D.strategy_for(cfg.dist, info)
-        self.model = D.wrap(model, self.strategy, info, bf16=self.bf16)
+        self.model = D.wrap(model, self.strategy, info, bf16=self.bf16, cfg=cfg.dist)
         self.raw = D.unwrap(self.model)
         self.ema = EMA(self.raw, cfg.ema.decay) if cfg.ema.enabled else None
         self.opt = build_optimizer(self.model, cfg.optim)
         self.sched = build_scheduler(self.opt, cfg.optim, cfg.max_steps)
-        self.gen = torch.Generator(device=info.device)
-        self.gen.manual_seed(cfg.seed * 1000 + info.rank)  # per-rank noise and timesteps
+        # Data slots: this rank's micro-batches are slots rank*A .. rank*A+A-1 of world*A (training/data.py),
+        # each with its own noise and timestep generator, so every layout with the same world*A draws the same.
+        self.accum = cfg.optim.grad_accum_steps
+        if self.accum < 1:
+            raise SanaError(f"optim.grad_accum_steps must be at least 1, got {self.accum}")
+        self.slots = [info.rank * self.accum + a for a in range(self.accum)]
+        self.gens = [torch.Generator(device=info.device) for _ in self.slots]
+        for g, slot in zip(self.gens, self.slots):
+            g.manual_seed(cfg.seed * 1000 + slot)
+        self.gen = self.gens[0]
         self.text_encoder = load_text_encoder(cfg, info.device, torch.float32)
         with torch.no_grad():
             # Sana / diffusers encode the unconditional prompt without the complex human instruction.
@@ -90,35 +99,65 @@ class Trainer:
         self.text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.step = 0
         wandb_id, captions_taken = None, {}
-        self.data_positions: dict[int, tuple[int, int]] = {}  # worker -> (epoch, index) of its last batch
+        # per slot: worker -> (epoch, index) of its last consumed batch
+        self.data_positions: list[dict[int, tuple[int, int]]] = [{} for _ in self.slots]
+        start_batches = 0
         self.ckpt_dir = self.run_dir / "checkpoints"
         if resume:
             path = ckpt.latest(self.ckpt_dir)
             if path is not None:
                 extra = ckpt.load(path, self.model, self.opt, self.ema, info)
                 self.sched.load_state_dict(extra["scheduler"])
-                self.gen.set_state(extra["generator"])
                 ckpt.set_rng_state(extra["rng"])
                 self.step = extra["step"]
+                start_batches = self._restore_slots(extra)
                 wandb_id = extra.get("wandb_id")
                 captions_taken = extra.get("captions_taken", {})
-                pos = extra["data_position"]
-                if pos["num_workers"] == cfg.data.num_workers and pos["world"] == info.world:
-                    self.data_positions = dict(pos.get("workers", {}))
-                else:
-                    print(f"warning: resuming with {cfg.data.num_workers} workers x {info.world} ranks, saved "
-                          f"with {pos['num_workers']} x {pos['world']}: the sample order will differ")
                 if info.is_main:
                     print(f"resumed from {path} at step {self.step}")
             elif info.is_main:
                 print(f"--resume: no checkpoint in {self.ckpt_dir}, starting at step 0")
         self.loader = build_loader(self.shards, cfg.data, cfg.caption, info.rank, info.world,
-                                   start_batches=self.step, positions=self.data_positions, device=info.device)
+                                   start_batches=start_batches,
+                                   positions=self.data_positions[0] if self.accum == 1 else self.data_positions,
+                                   device=info.device, accum=self.accum)
+        self.keys_log = None
+        if cfg.track.log_sample_keys:
+            (self.run_dir / "sample_keys").mkdir(exist_ok=True)
+            self.keys_log = self.run_dir / "sample_keys" / f"rank-{info.rank}.jsonl"
         self.tracker = Tracker(self.run_dir, to_dict(cfg), info.is_main, cfg.track.wandb, cfg.track.project,
                                resume_id=wandb_id)
         self.tracker.captions.update(captions_taken)
         self.skips = SkipWarner()
         self.nonfinite_skipped = 0
+
+    def _restore_slots(self, extra: dict) -> int:
+        """Restore this rank's slot generators and data positions; return the batches each slot skips.
+
+        Exact when the checkpoint has the same world x grad_accum_steps and data.num_workers (e.g. 2 GPUs
+        -> 1 GPU with grad_accum_steps=2): every slot continues its own stream. Otherwise each slot skips as
+        many batches as puts the run the same number of samples into the data order, which is not the same
+        samples, and says so."""
+        cfg, info = self.cfg, self.info
+        pos = extra["data_position"]
+        saved = pos.get("num_slots", pos["world"])  # checkpoints from before grad accumulation: a slot a rank
+        slots = {int(k): v for k, v in extra["slots"].items()} if "slots" in extra else \
+            {info.rank: {"generator": extra["generator"], "workers": pos.get("workers", {})}}
+        now = info.world * self.accum
+        if saved == now and pos["num_workers"] == cfg.data.num_workers and all(s in slots for s in self.slots):
+            for a, slot in enumerate(self.slots):
+                self.gens[a].set_state(slots[slot]["generator"])
+                self.data_positions[a] = {int(w): tuple(p) for w, p in slots[slot]["workers"].items()}
+            return self.step
+        if info.is_main:
+            print(f"warning: resuming with {info.world} processes x {self.accum} grad_accum_steps = {now} data "
+                  f"slots and {cfg.data.num_workers} loader workers; saved with {saved} slots and "
+                  f"{pos['num_workers']} workers: the sample order will differ (keep processes x "
+                  f"optim.grad_accum_steps = {saved} and data.num_workers = {pos['num_workers']} to continue it "
+                  f"exactly)")
+        for g, slot in zip(self.gens, self.slots):  # fresh noise, not a replay of the first steps'
+            g.manual_seed((cfg.seed * 1000 + slot) * 1_000_003 + self.step)
+        return self.step * saved // now
 
     # -- one step --------------------------------------------------------------------------------------
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,26 +183,38 @@ class Trainer:
             y[empty], mask[empty] = self.null_emb.to(y.dtype), self.null_mask
         return y, mask
 
-    def train_step(self, batch: dict) -> dict:
+    def train_step(self, micro: list[dict]) -> dict:
+        """One optimizer step over this rank's optim.grad_accum_steps micro-batches. Each loss is scaled by
+        1/A, so the accumulated gradient is their mean, and DDP / FSDP2 average over ranks: the step's gradient
+        is the mean over all world x A micro-batches, whatever the layout."""
         dev = self.info.device
-        x0 = batch["latents"].to(dev, non_blocking=True)
-        y, mask = self.encode(batch["captions"])
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss, per_sample = flow_loss(self.model, x0, y.to(dev), mask.to(dev), self.cfg.flow, generator=self.gen)
-        bad = not bool(torch.isfinite(loss))
-        if D.any_true(bad, self.info):
-            return self._nonfinite("loss", batch, per_sample)
-        loss.backward()
+        losses, per_samples = [], []
+        for a, batch in enumerate(micro):
+            x0 = batch["latents"].to(dev, non_blocking=True)
+            y, mask = self.encode(batch["captions"])
+            last = a == len(micro) - 1
+            with contextlib.nullcontext() if last else D.no_grad_sync(self.model, self.strategy):
+                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    loss, per_sample = flow_loss(self.model, x0, y.to(dev), mask.to(dev), self.cfg.flow,
+                                                 generator=self.gens[a])
+                (loss / len(micro)).backward()
+            losses.append(loss.detach().float())
+            per_samples.append(per_sample)
+        # One finiteness check a step, after the gradient reduction: a non-finite loss on any rank makes the
+        # reduced gradients non-finite, hence the global grad norm, which every rank computes alike (DDP's
+        # all-reduced grads are identical; FSDP2's norm is reduced over shards). Checking the loss first as
+        # well cost two more all-reduces and host syncs every step.
         gn = self._clip()
-        if D.any_true(not math.isfinite(gn), self.info):
+        if not math.isfinite(gn):
             self.opt.zero_grad(set_to_none=True)
-            return self._nonfinite("grad norm", batch, per_sample)
+            return self._nonfinite(micro, per_samples)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.raw)
-        return {"loss": D.all_reduce_mean(loss.detach().float(), self.info).item(), "grad_norm": gn}
+        loss = torch.stack(losses).mean()
+        return {"loss": D.all_reduce_mean(loss, self.info).item(), "grad_norm": gn}
 
     def _clip(self) -> float:
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
@@ -172,9 +223,12 @@ class Trainer:
             gn = gn.full_tensor()
         return float(gn)
 
-    def _nonfinite(self, what: str, batch: dict, per_sample: torch.Tensor) -> dict:
-        mine = [k for k, v in zip(batch["keys"], per_sample.tolist()) if not math.isfinite(v)] or batch["keys"]
+    def _nonfinite(self, micro: list[dict], per_samples: list[torch.Tensor]) -> dict:
+        mine = [k for b, ps in zip(micro, per_samples) for k, v in zip(b["keys"], ps.tolist()) if not math.isfinite(v)]
         keys = [k for ks in D.gather_objects(mine, self.info) for k in ks]
+        what = "loss" if keys else "grad norm"
+        if not keys:  # finite losses, non-finite gradients: name the step's whole batch
+            keys = [k for ks in D.gather_objects([k for b in micro for k in b["keys"]], self.info) for k in ks]
         where = f"non-finite {what} at step {self.step + 1}, sample keys {', '.join(keys)}"
         if self.cfg.on_nonfinite == "stop":
             raise NonFiniteLoss(f"{where} (on_nonfinite=stop; set on_nonfinite=skip to skip such steps)")
@@ -198,15 +252,24 @@ class Trainer:
         it = iter(self.loader)
         try:
             while self.step < cfg.max_steps:
-                batch = next(it)
-                self.skips.update(batch)
-                self.data_positions[batch["worker"]] = (batch["epoch"], batch["index"])
-                self.tracker.count_captions(batch["vlms"], batch["dropped"].tolist())
-                out = self.train_step(batch)
+                item = next(it)
+                micro = item if isinstance(item, list) else [item]
+                for a, batch in enumerate(micro):
+                    self.skips.update({**batch, "worker": (a, batch["worker"])})
+                    self.data_positions[a][batch["worker"]] = (batch["epoch"], batch["index"])
+                    self.tracker.count_captions(batch["vlms"], batch["dropped"].tolist())
+                    B, _, h, w = batch["latents"].shape
+                    window_imgs += B
+                    window_flops += B * train_flops_per_image(self.num_params, cfg.model.dit, h, w,
+                                                              cfg.model.max_length)
+                if self.keys_log is not None:
+                    with self.keys_log.open("a") as f:
+                        for a, b in enumerate(micro):
+                            f.write(json.dumps({"step": self.step + 1, "rank": info.rank, "slot": self.slots[a],
+                                                "worker": b["worker"], "epoch": b["epoch"], "index": b["index"],
+                                                "keys": b["keys"]}) + "\n")
+                out = self.train_step(micro)
                 self.step += 1
-                B, _, h, w = batch["latents"].shape
-                window_imgs += B
-                window_flops += B * train_flops_per_image(self.num_params, cfg.model.dit, h, w, cfg.model.max_length)
                 if math.isfinite(out["loss"]):
                     losses.append(out["loss"])
                 bar.update(1)
@@ -241,11 +304,16 @@ class Trainer:
         return summary
 
     def save(self) -> Path:
+        # Every rank saves every slot's generator and data position, so any layout can resume from any file.
+        mine = {slot: {"generator": g.get_state(), "workers": dict(p)}
+                for slot, g, p in zip(self.slots, self.gens, self.data_positions)}
+        slots = {slot: v for d in D.gather_objects(mine, self.info) for slot, v in d.items()}
         extra = {"step": self.step, "scheduler": self.sched.state_dict(), "generator": self.gen.get_state(),
+                 "slots": slots,
                  "rng": ckpt.rng_state(), "captions_taken": dict(self.tracker.captions), "wandb_id": self.tracker.run_id if self.info.is_main else None,
                  "data_position": {"batches": self.step, "num_workers": self.cfg.data.num_workers,
-                                   "world": self.info.world,
-                                   "workers": dict(self.data_positions)}}
+                                   "world": self.info.world, "num_slots": self.info.world * self.accum,
+                                   "workers": dict(self.data_positions[0])}}
         return ckpt.save(self.ckpt_dir, self.step, self.model, self.opt, self.ema, extra,
                          {"config": to_dict(self.cfg), "num_params": self.num_params}, self.info,
                          self.cfg.checkpoint.keep_last)
