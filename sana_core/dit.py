@@ -10,7 +10,15 @@
 The math matches diffusers' `SanaTransformer2DModel` op for op (tests/test_dit.py checks 1e-5 agreement);
 the state dict differs only in that Q, K and V are one fused projection (as in NVlabs/Sana), so that the
 attention kernel reads them straight from the projection output. `to_diffusers_state_dict` /
-`load_diffusers_state_dict` translate.
+`load_diffusers_state_dict` translate (they also give Mix-FFN's two 1x1 projections, nn.Linear here, the 4-D
+conv shape diffusers stores; a load_state_dict pre-hook accepts those old 4-D weights too).
+
+One block definition, two back-ends for the glue around the GEMMs, picked per call like
+kernels.linear_attention picks one (SANA_BLOCK_BACKEND, default "auto": Triton on CUDA, PyTorch elsewhere):
+`modulate` (LayerNorm + AdaLN scale/shift), the gated residual and Mix-FFN's depthwise 3x3 + SiLU gate run as
+fused kernels in token layout (kernels.adaln, kernels.mixffn), with activations in the residual stream's
+dtype (bf16 under autocast). The PyTorch path is the reference. Every GEMM stays a call of an nn.Linear
+module (self.attn.qkv(x), self.mlp.inverted(x), ...) so that quantisation and LoRA can wrap them.
 """
 from __future__ import annotations
 
@@ -22,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import linear_attention
+from kernels import adaln, linear_attention
+from kernels.mixffn import depthwise_glu
 from sana_core.errors import SanaError
 
 
@@ -121,6 +130,12 @@ class RMSNorm(nn.Module):
         return (x * torch.rsqrt(var + self.eps)).to(self.weight.dtype) * self.weight
 
 
+def modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """AdaLN: norm(x) * (1 + scale) + shift; x (B, N, C), shift and scale (B, 1, C). The one seam of the idiom,
+    fused into one kernel (forward and backward) on the Triton back-end."""
+    return adaln.modulate(x, shift, scale, norm.eps)
+
+
 class LinearSelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, bias: bool):
         super().__init__()
@@ -154,22 +169,32 @@ class CrossAttention(nn.Module):
 
 class MixFFN(nn.Module):
     """Sana's GLUMBConv: the 3x3 depthwise conv gives tokens the local position information that the
-    model has no positional encoding for."""
+    model has no positional encoding for. In token layout: the 1x1 convolutions are nn.Linear on (B, N, C)
+    (state dicts with their old 4-D conv weights still load), the depthwise conv keeps its nn.Conv2d
+    parameters and runs on the token grid."""
 
     def __init__(self, dim: int, ratio: float):
         super().__init__()
         hidden = int(dim * ratio)
-        self.inverted = nn.Conv2d(dim, 2 * hidden, 1)
+        self.inverted = nn.Linear(dim, 2 * hidden)
         self.depthwise = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
-        self.point = nn.Conv2d(hidden, dim, 1, bias=False)
+        self.point = nn.Linear(hidden, dim, bias=False)
+        self.register_load_state_dict_pre_hook(_conv1x1_as_linear)
 
-    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        B, _, C = x.shape
-        x = x.transpose(1, 2).reshape(B, C, *hw)
-        x = self.depthwise(F.silu(self.inverted(x)))
-        x, gate = x.chunk(2, dim=1)
-        x = self.point(x * F.silu(gate))
-        return x.flatten(2).transpose(1, 2)
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:  # x (B, N, C)
+        x = self.inverted(x)  # (B, N, 2 * hidden)
+        x = depthwise_glu(x, self.depthwise.weight, self.depthwise.bias, hw)  # silu, 3x3, x * silu(gate): (B, N, hidden)
+        return self.point(x)  # (B, N, C)
+
+
+_CONV1X1 = ("inverted.weight", "point.weight")  # MixFFN's projections, 1x1 convolutions in diffusers and before
+
+
+def _conv1x1_as_linear(module, state_dict, prefix, *_):
+    for name in _CONV1X1:
+        w = state_dict.get(prefix + name)
+        if w is not None and w.dim() == 4 and w.shape[2:] == (1, 1):
+            state_dict[prefix + name] = w.flatten(1)
 
 
 class LinearDiTBlock(nn.Module):
@@ -183,12 +208,12 @@ class LinearDiTBlock(nn.Module):
         self.mlp = MixFFN(dim, cfg.mlp_ratio)
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
 
-    def forward(self, x, y, y_bias, t_mod, hw):
+    def forward(self, x, y, y_bias, t_mod, hw):  # x (B, N, C), t_mod (B, 6 * C)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.scale_shift_table[None] + t_mod.reshape(x.shape[0], 6, -1)).chunk(6, dim=1)
-        x = x + gate_msa * self.attn(self.norm1(x) * (1 + scale_msa) + shift_msa)
+            self.scale_shift_table[None] + t_mod.reshape(x.shape[0], 6, -1)).chunk(6, dim=1)  # each (B, 1, C)
+        x = adaln.gated_residual(x, gate_msa, self.attn(modulate(self.norm1, x, shift_msa, scale_msa)))
         x = x + self.cross_attn(x, y, y_bias)
-        x = x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp, hw)
+        x = adaln.gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2, x, shift_mlp, scale_mlp), hw))
         return x
 
 
@@ -219,7 +244,7 @@ class LinearDiT(nn.Module):
             raise SanaError(f"LinearDiT expects (B, {self.cfg.in_channels}, H, W) with H, W multiples of {p}, "
                             f"got {tuple(x.shape)}")
         hw = (H // p, W // p)
-        x = self.x_embedder(x).flatten(2).transpose(1, 2)
+        x = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, N, C)
         t_emb = self.t_embedder(t * self.cfg.timestep_scale)
         t_mod = self.t_block(t_emb)
         y = self.y_norm(self.y_embedder(y))
@@ -232,8 +257,8 @@ class LinearDiT(nn.Module):
                 x = checkpoint(block, x, y, y_bias, t_mod, hw, use_reentrant=False)
             else:
                 x = block(x, y, y_bias, t_mod, hw)
-        shift, scale = (self.final_scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)
-        x = self.final_linear(self.final_norm(x) * (1 + scale) + shift)
+        shift, scale = (self.final_scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)  # each (B, 1, C)
+        x = self.final_linear(modulate(self.final_norm, x, shift, scale))
         x = x.view(B, hw[0], hw[1], p, p, C).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(B, C, H, W)
 
@@ -278,7 +303,8 @@ def to_diffusers_state_dict(model: LinearDiT) -> dict[str, torch.Tensor]:
     for i in range(model.cfg.depth):
         pre, dpre = f"blocks.{i}.", f"transformer_blocks.{i}."
         for ours, theirs in _BLOCK.items():
-            out[dpre + theirs] = sd[pre + ours]
+            w = sd[pre + ours]
+            out[dpre + theirs] = w[:, :, None, None] if ours.removeprefix("mlp.") in _CONV1X1 else w
         for ours, parts in _FUSED.items():
             for suffix in ("weight", "bias"):
                 key = f"{pre}{ours}.{suffix}"

@@ -1,0 +1,133 @@
+"""The Linear DiT's fast path (fused Triton block ops, SANA_BLOCK_BACKEND=triton) against its PyTorch reference
+path: the forward output and every parameter gradient, at several latent sizes (odd ones, one token) with
+padded captions. On the GPU in bf16 autocast against the float32 reference (relative error <= 1e-2, the
+reference's own bf16 error printed beside it); on the CPU under Triton's interpreter in float32 (<= 1e-4).
+Also the model-level contracts the fast path must keep: the GEMMs are nn.Linear module calls (quantisation
+and LoRA wrap them), old 4-D Mix-FFN conv weights load, diffusers' layout round-trips, checkpointing and
+torch.compile of a block work.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kernels.block_backend import resolve_block_backend
+from sana_core.dit import DiTConfig, LinearDiT, load_diffusers_state_dict, to_diffusers_state_dict
+from tests.kernels.modes import DEVICE, ON_GPU, gpu_only, pick
+
+CFG = pick(small=DiTConfig(hidden_size=64, depth=2, num_heads=2, cross_heads=4, caption_channels=48),
+           real=DiTConfig(hidden_size=1152, depth=2, num_heads=36, cross_heads=16, caption_channels=2304))
+# (B, H, W) latent sizes: odd, a single token, and on the GPU Sana's 1024 px grid.
+LATENTS = pick(small=[(2, 3, 5), (1, 5, 11), (2, 1, 1)], real=[(4, 32, 32), (3, 3, 5), (2, 17, 31), (2, 1, 1)])
+TOL = 1e-2 if ON_GPU else 1e-4
+LINEARS = ("attn.qkv", "attn.proj", "cross_attn.q", "cross_attn.kv", "cross_attn.proj", "mlp.inverted", "mlp.point")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all()
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _inputs(B, H, W, L=9):
+    y_mask = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+    for b in range(1, B):
+        y_mask[b, torch.randint(1, L, ()).item():] = False  # padded captions of different lengths
+    return (torch.randn(B, CFG.in_channels, H, W, device=DEVICE), torch.rand(B, device=DEVICE),
+            torch.randn(B, L, CFG.caption_channels, device=DEVICE), y_mask)
+
+
+def _run(model, inputs, backend, monkeypatch, autocast: bool):
+    monkeypatch.setenv("SANA_BLOCK_BACKEND", backend)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+        out = model(*inputs)
+    out.float().square().mean().backward()
+    return out.detach().float(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("latent", LATENTS, ids=lambda s: "x".join(map(str, s)))
+def test_fast_path_matches_reference(latent, monkeypatch):
+    torch.manual_seed(0)
+    model = LinearDiT(CFG).to(DEVICE)
+    inputs = _inputs(*latent)
+    ref_out, ref_grads = _run(model, inputs, "torch", monkeypatch, autocast=False)
+    out, grads = _run(model, inputs, "triton", monkeypatch, autocast=ON_GPU)
+    errs = {"output": _rel(out, ref_out)} | {n: _rel(grads[n], g) for n, g in ref_grads.items()}
+    if ON_GPU:  # how far bf16 autocast alone takes the reference path, for scale
+        bf_out, bf_grads = _run(model, inputs, "torch", monkeypatch, autocast=True)
+        bf_errs = {"output": _rel(bf_out, ref_out)} | {n: _rel(bf_grads[n], g) for n, g in ref_grads.items()}
+        worst = max(errs, key=errs.get)
+        print(f"latent {latent}: fast bf16 output {errs['output']:.2e} (reference bf16 {bf_errs['output']:.2e}); "
+              f"worst grad {worst} {errs[worst]:.2e} (reference bf16 {bf_errs[worst]:.2e})")
+    bad = {n: e for n, e in errs.items() if not e <= TOL}
+    assert not bad, f"fast path differs from the reference by more than {TOL}: {bad}"
+
+
+@gpu_only
+def test_fast_path_is_the_default_on_cuda():
+    assert resolve_block_backend(torch.zeros(1, device="cuda")) == "triton"
+    assert resolve_block_backend(torch.zeros(1)) == "torch"
+
+
+def test_every_gemm_is_an_nn_linear_call(monkeypatch):
+    """Quantisation swaps nn.Linear modules and LoRA wraps them: each must be a module called once a block."""
+    monkeypatch.setenv("SANA_BLOCK_BACKEND", "triton")
+    model = LinearDiT(CFG).to(DEVICE)
+    calls: dict[str, int] = {}
+    for name, mod in model.named_modules():
+        if name.startswith("blocks.") and name.split(".", 2)[-1] in LINEARS:
+            assert type(mod) is nn.Linear, f"{name} is {type(mod).__name__}"
+            mod.register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    with torch.no_grad():
+        model(*_inputs(2, 3, 5))
+    assert calls == {f"blocks.{i}.{n}": 1 for i in range(CFG.depth) for n in LINEARS}
+    mlp = model.blocks[0].mlp
+    hidden = int(CFG.hidden_size * CFG.mlp_ratio)
+    assert mlp.inverted.weight.shape == (2 * hidden, CFG.hidden_size) and mlp.point.bias is None
+    assert mlp.depthwise.weight.shape == (2 * hidden, 1, 3, 3)
+
+
+def test_old_conv_weights_load_and_diffusers_layout_round_trips():
+    torch.manual_seed(0)
+    model = LinearDiT(CFG)
+    sd = model.state_dict()
+    old = {k: (v[:, :, None, None] if k.endswith(("mlp.inverted.weight", "mlp.point.weight")) else v)
+           for k, v in sd.items()}  # the layout before Mix-FFN's 1x1 convs became nn.Linear
+    fresh = LinearDiT(CFG)
+    fresh.load_state_dict(old, strict=True)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in sd.items())
+    dsd = to_diffusers_state_dict(model)
+    assert dsd["transformer_blocks.0.ff.conv_inverted.weight"].dim() == 4
+    assert dsd["transformer_blocks.0.ff.conv_point.weight"].dim() == 4
+    again = LinearDiT(CFG)
+    load_diffusers_state_dict(again, dsd)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in sd.items())
+
+
+def test_checkpointing_gives_the_same_gradients_on_the_fast_path(monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.setenv("SANA_BLOCK_BACKEND", "triton")
+    model = LinearDiT(CFG).to(DEVICE)
+    inputs = _inputs(2, 3, 5)
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.gradient_checkpointing = ckpt
+        model(*inputs).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_block_matches_eager_without_graph_breaks(monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.setenv("SANA_BLOCK_BACKEND", "triton")
+    model = LinearDiT(CFG).to(DEVICE)
+    x, t, y, y_mask = _inputs(2, 3, 5)
+    eager_out, eager_grads = _run(model, (x, t, y, y_mask), "triton", monkeypatch, autocast=False)
+    torch._dynamo.reset()
+    for block in model.blocks:
+        block.compile(fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
+    out, grads = _run(model, (x, t, y, y_mask), "triton", monkeypatch, autocast=False)
+    assert _rel(out, eager_out) <= 1e-5
+    assert max(_rel(grads[n], g) for n, g in eager_grads.items()) <= 1e-4
