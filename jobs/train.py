@@ -21,11 +21,20 @@ from sana_core.errors import SanaError, cli_main
 from training.config import PRESETS, TrainConfig
 
 
-def build_config(args: argparse.Namespace) -> TrainConfig:
+def build_config(args: argparse.Namespace, argv: list[str] | None = None) -> TrainConfig:
     overrides = list(args.set)
     if args.max_steps is not None:
         overrides.append(f"max_steps={args.max_steps}")
-    return load_config(TrainConfig, preset=PRESETS[args.preset], path=args.config, overrides=overrides)
+    cfg = load_config(TrainConfig, preset=PRESETS[args.preset], path=args.config, overrides=overrides)
+    source = getattr(args, "init_from", None) or cfg.init_from
+    if source:
+        from training.finetune import apply_source, explicit_keys, resolve_source
+        src = resolve_source(source, cfg.model.dit)
+        cfg = apply_source(cfg, src, explicit_keys(args.set, args.config, args.preset,
+                                                   sys.argv[1:] if argv is None else argv))
+        print(f"init from {src.describe()}; text encoder {cfg.model.text_encoder}, DC-AE {cfg.model.autoencoder}"
+              + (f"; LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}" if cfg.lora.rank else ""))
+    return cfg
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,6 +45,10 @@ def parser() -> argparse.ArgumentParser:
     add_config_args(p, presets=sorted(PRESETS), default_preset="tiny")
     p.add_argument("--max-steps", type=int, help="total optimizer steps (overrides max_steps)")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
+    p.add_argument("--init-from", metavar="SOURCE",
+                   help="start from released weights: a diffusers SanaTransformer2DModel folder or Hub id, a "
+                        "pipeline folder, or an NVlabs/Sana .pth (FILE.pth#ema|#state_dict); the DiT config, text "
+                        "encoder and DC-AE come from it. LoRA: --set lora.rank=16 (training.finetune)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     ray = p.add_argument_group("Ray Train (instead of torchrun)")
     ray.add_argument("--num-workers", type=int, help="train on N Ray workers (ray.train.torch.TorchTrainer)")
@@ -49,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    cfg = build_config(args)
+    cfg = build_config(args, argv)
     data, output = str(Path(args.data).resolve()), str(Path(args.output).resolve())
     if args.num_workers:
         from training.ray_launch import run_with_ray

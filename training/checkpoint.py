@@ -55,8 +55,13 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def _frozen(model) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
+
+
 def _app_state(model, optimizer, ema) -> dict:
-    msd, osd = get_state_dict(model, optimizer)
+    # Frozen parameters (a LoRA run's base) are not saved: they come from the run's init_from.
+    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     state = {"model": msd, "optim": osd}
     if ema is not None:
         state["ema"] = ema.state_dict()
@@ -92,7 +97,7 @@ def load(path: Path, model, optimizer, ema, info: DistInfo) -> dict:
     state = _app_state(model, optimizer, ema)
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=StateDictOptions(strict=True))
+                   options=StateDictOptions(strict=not _frozen(model), ignore_frozen_params=True))
     if ema is not None and "ema" in state:
         ema.load_state_dict(state["ema"])
     f = path / f"extra-rank{info.rank}.pt"
@@ -107,9 +112,10 @@ def load_weights_for_inference(path: Path, model: torch.nn.Module, prefer_ema: b
     md = FileSystemReader(str(path)).read_metadata()
     keys = set(md.state_dict_metadata)
     which = "ema" if prefer_ema and any(k.startswith("ema.") for k in keys) else "model"
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}  # not in the checkpoint (LoRA base)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in frozen}
     if which == "ema":
-        params = {n for n, _ in model.named_parameters()}
+        params = {n for n, p in model.named_parameters() if p.requires_grad}
         state = {"ema": {k: v for k, v in sd.items() if k in params}}
         dcp.load(state, checkpoint_id=str(path))
         sd.update(state["ema"])
@@ -117,5 +123,5 @@ def load_weights_for_inference(path: Path, model: torch.nn.Module, prefer_ema: b
         state = {"model": sd}
         dcp.load(state, checkpoint_id=str(path))
         sd = state["model"]
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(sd, strict=not frozen)
     return which

@@ -90,6 +90,19 @@ class TrackConfig:
     peak_tflops: float = 989.0  # per device, for the MFU estimate (H100 SXM dense bf16)
 
 
+# LoRA targets, our module names inside each block (diffusers' names in sana_core.weights.LORA_DIFFUSERS).
+LORA_TARGETS = ["attn.qkv", "attn.proj", "cross_attn.q", "cross_attn.kv", "cross_attn.proj", "mlp.inverted",
+                "mlp.point"]
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0  # > 0: train LoRA adapters of this rank with peft, base weights frozen (0: train every weight)
+    alpha: float = 0.0  # scale alpha / rank; 0 means alpha = rank (scale 1)
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # attention and Mix-FFN projections
+
+
 @dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -101,6 +114,10 @@ class TrainConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # Weights to start from (jobs.train --init-from): a diffusers SanaTransformer2DModel folder or Hub id, a
+    # pipeline folder, or an NVlabs/Sana .pth (FILE.pth#ema / #state_dict picks the entry). "" = random init.
+    init_from: str = ""
     max_steps: int = 1000
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU

@@ -22,6 +22,7 @@ from sana_core.errors import SanaError
 from sana_core.flow import flow_loss
 from training import checkpoint as ckpt
 from training import distributed as D
+from training import finetune
 from training.config import TrainConfig
 from training.data import SkipWarner, build_loader, check_latent_channels, find_shards
 from training.ema import EMA
@@ -72,9 +73,11 @@ class Trainer:
         D.barrier(info)
 
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
-        model = LinearDiT(cfg.model.dit).to(info.device)
+        # --init-from weights, then LoRA adapters (base frozen) when lora.rank > 0
+        model = finetune.prepare_model(LinearDiT(cfg.model.dit), cfg).to(info.device)
         model.gradient_checkpointing = cfg.model.gradient_checkpointing
         self.num_params = sum(p.numel() for p in model.parameters())
+        self.trainable_params = finetune.trainable(model)
         self.strategy = D.strategy_for(cfg.dist, info)
         self.model = D.wrap(model, self.strategy, info, bf16=self.bf16, cfg=cfg.dist)
         self.raw = D.unwrap(self.model)
@@ -299,7 +302,8 @@ class Trainer:
                    if losses else None, "first_loss": losses[0] if losses else None,
                    "steps_per_s": round(steps / secs, 3) if secs > 0 else None, "checkpoint": str(path),
                    "strategy": self.strategy, "world": info.world, "nonfinite_skipped": self.nonfinite_skipped,
-                   "captions_taken": dict(self.tracker.captions), "params": self.num_params}
+                   "captions_taken": dict(self.tracker.captions), "params": self.num_params,
+                   "trainable_params": self.trainable_params, "init_from": cfg.init_from or None}
         self.tracker.finish(summary)
         return summary
 
@@ -324,7 +328,12 @@ class Trainer:
         cfg = self.cfg
         if not cfg.track.sample_prompts:
             return
-        weights = self.ema.full_state_dict() if self.ema is not None else _full_model_state(self.raw)
+        if cfg.lora.rank > 0:  # the frozen base and the (EMA) adapter, merged into plain LinearDiT weights
+            weights = _full_model_state(self.raw)
+            weights.update(self.ema.full_state_dict() if self.ema is not None else {})
+            weights = finetune.plain_state_dict(weights, cfg)
+        else:
+            weights = self.ema.full_state_dict() if self.ema is not None else _full_model_state(self.raw)
         if not self.info.is_main:
             return
         from PIL import Image
