@@ -45,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
     add_config_args(p, presets=sorted(PRESETS), default_preset="tiny")
     p.add_argument("--max-steps", type=int, help="total optimizer steps (overrides max_steps)")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
+    p.add_argument("--new-output", action="store_true",
+                   help="the run dir holds an earlier run: move its files to RUN.old-DATE-TIME and start over "
+                        "(without this or --resume such a run dir is refused)")
     p.add_argument("--init-from", metavar="SOURCE",
                    help="start from released weights: a diffusers SanaTransformer2DModel folder or Hub id, a "
                         "pipeline folder, or an NVlabs/Sana .pth (FILE.pth#ema|#state_dict); the DiT config, text "
@@ -67,13 +70,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_workers:
         from training.ray_launch import run_with_ray
         summary = run_with_ray(cfg, data, output, args.resume, args.num_workers, args.gpus_per_worker,
-                               args.cpus_per_worker, args.ray_address)
+                               args.cpus_per_worker, args.ray_address, new_output=args.new_output)
         from training.trainer import print_summary
         print_summary(summary, Path(output))
         return
     from training.trainer import NonFiniteLoss, train
     try:
-        train(cfg, data, output, resume=args.resume, device=args.device)
+        train(cfg, data, output, resume=args.resume, device=args.device, new_output=args.new_output)
     except NonFiniteLoss as e:
         raise SanaError(str(e)) from None
 

@@ -61,14 +61,14 @@ def test_keep_last_k_checkpoints_came_and_gradient_checkpointing(data, tmp_path)
 
 
 def test_nonfinite_skip_mode_continues(tmp_path, zoo):
-    write_shards(tmp_path / "d", n=12, per_shard=12, nan_keys=1)
+    write_shards(tmp_path / "d", n=12, per_shard=12, huge_keys=1)
     s = train(tiny_cfg("max_steps=8", "on_nonfinite=skip", "data.num_workers=0"), tmp_path / "d", tmp_path / "r")
     assert s["steps"] == 8 and s["nonfinite_skipped"] >= 1
     assert math.isfinite(s["final_loss"]) and math.isfinite(list(losses(tmp_path / "r").values())[-1])
 
 
 def test_nonfinite_stop_names_step_and_key_in_one_line(tmp_path, zoo):
-    recs = write_shards(tmp_path / "d", n=12, per_shard=12, nan_keys=1)
+    recs = write_shards(tmp_path / "d", n=12, per_shard=12, huge_keys=1)
     with pytest.raises(NonFiniteLoss) as e:
         train(tiny_cfg("max_steps=8", "data.num_workers=0"), tmp_path / "d", tmp_path / "r")
     msg = str(e.value)

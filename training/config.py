@@ -19,6 +19,13 @@ class DataConfig:
     drop_last: bool = False  # at an epoch's end, drop each bucket's partial batch instead of yielding it
     pin_memory: bool = True  # only on CUDA
     caption_dropout: float = 0.1  # share of samples trained on the empty prompt (classifier-free guidance)
+    # A shard that cannot be opened or read to the end is re-read read_retries times (transient errors on shared
+    # or object storage), waiting retry_wait seconds doubled each time, then skipped with one warning; a sample
+    # without a finite latent of its json's shape is skipped too. Both are counted in the logs and summary.json.
+    # fail: stop at the first such shard or sample with one line naming it.
+    on_error: Literal["skip", "fail"] = "skip"
+    read_retries: int = 2
+    retry_wait: float = 1.0
 
 
 @dataclass

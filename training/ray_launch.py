@@ -19,12 +19,12 @@ def _worker(loop_cfg: dict) -> None:
     from training.trainer import train
     cfg = from_dict(TrainConfig, loop_cfg["cfg"])
     summary = train(cfg, loop_cfg["data"], loop_cfg["output"], resume=loop_cfg["resume"],
-                    device=loop_cfg["device"])
+                    device=loop_cfg["device"], new_output=loop_cfg.get("new_output", False))
     ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
 
 
 def run_with_ray(cfg: TrainConfig, data: str, output: str, resume: bool, num_workers: int, gpus_per_worker: float,
-                 cpus_per_worker: float, address: str | None) -> dict:
+                 cpus_per_worker: float, address: str | None, new_output: bool = False) -> dict:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -41,6 +41,7 @@ def run_with_ray(cfg: TrainConfig, data: str, output: str, resume: bool, num_wor
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"cfg": to_dict(cfg), "data": data, "output": output, "resume": resume,
+                           "new_output": new_output,
                            "device": "cuda" if use_gpu else "cpu"},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker,

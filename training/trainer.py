@@ -14,17 +14,17 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm import tqdm
 
-from sana_core.config import dump_config, to_dict
 from sana_core.dit import LinearDiT
 from sana_core.errors import SanaError
 from sana_core.flow import flow_loss
 from training import checkpoint as ckpt
 from training import distributed as D
-from training import finetune
+from training import finetune, rundir
 from training.config import TrainConfig
-from training.data import SkipWarner, build_loader, check_latent_channels, find_shards
+from training.data import DataHealth, SkipWarner, build_loader, check_latent_channels, find_shards
 from training.ema import EMA
 from training.optim import build_optimizer, build_scheduler
 from training.tracking import Tracker, train_flops_per_image
@@ -55,7 +55,16 @@ def load_text_encoder(cfg: TrainConfig, device: torch.device, dtype: torch.dtype
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, data: str | Path, output: str | Path, resume: bool = False,
-                 device: str | None = None):
+                 device: str | None = None, new_output: bool = False):
+        self.lock = None
+        try:
+            self._init(cfg, data, output, resume, device, new_output)
+        except BaseException:
+            self.release()  # a refused or failed start leaves the folder free for the next attempt
+            raise
+
+    def _init(self, cfg: TrainConfig, data: str | Path, output: str | Path, resume: bool, device: str | None,
+              new_output: bool) -> None:
         self.cfg = cfg
         self.run_dir = Path(output)
         self.info = D.setup(cfg.dist, device)
@@ -66,11 +75,9 @@ class Trainer:
 
         # Everything that can be wrong with the inputs fails here, before any step.
         self.shards = find_shards(data)
-        self.latent_shape = check_latent_channels(self.shards, cfg.model.dit.in_channels)
-        if info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.run_dir / "config.yaml")
-        D.barrier(info)
+        self.latent_shape = check_latent_channels(self.shards, cfg.model.dit.in_channels, cfg.data.on_error)
+        # One job per run folder (rank 0 holds the lock), and never a new run over an old one (training/rundir).
+        self.lock = rundir.claim(self.run_dir, resume, new_output, info)
 
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         # --init-from weights, then LoRA adapters (base frozen) when lora.rank > 0
@@ -106,11 +113,19 @@ class Trainer:
         self.data_positions: list[dict[int, tuple[int, int]]] = [{} for _ in self.slots]
         start_batches = 0
         self.ckpt_dir = self.run_dir / "checkpoints"
+        health = None
         if resume:
             path = ckpt.latest(self.ckpt_dir)
             if path is not None:
+                changes = rundir.compare_on_resume(path, cfg)  # refuses a changed model/data layout in one line
+                if info.is_main:
+                    for c in changes:
+                        print(f"changed on resume: {c}")
+                fresh = ckpt.optimizer_hparams(self.opt)
                 extra = ckpt.load(path, self.model, self.opt, self.ema, info)
                 self.sched.load_state_dict(extra["scheduler"])
+                ckpt.reapply_hparams(self.opt, self.sched, fresh)  # the new optim.* settings, not the saved ones
+                health = extra.get("data_health") if info.is_main else None  # run totals: counted once
                 ckpt.set_rng_state(extra["rng"])
                 self.step = extra["step"]
                 start_batches = self._restore_slots(extra)
@@ -120,15 +135,20 @@ class Trainer:
                     print(f"resumed from {path} at step {self.step}")
             elif info.is_main:
                 print(f"--resume: no checkpoint in {self.ckpt_dir}, starting at step 0")
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            rundir.trim_metrics(self.run_dir, self.step)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(rundir.public_config(cfg), sort_keys=False))
+        self.health = DataHealth(health)
         self.loader = build_loader(self.shards, cfg.data, cfg.caption, info.rank, info.world,
                                    start_batches=start_batches,
                                    positions=self.data_positions[0] if self.accum == 1 else self.data_positions,
-                                   device=info.device, accum=self.accum)
+                                   device=info.device, accum=self.accum, channels=cfg.model.dit.in_channels)
         self.keys_log = None
         if cfg.track.log_sample_keys:
             (self.run_dir / "sample_keys").mkdir(exist_ok=True)
             self.keys_log = self.run_dir / "sample_keys" / f"rank-{info.rank}.jsonl"
-        self.tracker = Tracker(self.run_dir, to_dict(cfg), info.is_main, cfg.track.wandb, cfg.track.project,
+        self.tracker = Tracker(self.run_dir, rundir.public_config(cfg), info.is_main, cfg.track.wandb, cfg.track.project,
                                resume_id=wandb_id)
         self.tracker.captions.update(captions_taken)
         self.skips = SkipWarner()
@@ -259,6 +279,7 @@ class Trainer:
                 micro = item if isinstance(item, list) else [item]
                 for a, batch in enumerate(micro):
                     self.skips.update({**batch, "worker": (a, batch["worker"])})
+                    self.health.update(batch)
                     self.data_positions[a][batch["worker"]] = (batch["epoch"], batch["index"])
                     self.tracker.count_captions(batch["vlms"], batch["dropped"].tolist())
                     B, _, h, w = batch["latents"].shape
@@ -285,6 +306,8 @@ class Trainer:
                             "mfu": window_flops / dt / (cfg.track.peak_tflops * 1e12),
                             "epoch": batch["epoch"], "nonfinite_skipped": self.nonfinite_skipped,
                             "images_skipped_no_caption": sum(self.skips.per_worker.values())}
+                    data = self.data_totals()  # a collective: every rank logs at the same steps
+                    last.update(shards_skipped=len(data["shards"]), samples_skipped=data["samples"])
                     self.tracker.log(self.step, dict(last))
                     window_t, window_imgs, window_flops = time.time(), 0, 0
                 if cfg.track.sample_every and self.step % cfg.track.sample_every == 0:
@@ -297,15 +320,22 @@ class Trainer:
         self.sample_grid()
         secs = time.time() - t_start
         steps = self.step - start_step
+        data = self.data_totals()
         summary = {"steps": self.step, "steps_this_run": steps, "seconds": round(secs, 2),
                    "final_loss": last.get("loss"), "mean_loss_last_10": (sum(losses[-10:]) / len(losses[-10:]))
                    if losses else None, "first_loss": losses[0] if losses else None,
                    "steps_per_s": round(steps / secs, 3) if secs > 0 else None, "checkpoint": str(path),
                    "strategy": self.strategy, "world": info.world, "nonfinite_skipped": self.nonfinite_skipped,
                    "captions_taken": dict(self.tracker.captions), "params": self.num_params,
-                   "trainable_params": self.trainable_params, "init_from": cfg.init_from or None}
+                   "trainable_params": self.trainable_params, "init_from": cfg.init_from or None,
+                   "shards_skipped": len(data["shards"]), "samples_skipped": data["samples"],
+                   "skipped_shards": dict(sorted(data["shards"].items())[:100])}
         self.tracker.finish(summary)
         return summary
+
+    def data_totals(self) -> dict:
+        """Bad shards (url -> reason) and bad samples met by every rank so far (DataHealth.merge)."""
+        return DataHealth.merge(D.gather_objects(self.health.state(), self.info))
 
     def save(self) -> Path:
         # Every rank saves every slot's generator and data position, so any layout can resume from any file.
@@ -317,9 +347,10 @@ class Trainer:
                  "rng": ckpt.rng_state(), "captions_taken": dict(self.tracker.captions), "wandb_id": self.tracker.run_id if self.info.is_main else None,
                  "data_position": {"batches": self.step, "num_workers": self.cfg.data.num_workers,
                                    "world": self.info.world, "num_slots": self.info.world * self.accum,
-                                   "workers": dict(self.data_positions[0])}}
+                                   "workers": dict(self.data_positions[0])},
+                 "data_health": self.data_totals()}
         return ckpt.save(self.ckpt_dir, self.step, self.model, self.opt, self.ema, extra,
-                         {"config": to_dict(self.cfg), "num_params": self.num_params}, self.info,
+                         {"config": rundir.public_config(self.cfg), "num_params": self.num_params}, self.info,
                          self.cfg.checkpoint.keep_last)
 
     def sample_grid(self) -> None:
@@ -363,6 +394,12 @@ class Trainer:
     def close(self) -> None:
         D.teardown(self.info)
 
+    def release(self) -> None:
+        """Give up the run folder's lock (rank 0); after the last file of the run is written."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
 
 def _full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     out = {}
@@ -373,22 +410,26 @@ def _full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def train(cfg: TrainConfig, data: str | Path, output: str | Path, resume: bool = False,
-          device: str | None = None) -> dict:
-    trainer = Trainer(cfg, data, output, resume=resume, device=device)
+          device: str | None = None, new_output: bool = False) -> dict:
+    trainer = Trainer(cfg, data, output, resume=resume, device=device, new_output=new_output)
     try:
-        summary = trainer.fit()
+        try:
+            summary = trainer.fit()
+        finally:
+            trainer.close()
+        if trainer.info.is_main:
+            (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            print_summary(summary, trainer.run_dir)
     finally:
-        trainer.close()
-    if trainer.info.is_main:
-        (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        print_summary(summary, trainer.run_dir)
+        trainer.release()
     return summary
 
 
 def print_summary(s: dict, run_dir: Path) -> None:
     print("\n=== training summary")
     for k in ("steps", "steps_this_run", "seconds", "steps_per_s", "first_loss", "final_loss", "mean_loss_last_10",
-              "strategy", "world", "params", "nonfinite_skipped", "captions_taken", "checkpoint"):
+              "strategy", "world", "params", "nonfinite_skipped", "shards_skipped", "samples_skipped",
+              "captions_taken", "checkpoint"):
         print(f"  {k:<20} {s.get(k)}")
     print(f"  {'run dir':<20} {run_dir}  (config.yaml, metrics.jsonl, checkpoints/, wandb/)")
 
