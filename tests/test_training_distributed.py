@@ -208,3 +208,33 @@ def test_ray_train_two_workers_on_a_local_cluster(data, tmp_path):
     assert_each_sample_once_per_epoch(keys_by_step(run), data[1])
     loss = losses(run)
     assert len(loss) == STEPS and loss[STEPS] < loss[1]
+
+
+BENCH = [sys.executable, str(REPO / "bench" / "bench_distributed.py")]
+
+
+def test_bench_distributed_on_cpu_with_gloo(tmp_path):
+    """bench/bench_distributed.py's CPU mode: one command runs 1 and 2 gloo processes, every strategy."""
+    r = subprocess.run([*BENCH, "--device", "cpu", "--config", "tiny", "--batch", "2", "--latent", "4",
+                        "--text-tokens", "16", "--warmup", "1", "--steps", "2", "--out", str(tmp_path)],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((tmp_path / "distributed_cpu.json").read_text())
+    got = {(row["strategy"], row["world"]) for row in rec["rows"]}
+    assert got == {("none", 1)} | {(s, w) for s in ("ddp", "fsdp", "fsdp_keep") for w in (1, 2)}
+    for row in rec["rows"]:
+        assert row["images_per_s"] > 0 and row["checkpoint_save_s"] > 0 and row["checkpoint_gib"] > 0
+        assert len(row["peak_gib_per_rank"]) == row["world"]
+    assert set(rec["scaling"]) == {"ddp", "fsdp", "fsdp_keep"} and rec["backend"] == "gloo"
+    assert "scaling ddp" in r.stdout
+
+
+def test_bench_distributed_refuses_without_enough_gpus():
+    import torch
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has 2 GPUs")
+    r = subprocess.run([*BENCH, "--device", "cuda", "--nproc", "2"], cwd=REPO, env=env(), capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert r.returncode != 0
+    assert r.stderr.strip() == (f"bench_distributed: needs 2 CUDA GPUs on this host, found "
+                                f"{torch.cuda.device_count()} (use --device cpu --config tiny for the gloo check)")
