@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import glob
 import json
+import math
+import os
 from pathlib import Path
 
 import pytest
@@ -248,3 +250,48 @@ def test_lora_bad_target_is_refused(source, data, tmp_path):
     with pytest.raises(SanaError, match="lora.targets"):
         train(config("--init-from", str(root), "--set", "lora.rank=2", "--set", "lora.targets=[attn.qk]",
                      "--max-steps", "1"), data, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lora_under_torchrun_gloo_trains_and_resumes(source, data, tmp_path, strategy):
+    """2 processes, DDP or FSDP2: the adapter trains from the diffusers source, checkpoints hold only it, and a
+    resume from the step-3 checkpoint continues with the same losses."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    root, _ = source
+    sets = BASE[2:]  # without --preset tiny (given below)
+
+    def torchrun(run: Path, *extra: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+               "-m", "jobs.train", "--data", str(data), "--output", str(run), "--preset", "tiny", *sets,
+               "--init-from", str(root), "--set", "lora.rank=4", "--set", "optim.lr=3e-3", "--set",
+               f"dist.strategy={strategy}", "--set", "checkpoint.every=3", "--max-steps", "6", *extra]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline",
+                   PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+        r = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                           timeout=600, check=False)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    full = tmp_path / "full"
+    torchrun(full)
+    s = json.loads((full / "summary.json").read_text())
+    assert s["strategy"] == strategy and s["world"] == 2 and s["trainable_params"] < s["params"] / 4
+    a = losses(full)
+    assert sorted(a) == list(range(1, 7)) and all(map(math.isfinite, a.values()))
+    for step in ("step-00000003", "step-00000006"):
+        keys = FileSystemReader(str(full / "checkpoints" / step)).read_metadata().state_dict_metadata
+        weights = [k for k in keys if k.startswith(("model.", "ema."))]
+        assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights), sorted(weights)[:4]
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "step-00000006")
+    torchrun(part, "--resume")
+    b = losses(part)
+    assert [a[i] for i in range(4, 7)] == [b[i] for i in range(4, 7)]
