@@ -5,21 +5,25 @@ stages (decode, resize) need room for at least one task beside them. If the clus
 largest node, for one actor) can never hold that, the job would wait forever with "pending: 20 CPU, 7 GPU";
 `check_resources` stops it at once with one line naming each pool's needs and what the cluster has, or, with
 `ray.wait_for_resources_s` (`jobs.curate --wait-for-resources`), waits that long for an autoscaling cluster.
+Without RAY_ADDRESS the job would start a private local cluster first; `check_local` refuses what that cluster's
+CPUs can never hold before starting it (jobs.curate calls it), and check_resources still checks GPUs after.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from curation.caption import VLMCaptioner
-from curation.clip_score import ClipStage
 from curation.config import CurateConfig
-from curation.encode import EncodeStage
 from curation.resize import ResizeStage
-from curation.stage import Stage, StageResources
+from curation.stage import StageResources
 from curation.validate import DecodeStage
 from sana_core.errors import SanaError
+
+# The model stages (caption.VLMCaptioner, clip_score.ClipStage, encode.EncodeStage) are actor pools (their
+# Stage.stateful, checked in tests/test_curation_safety.py); not imported here because they import torch, which
+# takes longer than the answer a refused job is owed.
 
 
 @dataclass
@@ -44,19 +48,23 @@ def _num(x: float) -> str:
 
 def pools(cfg: CurateConfig) -> list[Pool]:
     """Every stage's pool, as the pipeline builds them (curation.pipeline.build_dataset)."""
-    stages: list[tuple[str, type[Stage], StageResources]] = [
-        ("decode", DecodeStage, cfg.input.resources), ("resize", ResizeStage, cfg.resize.resources)]
-    stages += [(f"caption:{name}", VLMCaptioner, v.resources()) for name, v in cfg.vlms.items()]
-    stages += [("clip", ClipStage, cfg.clip.resources), ("encode", EncodeStage, cfg.encode.resources)]
-    return [Pool(name, r.num_cpus, r.num_gpus, r.concurrency if cls.stateful else 0) for name, cls, r in stages]
+    stages: list[tuple[str, bool, StageResources]] = [
+        ("decode", DecodeStage.stateful, cfg.input.resources), ("resize", ResizeStage.stateful, cfg.resize.resources)]
+    stages += [(f"caption:{name}", True, v.resources()) for name, v in cfg.vlms.items()]
+    stages += [("clip", True, cfg.clip.resources), ("encode", True, cfg.encode.resources)]
+    return [Pool(name, r.num_cpus, r.num_gpus, r.concurrency if stateful else 0) for name, stateful, r in stages]
+
+
+def _needs(pools: list[Pool]) -> tuple[float, float]:
+    """CPUs and GPUs held at once: every actor, plus room for the largest single task beside them."""
+    cpu = sum(p.total()[0] for p in pools if p.actors) + max((p.num_cpus for p in pools if not p.actors), default=0.0)
+    gpu = sum(p.total()[1] for p in pools if p.actors) + max((p.num_gpus for p in pools if not p.actors), default=0.0)
+    return cpu, gpu
 
 
 def fit_problem(pools: list[Pool], total: dict[str, float], nodes: list[dict[str, float]]) -> str | None:
     """Why `pools` can never run on a cluster of `total` resources and `nodes` (each node's totals), or None."""
-    need_cpu = sum(p.total()[0] for p in pools if p.actors) + max((p.num_cpus for p in pools if not p.actors),
-                                                                  default=0.0)
-    need_gpu = sum(p.total()[1] for p in pools if p.actors) + max((p.num_gpus for p in pools if not p.actors),
-                                                                  default=0.0)
+    need_cpu, need_gpu = _needs(pools)
     have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
     too_big = [p for p in pools if not any(p.num_cpus <= n.get("CPU", 0.0) + 1e-9 and
                                            p.num_gpus <= n.get("GPU", 0.0) + 1e-9 for n in nodes)]
@@ -75,6 +83,34 @@ def fit_problem(pools: list[Pool], total: dict[str, float], nodes: list[dict[str
             f"{_num(largest.get('GPU', 0.0))} GPU); shrink the pools (--set vlms.NAME.concurrency=, "
             f"vlms.NAME.num_gpus=, clip.resources.*, encode.resources.*) or, on an autoscaling cluster, pass "
             f"--wait-for-resources SECONDS")
+
+
+def local_problem(cfg: CurateConfig) -> str | None:
+    """Before starting a private local cluster (which takes 15 s to minutes on a loaded machine): why its CPUs
+    can never hold cfg's pools, or None. A local cluster gets ray.num_cpus, else every core of this machine, and
+    never grows; its GPUs are only known once Ray has looked, so they are left to check_resources."""
+    n = float(cfg.ray.num_cpus or os.cpu_count() or 1)
+    ps = pools(cfg)
+    need_cpu, need_gpu = _needs(ps)
+    too_big = [p.name for p in ps if p.num_cpus > n + 1e-9]
+    if need_cpu <= n + 1e-9 and not too_big:
+        return None
+    why = f"the actor pools need {_num(need_cpu)} CPU and {_num(need_gpu)} GPU at once"
+    if too_big:
+        why += f"; one actor of {', '.join(too_big)} needs more CPUs than there are"
+    return (f"this machine can never run the job: {why} [{'; '.join(p.describe() for p in ps)}], and a local Ray "
+            f"cluster here gets {_num(n)} CPU ({'ray.num_cpus' if cfg.ray.num_cpus else 'all cores'}); shrink the "
+            f"pools (--set vlms.NAME.concurrency=, vlms.NAME.num_cpus=, clip.resources.*, encode.resources.*) or "
+            f"submit the job to a cluster (ray job submit / RAY_ADDRESS)")
+
+
+def check_local(cfg: CurateConfig) -> None:
+    """Refuse at once, in one line, a job a private local cluster could never run (no RAY_ADDRESS given)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    problem = local_problem(cfg)
+    if problem:
+        raise SanaError(problem)
 
 
 def _cluster() -> tuple[dict[str, float], list[dict[str, float]]]:

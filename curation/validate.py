@@ -197,19 +197,13 @@ class DecodeStage(Stage):
                        background=tuple(background))
         self.max_bytes = max_bytes
 
-    def _one(self, locator: str) -> tuple[str, Decoded]:
+    def _read(self, locator: str) -> bytes:
         try:
-            data = read_bytes(locator, max_bytes=self.max_bytes)
+            return read_bytes(locator, max_bytes=self.max_bytes)
         except InputTooLarge as e:
             raise Rejected("too_large", f"{e.size} bytes > input.max_bytes={self.max_bytes}") from None
         except OSError as e:
             raise Rejected("unreadable", f"{type(e).__name__}: {e.strerror or e}") from None
-        sha = hashlib.sha256(data).hexdigest()
-        try:
-            return sha, decode(data, **self.kw)
-        except Rejected as r:
-            r.sha256 = sha
-            raise
 
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch["source"])
@@ -225,9 +219,10 @@ class DecodeStage(Stage):
             if reject[i]:
                 continue
             try:
-                sha[i], d = self._one(str(batch["locator"][i]))
+                data = self._read(str(batch["locator"][i]))
+                sha[i] = hashlib.sha256(data).hexdigest()
+                d = decode(data, **self.kw)
             except Rejected as r:
-                sha[i] = getattr(r, "sha256", "")
                 reject[i], detail[i] = r.reason, r.detail
                 continue
             except Exception as e:  # noqa: BLE001 - the guard: one input's failure must not fail the task

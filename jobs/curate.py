@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
 
         print(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))
         return
+    from curation.resources import check_local
+
+    check_local(cfg)  # a job a private local cluster can never run: refused before starting one
     from curation.pipeline import run
     from curation.summary import format_table
     from sana_core.lock import OutputLock
