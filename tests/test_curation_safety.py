@@ -363,6 +363,8 @@ def test_no_secret_lands_in_any_output_file(tmp_path, zoo):
     for path, mode in expected.converted.items():
         assert sources[path]["mode"] == mode
     assert rej[str(big)]["reason"] == "too_large"
+    assert expected.accepted <= set(sources)
+    assert {p: rej[p]["reason"] for p in expected.rejected} == expected.rejected
     assert _clean_url(srv.port, "good/img_001.png") in sources and rej[_clean_url(srv.port, "nope.png")]["reason"] \
         == "unreadable"
     record = json.loads((out / "run.json").read_text())
