@@ -95,6 +95,28 @@ def redact_text(text: str) -> str:
     return _TOKEN_VALUE.sub(REDACTED, text)
 
 
+def redact_argv(argv: list[str]) -> list[str]:
+    """A command line safe to record: `key=value` arguments whose (dotted) key looks secret lose their value
+    (`--set hf_token=...`, `--api-key=...`), the argument after a secret-looking `--option` too, and every
+    argument goes through redact_text."""
+    out, hide_next = [], False
+    for a in argv:
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        if "=" in a and "://" not in a.split("=", 1)[0]:
+            k, v = a.split("=", 1)
+            last = k.lstrip("-").split(".")[-1]
+            out.append(f"{k}={REDACTED}" if v and (is_secret_key(last) or _is_env_key(k.lstrip("-").split(".")[-2]
+                       if "." in k else "")) else redact_text(a))
+            continue
+        if a.startswith("--") and is_secret_key(a[2:]):
+            hide_next = True
+        out.append(redact_text(a))
+    return out
+
+
 def _hide(value: Any) -> Any:
     if value is None or value == "":
         return value

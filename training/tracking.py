@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 from sana_core.dit import DiTConfig
+from sana_core.secrets import redact_argv
 
 
 def train_flops_per_image(params: int, cfg: DiTConfig, h: int, w: int, text_tokens: int) -> float:
@@ -41,8 +43,14 @@ class Tracker:
             # Offline unless the user set WANDB_MODE (or has an API key and wants to sync later).
             os.environ.setdefault("WANDB_MODE", "offline")
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.run = wandb.init(project=project, dir=str(run_dir), config=config, id=resume_id,
-                                  resume="allow" if resume_id else None, name=run_dir.name)
+            # `config` comes redacted (training.rundir.public_config); wandb also records the command line in
+            # the run's metadata, so it sees a redacted one (a --set with a token or a signed URL, say).
+            argv, sys.argv = sys.argv, sys.argv[:1] + redact_argv(sys.argv[1:])
+            try:
+                self.run = wandb.init(project=project, dir=str(run_dir), config=config, id=resume_id,
+                                      resume="allow" if resume_id else None, name=run_dir.name)
+            finally:
+                sys.argv = argv
 
     @property
     def run_id(self) -> str | None:
