@@ -19,6 +19,7 @@ from curation.caption import VLMConfig
 from curation.stage import StageResources
 from sana_core.config import to_dict
 from sana_core.errors import SanaError
+from sana_core.secrets import strip_url_credentials
 from sana_core.zoo import PRODUCTION
 
 ZOO = "zoo"  # a model name that means "the tiny zoo's model", resolved on the driver by resolve_models
@@ -200,5 +201,6 @@ def config_hash(cfg: CurateConfig, input_path: str) -> str:
         for k in ("batch_size", "num_gpus", "num_cpus", "concurrency", "gpu_memory_utilization", "cpu_kvcache_gib",
                   "in_process", "env"):
             v.pop(k, None)
-    blob = json.dumps({"config": d, "input": input_path}, sort_keys=True, default=str)
+    # A re-signed input URL (new signature, same listing) is the same input: credentials are not part of it.
+    blob = json.dumps({"config": d, "input": strip_url_credentials(input_path)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -413,6 +413,8 @@ def test_config_hash_ignores_resources_not_results():
     b.vlms["llava"].prompt = "Another prompt."
     assert config_hash(a, "/in") != config_hash(b, "/in")
     assert config_hash(a, "/in") != config_hash(a, "/other")
+    signed = "s3://b/list.parquet?X-Amz-Signature={}&X-Amz-Credential=AKIA/x&v=2"
+    assert config_hash(a, signed.format("aaa")) == config_hash(a, signed.format("bbb")) != config_hash(a, "/in")
 
 
 def test_output_of_another_config_is_refused_or_replaced(tmp_path):
