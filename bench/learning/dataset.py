@@ -23,6 +23,7 @@ import io
 import itertools
 import json
 import os
+import re
 import tarfile
 import time
 from dataclasses import asdict, dataclass
@@ -126,14 +127,24 @@ def sample_key(source: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:32]
 
 
+def omit_words(text: str, attribute: str | None) -> str:
+    """The caption without any word of one attribute (colour or size): the object still varies in it, but no
+    caption says how (bench.learning.lora pre-trains on such captions)."""
+    if attribute is None:
+        return text
+    words = {"colour": COLOURS, "size": SIZES}[attribute]
+    return re.sub(r"\s+", " ", re.sub(rf"\b({'|'.join(words)})\b,?", "", text)).strip(" ,")
+
+
 def _record(a: Attributes, key: str, source: str, grid: int, latent: np.ndarray,
-            rng: np.random.Generator, sloppy_rate: float) -> dict:
+            rng: np.random.Generator, sloppy_rate: float, omit: str | None = None) -> dict:
     wrong = rng.random() < sloppy_rate
     captions = {
         "vlm-canonical": caption(a),
         "vlm-paraphrase": paraphrase(a, rng),
         "vlm-sloppy": paraphrase(_wrong(a, rng), rng) if wrong else paraphrase(a, rng),
     }
+    captions = {k: omit_words(v, omit) for k, v in captions.items()}
     # CLIP-like cosine x 100: right captions ~31, paraphrases a little lower, wrong ones far lower.
     scores = {
         "vlm-canonical": 31.0 + rng.normal(0, 1.0),
@@ -175,8 +186,11 @@ class DatasetInfo:
 
 
 def build_dataset(root: str | Path, n: int = 4096, grid: int = 8, seed: int = 0,
-                  samples_per_shard: int = 1024, sloppy_rate: float = 0.5) -> DatasetInfo:
-    """Write `n` samples (balanced over the 32 attribute combinations) as a curated dataset folder."""
+                  samples_per_shard: int = 1024, sloppy_rate: float = 0.5, omit: str | None = None) -> DatasetInfo:
+    """Write `n` samples (balanced over the 32 attribute combinations) as a curated dataset folder; `omit`
+    ("colour" / "size") leaves that attribute's words out of every caption."""
+    if omit not in (None, "colour", "size"):
+        raise SanaError(f"omit must be colour or size (position words are also the grid's), got {omit!r}")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -201,7 +215,7 @@ def build_dataset(root: str | Path, n: int = 4096, grid: int = 8, seed: int = 0,
                 source = f"synthetic://bench.learning/seed{seed}/grid{grid}/{i}"
                 key = sample_key(source)
                 latent = render(a, grid, rng).astype(np.float16)
-                rec = _record(a, key, source, grid, latent, rng, sloppy_rate)
+                rec = _record(a, key, source, grid, latent, rng, sloppy_rate, omit)
                 _add(tar, f"{key}.json", json.dumps(rec).encode(), t0)
                 _add(tar, f"{key}.latent.npy", _npy_bytes(latent), t0)
                 for col, v in (("key", key), ("shard", name), ("source", source), ("sha256", rec["sha256"]),
