@@ -27,9 +27,10 @@ from training.trainer import train
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-# Float32 on the CPU: the runs differ only in the order of gradient sums (all-reduce vs accumulation) and in
-# batched-vs-single text encoding, 1e-7 relative a step, grown by training; measured here up to ~2e-6.
-LOSS_RTOL = 1e-4
+# Float32 on the CPU: the runs differ only in the order of gradient sums (all-reduce vs accumulation), so the
+# curves agree to rounding: measured 1.0e-7 relative at most over the 10 steps (2 processes vs 1 with 2
+# accumulation steps, and both resumes), 0.0 for DDP with accumulation vs 1 process with 4 steps.
+LOSS_RTOL = 1e-5
 STEPS, HALF = 10, 5
 
 # 48 samples in 6 shards of 8, 2 grids: 2 slots x 2 workers = 4 streams, each 1 whole shard + a quarter of the
@@ -148,7 +149,7 @@ def test_two_processes_equal_one_process_with_two_accumulation_steps(data, one_p
     assert s["strategy"] == "fsdp" and s["world"] == 2
     ckpt = fsdp_two / "checkpoints" / f"step-{STEPS:08d}"
     assert len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per rank
-    assert {p.name for p in ckpt.glob("extra-rank*.pt")} == {"extra-rank0.pt", "extra-rank1.pt"}
+    assert {p.name for p in ckpt.glob("extra-rank*.json")} == {"extra-rank0.json", "extra-rank1.json"}
 
 
 def test_fsdp_checkpoint_of_two_processes_resumes_in_one(data, one_proc, fsdp_two, tmp_path):
