@@ -114,9 +114,10 @@ def _nv_names(depth: int) -> dict[str, str]:
     return names
 
 
-def _conv_shape(ours: torch.Tensor, theirs_shape: torch.Size) -> torch.Tensor:
-    # Mix-FFN's 1x1 projections may be nn.Linear (2-D) on our side and are 1x1 convs (4-D) in NVlabs/diffusers.
-    return ours.reshape(theirs_shape) if ours.numel() == theirs_shape.numel() else ours
+def _fit(w: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    # Mix-FFN's 1x1 projections are nn.Linear (2-D) on our side and 1x1 convs (4-D) in NVlabs' files; a size
+    # mismatch is left for load_state_dict to name.
+    return w.reshape(shape) if w.numel() == shape.numel() else w
 
 
 def load_nvlabs_state_dict(model: LinearDiT, sd: dict[str, torch.Tensor]) -> None:
@@ -126,7 +127,7 @@ def load_nvlabs_state_dict(model: LinearDiT, sd: dict[str, torch.Tensor]) -> Non
     ours, used = {}, set()
     for o, t in names.items():
         if o in target and t in sd:
-            ours[o] = _conv_shape(sd[t], target[o].shape).to(target[o].dtype)
+            ours[o] = _fit(sd[t], target[o].shape).to(target[o].dtype)
             used.add(t)
     missing = sorted(names[k] for k in target if k not in ours and k in names)
     missing += sorted(k for k in target if k not in names)
@@ -136,18 +137,6 @@ def load_nvlabs_state_dict(model: LinearDiT, sd: dict[str, torch.Tensor]) -> Non
                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
     model.load_state_dict(ours, strict=True)
-
-
-def to_nvlabs_state_dict(model: LinearDiT) -> dict[str, torch.Tensor]:
-    """Our weights in the NVlabs layout (1x1 projections as 4-D conv weights, as NVlabs stores them)."""
-    sd = model.state_dict()
-    out = {}
-    for o, t in _nv_names(model.cfg.depth).items():
-        if o in sd:
-            w = sd[o]
-            out[t] = w[..., None, None] if t.endswith(("inverted_conv.conv.weight", "point_conv.conv.weight")) \
-                and w.dim() == 2 else w
-    return out
 
 
 # --- diffusers SanaTransformer2DModel folders / Hub ids ----------------------------------------------------------

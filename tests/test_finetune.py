@@ -334,3 +334,19 @@ def test_lora_through_the_fused_triton_kernels_matches_pytorch():
     assert r.returncode == 0, r.stderr[-3000:]
     out_rel, grad_rel, grad_norm = map(float, r.stdout.split()[-3:])
     assert out_rel <= 1e-5 and grad_rel <= 1e-4 and grad_norm > 0, r.stdout
+
+
+def test_nvlabs_options_we_do_not_have_and_missing_keys_are_named(tmp_path):
+    sd = to_nvlabs(random_diffusers(TINY, 0).state_dict(), TINY.depth)
+    torch.save({"state_dict": {**sd, "blocks.0.attn.q_norm.weight": torch.ones(64)}}, tmp_path / "qk.pth")
+    with pytest.raises(SanaError, match="q_norm"):
+        config("--init-from", str(tmp_path / "qk.pth"))
+    del sd["blocks.1.cross_attn.proj.bias"]
+    torch.save({"state_dict": sd}, tmp_path / "cut.pth")
+    from sana_core.dit import LinearDiT
+    from training.finetune import load_source_weights, resolve_source
+    src = resolve_source(str(tmp_path / "cut.pth"), TINY)
+    with pytest.raises(SanaError, match=r"missing \['blocks.1.cross_attn.proj.bias'\]"):
+        load_source_weights(LinearDiT(TINY), src)
+    with pytest.raises(SanaError, match="no 'ema' entry"):
+        resolve_source(f"{tmp_path / 'cut.pth'}#ema", TINY)

@@ -45,7 +45,7 @@ class Source:
 
 
 def _is_pth(path: str) -> bool:
-    return path.endswith((".pth", ".pt", ".bin")) and Path(path).is_file()
+    return path.endswith((".pth", ".pt")) and Path(path).is_file()
 
 
 def resolve_source(spec: str, fallback: DiTConfig | None = None) -> Source:
@@ -59,7 +59,7 @@ def resolve_source(spec: str, fallback: DiTConfig | None = None) -> Source:
                       entry or "auto")
     if entry:
         raise SanaError(f"--init-from {spec}: '#{entry}' only selects an entry of an NVlabs .pth file")
-    if Path(path).exists() and Path(path).suffix in (".pth", ".pt", ".safetensors") and not Path(path).is_dir():
+    if Path(path).is_file():
         raise SanaError(f"--init-from {spec}: a single weights file must be an NVlabs .pth; for safetensors give "
                         f"the diffusers folder holding it and its config.json")
     dit = DiTConfig.from_diffusers_config(W.read_diffusers_config(path))
