@@ -31,7 +31,7 @@ from sana_core.errors import SanaError
 from sana_core.samplers import guided, sample
 from sana_core.text_encoder import TextEncoder
 
-DECODE_TILE = 1024  # pixels a side decoded in one piece; larger images are tiled
+DECODE_TILE = 2048  # pixels a side decoded in one piece (bf16 f32c32: a few GiB); larger images are tiled
 DECODE_OVERLAP = 128  # pixels two neighbouring tiles share (blended linearly)
 
 
