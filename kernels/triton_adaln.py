@@ -168,7 +168,7 @@ def _modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
     B, N, C = x.shape
     shift2, s_shift = _rows(shift, B, C, "modulate shift")
     scale2, s_scale = _rows(scale, B, C, "modulate scale")
-    y = torch.empty_like(x)
+    y = x.new_empty(x.shape)
     mean = x.new_empty((B * N,), dtype=torch.float32)
     rstd = torch.empty_like(mean)
     if x.numel():
@@ -182,7 +182,7 @@ def _modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
 def _(x, shift, scale, eps):
     B, N, _ = x.shape
     mean = x.new_empty((B * N,), dtype=torch.float32)
-    return torch.empty_like(x), mean, torch.empty_like(mean)
+    return x.new_empty(x.shape), mean, torch.empty_like(mean)
 
 
 @torch.library.custom_op("sana::modulate_backward", mutates_args=())
@@ -192,7 +192,7 @@ def _modulate_backward_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor
     x, dy = x.contiguous(), dy.contiguous()
     B, N, C = x.shape
     scale2, s_scale = _rows(scale, B, C, "modulate scale")
-    dx = torch.empty_like(x)
+    dx = x.new_empty(x.shape)
     block_r, block_c, opts = _tile(C)
     chunks, tiles_per = _reduce_grid(B, N, block_r, device_index(x))
     part = x.new_zeros((B, chunks, 2, C), dtype=torch.float32)
@@ -206,7 +206,7 @@ def _modulate_backward_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor
 def _(dy, x, scale, mean, rstd):
     B, N, C = x.shape
     chunks, _ = _reduce_grid(B, N, _tile(C)[0], device_index(x))
-    return torch.empty_like(x), x.new_empty((B, chunks, 2, C), dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty((B, chunks, 2, C), dtype=torch.float32)
 
 
 def _modulate_setup(ctx, inputs, output):
@@ -231,7 +231,7 @@ def _gated_residual_op(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor
         raise ValueError(f"gated residual: branch {tuple(branch.shape)} must have x's shape {tuple(x.shape)}")
     B, N, C = x.shape
     gate2, s_gate = _rows(gate, B, C, "gated residual gate")
-    y = torch.empty_like(x)
+    y = x.new_empty(x.shape)
     if x.numel():
         block_r, block_c, opts = _tile(C)
         _residual_fwd_launch((cdiv(B * N, block_r),), device_index(x), (x, gate2, branch, y),
@@ -241,7 +241,7 @@ def _gated_residual_op(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor
 
 @_gated_residual_op.register_fake
 def _(x, gate, branch):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("sana::gated_residual_backward", mutates_args=())
@@ -251,7 +251,7 @@ def _gated_residual_backward_op(dy: torch.Tensor, gate: torch.Tensor,
     dy, branch = dy.contiguous(), branch.contiguous()
     B, N, C = branch.shape
     gate2, s_gate = _rows(gate, B, C, "gated residual gate")
-    dbranch = torch.empty_like(branch)
+    dbranch = branch.new_empty(branch.shape)
     block_r, block_c, opts = _tile(C)
     chunks, tiles_per = _reduce_grid(B, N, block_r, device_index(branch))
     part = branch.new_zeros((B, chunks, C), dtype=torch.float32)
@@ -265,7 +265,7 @@ def _gated_residual_backward_op(dy: torch.Tensor, gate: torch.Tensor,
 def _(dy, gate, branch):
     B, N, C = branch.shape
     chunks, _ = _reduce_grid(B, N, _tile(C)[0], device_index(branch))
-    return torch.empty_like(branch), branch.new_empty((B, chunks, C), dtype=torch.float32)
+    return branch.new_empty(branch.shape), branch.new_empty((B, chunks, C), dtype=torch.float32)
 
 
 def _gated_residual_setup(ctx, inputs, output):

@@ -144,8 +144,11 @@ def test_custom_ops_pass_opcheck():
     x = _leaf(torch.randn(B, H * W, C, device=DEVICE))
     table = torch.randn(B, 6, C, device=DEVICE)
     shift, scale, gate = (_leaf(table[:, i:i + 1].clone()) for i in range(3))
-    torch.library.opcheck(torch.ops.sana.modulate, (x, shift, scale, EPS))
-    torch.library.opcheck(torch.ops.sana.gated_residual, (x, gate, _leaf(torch.randn_like(x))))
+    # x as the patch embedding gives it: a transposed (B, N, C) view; outputs are contiguous all the same
+    xt = _leaf(torch.randn(B, C, H * W, device=DEVICE)).transpose(1, 2)
+    for xin in (x, xt):
+        torch.library.opcheck(torch.ops.sana.modulate, (xin, shift, scale, EPS))
+        torch.library.opcheck(torch.ops.sana.gated_residual, (xin, gate, _leaf(torch.randn(B, H * W, C, device=DEVICE))))
     u = _leaf(torch.randn(B, H * W, 2 * C, device=DEVICE))
     weight, bias = _leaf(torch.randn(2 * C, 1, 3, 3, device=DEVICE)), _leaf(torch.randn(2 * C, device=DEVICE))
     torch.library.opcheck(torch.ops.sana.depthwise_glu, (u, weight, bias, H, W))

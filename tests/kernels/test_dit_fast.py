@@ -1,7 +1,8 @@
 """The Linear DiT's fast path (fused Triton block ops, SANA_BLOCK_BACKEND=triton) against its PyTorch reference
 path: the forward output and every parameter gradient, at several latent sizes (odd ones, one token) with
 padded captions. On the GPU in bf16 autocast against the float32 reference (relative error <= 1e-2, the
-reference's own bf16 error printed beside it); on the CPU under Triton's interpreter in float32 (<= 1e-4).
+or 1.25x the reference's own bf16 error where that
+is larger); on the CPU under Triton's interpreter in float32 (<= 1e-4).
 Also the model-level contracts the fast path must keep: the GEMMs are nn.Linear module calls (quantisation
 and LoRA wrap them), old 4-D Mix-FFN conv weights load, diffusers' layout round-trips, checkpointing and
 torch.compile of a block work.
@@ -60,8 +61,13 @@ def test_fast_path_matches_reference(latent, monkeypatch):
         worst = max(errs, key=errs.get)
         print(f"latent {latent}: fast bf16 output {errs['output']:.2e} (reference bf16 {bf_errs['output']:.2e}); "
               f"worst grad {worst} {errs[worst]:.2e} (reference bf16 {bf_errs[worst]:.2e})")
-    bad = {n: e for n, e in errs.items() if not e <= TOL}
-    assert not bad, f"fast path differs from the reference by more than {TOL}: {bad}"
+        # A few gradients of this small random model are noisier than 1e-2 under bf16 autocast on the reference
+        # path too (e.g. attn.qkv at 3x5 latents, 2.0e-2): those get 1.25x the reference path's own error.
+        bound = {n: max(TOL, 1.25 * bf_errs[n]) for n in errs}
+    else:
+        bound = dict.fromkeys(errs, TOL)
+    bad = {n: f"{e:.2e} > {bound[n]:.2e}" for n, e in errs.items() if not e <= bound[n]}
+    assert not bad, f"fast path differs from the reference: {bad}"
 
 
 @gpu_only
