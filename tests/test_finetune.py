@@ -223,6 +223,9 @@ def test_lora_trains_only_the_adapter_resumes_exactly_and_exports_to_diffusers(s
     sample_job.main(["--checkpoint", str(full), "--prompt", "a red square", "--steps", "2", "--out",
                      str(tmp_path / "b.png"), "--export-diffusers", str(merged), "--merged", "--height", "128"])
     assert rel(diffusers_out(SanaTransformer2DModel.from_pretrained(merged), x, t, y, mask), ours) <= 1e-5
+    # Our export names its encoders (sana_stack.json), so --init-from it needs no encoder settings.
+    again = build_config(parser().parse_args(["--data", "x", "--output", "y", "--init-from", str(merged)]), [])
+    assert again.model.dit == TINY and again.model.text_encoder == "zoo:gemma"
     sample_job.main(["--checkpoint", str(merged), "--prompt", "a red square", "--steps", "2", "--out",
                      str(tmp_path / "c.png"), "--height", "128", "--width", "128", "--guidance-scale", "4.5"])
     import numpy as np
@@ -350,3 +353,27 @@ def test_nvlabs_options_we_do_not_have_and_missing_keys_are_named(tmp_path):
         load_source_weights(LinearDiT(TINY), src)
     with pytest.raises(SanaError, match="no 'ema' entry"):
         resolve_source(f"{tmp_path / 'cut.pth'}#ema", TINY)
+
+
+def test_pipeline_folder_gives_its_own_text_encoder_and_vae(source, zoo, tmp_path):
+    """A diffusers Sana pipeline folder: the transformer/, and (unless set) its text_encoder/+tokenizer/ and vae/,
+    which TextEncoder / Autoencoder load from the folder."""
+    import shutil
+
+    from sana_core.autoencoder import Autoencoder
+    from sana_core.text_encoder import TextEncoder
+    root, _ = source
+    pipe = tmp_path / "pipe"
+    shutil.copytree(root / "transformer", pipe / "transformer")
+    shutil.copytree(zoo.gemma, pipe / "text_encoder")
+    shutil.copytree(zoo.gemma, pipe / "tokenizer")
+    shutil.copytree(zoo.dcae, pipe / "vae")
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "SanaPipeline"}))
+    argv = ["--init-from", str(pipe)]
+    cfg = build_config(parser().parse_args(["--data", "x", "--output", "y", *argv]), argv)
+    assert cfg.model.dit == TINY and cfg.model.text_encoder == cfg.model.autoencoder == str(pipe.resolve())
+    assert TextEncoder.from_pretrained(cfg.model.text_encoder).hidden_size == TINY.caption_channels
+    assert Autoencoder.from_pretrained(cfg.model.autoencoder).latent_channels == 32
+    argv = ["--init-from", str(pipe / "transformer")]  # its transformer/ subfolder: the same defaults
+    assert build_config(parser().parse_args(["--data", "x", "--output", "y", *argv]), argv).model.autoencoder == \
+        str(pipe.resolve())
