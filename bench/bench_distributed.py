@@ -14,6 +14,14 @@ number of GPUs). Per strategy and world size: median step time, images/s (all ra
 (training.checkpoint.save: model, optimizer, EMA). Scaling = N-process images/s over 1-process images/s of the
 same strategy and over the plain 1-process baseline. Prints a table and writes distributed_<device>.json.
 
+With --train-checks it runs the real entry point instead (`python -m jobs.train` under torchrun, on synthetic
+shards in the data contract, the --config preset, e.g. sana-0.6b at 1024 px, with the tiny zoo text encoder)
+and writes distributed_train_<device>.json: 2-process FSDP2 and DDP runs and a 2-node x 1-process c10d run
+against a 1-process run with optim.grad_accum_steps=2 (same samples per step and data slot, loss curves'
+largest difference), and the resharded resume of a 2-process FSDP2 checkpoint in 1 process and of a
+1-process checkpoint in 2 processes (continuing at the right step with the same samples). On the CPU
+(--device cpu --config tiny) the same checks run with gloo.
+
 On CUDA it refuses, in one line, to run with fewer than --nproc GPUs.
 """
 from __future__ import annotations
@@ -195,6 +203,160 @@ def summarize(rows: list[dict], nproc: int) -> dict:
     return out
 
 
+# -- the real entry point: jobs.train under torchrun -----------------------------------------------------
+def _train_env() -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS=os.environ.get(
+        "OMP_NUM_THREADS", "1"))
+
+
+def _jobs_train(run: Path, data: Path, preset: str, sets: list[str], nproc: int, device: str,
+                resume: bool = False, log: Path | None = None) -> dict:
+    """One jobs.train launch (plain python for 1 process, torchrun otherwise); its wall time and exit."""
+    args = ["-m", "jobs.train", "--data", str(data), "--output", str(run), "--device", device, "--preset", preset,
+            *[a for o in sets for a in ("--set", o)], *(["--resume"] if resume else [])]
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                                      "--master-port", str(_free_port())]
+    t = time.time()
+    with open(log or os.devnull, "w") as f:
+        r = subprocess.run([sys.executable, *launcher, *args], cwd=ROOT, env=_train_env(), stdout=f,
+                           stderr=subprocess.STDOUT, check=False)
+    return {"exit": r.returncode, "seconds": round(time.time() - t, 1), "nproc": nproc}
+
+
+def _jobs_train_two_nodes(run: Path, data: Path, preset: str, sets: list[str], device: str, log: Path) -> dict:
+    """--nnodes 2 --nproc-per-node 1 with a c10d rendezvous on this host: two torchrun agents, one GPU each,
+    which takes the multi-node code path (node ranks from the rendezvous, LOCAL_RANK 0 on both)."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "sana-two-nodes",
+           "-m", "jobs.train", "--data", str(data), "--output", str(run), "--device", device, "--preset", preset,
+           *[a for o in sets for a in ("--set", o)]]
+    t = time.time()
+    procs = []
+    for node in range(2):
+        env = _train_env()
+        if device == "cuda":
+            env["CUDA_VISIBLE_DEVICES"] = str(node)
+        f = open(log.with_suffix(f".node{node}.log"), "w")  # noqa: SIM115 - closed below
+        procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT), f))
+    codes = []
+    for proc, f in procs:
+        codes.append(proc.wait(timeout=1800))
+        f.close()
+    return {"exit": max(codes), "seconds": round(time.time() - t, 1), "nproc": 2, "nnodes": 2}
+
+
+def _losses(run: Path) -> dict[int, float]:
+    if not (run / "metrics.jsonl").is_file():
+        return {}
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def _keys(run: Path) -> dict[tuple[int, int], dict]:
+    out = {}
+    for f in sorted((run / "sample_keys").glob("rank-*.jsonl")) if (run / "sample_keys").is_dir() else []:
+        for r in map(json.loads, f.read_text().splitlines()):
+            out[r["step"], r["slot"]] = r
+    return out
+
+
+def _once_per_epoch(records: dict, all_keys: list[str]) -> bool:
+    """No sample twice in an epoch across ranks and slots, and every sample in each epoch before the last."""
+    from collections import Counter
+    per: dict[int, Counter] = {}
+    for r in records.values():
+        per.setdefault(r["epoch"], Counter()).update(r["keys"])
+    if not per or any(max(c.values()) > 1 for c in per.values()):
+        return False
+    return all(per[e] == Counter(all_keys) for e in per if e < max(per))
+
+
+def _curve_diff(a: dict, b: dict, steps) -> dict:
+    steps = [i for i in steps if i in a and i in b]
+    if not steps:
+        return {"steps": 0}
+    absd = [abs(a[i] - b[i]) for i in steps]
+    return {"steps": len(steps), "max_abs": max(absd), "max_rel": max(d / abs(b[i]) for d, i in zip(absd, steps)),
+            "mean_loss": statistics.mean(b[i] for i in steps)}
+
+
+def train_checks(args) -> dict:
+    from training.testdata import write_shards
+    cuda = args.device == "cuda"
+    steps, batch = args.train_steps, args.train_batch
+    half = steps // 2
+    work = Path(tempfile.mkdtemp(prefix="bench-dist-train-"))
+    logs = work / "logs"  # kept (copied to OUT/train_checks_logs) only when a check fails
+    logs.mkdir()
+    side = args.latent if cuda else 4
+    n = args.train_samples
+    recs = write_shards(work / "data", n=n, per_shard=max(1, n // 8), channels=32, grids=((side, side),))
+    all_keys = [r["key"] for r in recs]
+    data = work / "data"
+    sets = ["track.wandb=false", "track.sample_prompts=[]",
+            "track.log_every=1", "track.log_sample_keys=true", f"data.batch_size={batch}", "data.num_workers=2",
+            "optim.name=adamw", "optim.warmup_steps=5", f"checkpoint.every={half}", "checkpoint.keep_last=3",
+            f"max_steps={steps}", "model.text_encoder=zoo:gemma", "model.autoencoder=zoo:dcae",
+            "model.dit.caption_channels=64"]  # the tiny zoo Gemma-2's width: no weights can be downloaded
+    runs: dict[str, dict] = {}
+
+    def go(name, nproc, extra, resume_from=None, resume_step=None):
+        run = work / name
+        if resume_from is not None:
+            ck = f"step-{resume_step:08d}"
+            shutil.copytree(work / resume_from / "checkpoints" / ck, run / "checkpoints" / ck)
+            shutil.copy(work / resume_from / "config.yaml", run / "config.yaml")
+        if name == "two_nodes":
+            res = _jobs_train_two_nodes(run, data, args.config, [*sets, *extra], args.device, logs / name)
+        else:
+            res = _jobs_train(run, data, args.config, [*sets, *extra], nproc, args.device,
+                              resume=resume_from is not None, log=logs / f"{name}.log")
+        summary = run / "summary.json"
+        res["summary"] = json.loads(summary.read_text()) if summary.is_file() else None
+        res["losses"] = _losses(run)
+        runs[name] = res
+        print(f"  {name:<14} exit {res['exit']}  {res['seconds']:7.1f} s", flush=True)
+        return run
+
+    global_batch = f"{batch} per GPU x 2"
+    sets_one = ["optim.grad_accum_steps=2"]
+    t0 = time.time()
+    one = go("one_accum2", 1, sets_one)
+    fsdp = go("fsdp2", 2, ["dist.strategy=fsdp"])
+    ddp = go("ddp2", 2, ["dist.strategy=ddp"])
+    nodes = go("two_nodes", 2, ["dist.strategy=fsdp", f"max_steps={half}"])
+    to_one = go("fsdp2_to_one", 1, sets_one, "fsdp2", half)
+    to_two = go("one_to_fsdp2", 2, ["dist.strategy=fsdp"], "one_accum2", half)
+    ref_keys, ref_loss = _keys(one), _losses(one)
+    tol = 2e-2 if cuda else 1e-4
+
+    def same_samples(run, lo, hi):
+        k = _keys(run)
+        want = [(s, slot) for s in range(lo, hi + 1) for slot in (0, 1)]
+        return bool(k) and all(w in k and w in ref_keys and k[w]["keys"] == ref_keys[w]["keys"] for w in want)
+
+    checks = {}
+    for name, run, lo, hi in (("fsdp2", fsdp, 1, steps), ("ddp2", ddp, 1, steps), ("two_nodes", nodes, 1, half),
+                              ("fsdp2_to_one", to_one, half + 1, steps), ("one_to_fsdp2", to_two, half + 1, steps)):
+        k = _keys(run)
+        first = {key: v for key, v in ref_keys.items() if key[0] <= half} if lo > 1 else {}
+        checks[name] = {"exit": runs[name]["exit"], "same_samples_as_one_accum2": same_samples(run, lo, hi),
+                        "first_step": min((st for st, _ in k), default=None),
+                        "each_sample_once_per_epoch": _once_per_epoch({**first, **k}, all_keys),
+                        "loss_vs_one_accum2": _curve_diff(_losses(run), ref_loss, range(lo, hi + 1))}
+        c = checks[name]
+        c["ok"] = (c["exit"] == 0 and c["same_samples_as_one_accum2"] and c["first_step"] == lo
+                   and c["each_sample_once_per_epoch"] and c["loss_vs_one_accum2"].get("max_rel", 1) < tol)
+    record = {"config": args.config, "device": args.device, "steps": steps, "global_batch": global_batch,
+              "samples": n, "latent": side, "loss_rel_tolerance": tol, "runs": runs, "checks": checks,
+              "reference_losses": ref_loss, "seconds": round(time.time() - t0, 1),
+              "all_ok": all(c["ok"] for c in checks.values()) and runs["one_accum2"]["exit"] == 0}
+    if not record["all_ok"]:
+        shutil.copytree(logs, Path(args.out) / "train_checks_logs", dirs_exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return record
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -210,6 +372,11 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", default="bench/results")
     p.add_argument("--name", help="result file name (default distributed_<device>.json)")
+    p.add_argument("--train-checks", action="store_true",
+                   help="run jobs.train itself (see above) instead of the step benchmark")
+    p.add_argument("--train-steps", type=int, default=50, help="--train-checks: optimizer steps a run")
+    p.add_argument("--train-batch", type=int, default=8, help="--train-checks: batch per GPU")
+    p.add_argument("--train-samples", type=int, default=256, help="--train-checks: synthetic samples")
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.strategies = [s for s in args.strategies.split(",") if s]
@@ -236,6 +403,24 @@ def main(argv=None) -> dict | None:
         device_name = torch.cuda.get_device_name(0)
     else:
         device_name = "cpu"
+    if args.train_checks:
+        if args.nproc != 2:
+            sys.exit("bench_distributed: --train-checks compares 2 processes with 1 (--nproc 2)")
+        record = train_checks(args)
+        record["command"] = "python bench/bench_distributed.py " + " ".join(argv)
+        record["device_name"] = device_name
+        for name, c in record["checks"].items():
+            d = c["loss_vs_one_accum2"]
+            print(f"{name:<14} {'ok' if c['ok'] else 'FAILED':<7} exit {c['exit']} same samples "
+                  f"{c['same_samples_as_one_accum2']} first step {c['first_step']} once/epoch "
+                  f"{c['each_sample_once_per_epoch']} loss max rel diff {d.get('max_rel', float('nan')):.2e} "
+                  f"(abs {d.get('max_abs', float('nan')):.2e}, tolerance {record['loss_rel_tolerance']:g})")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / (args.name or f"distributed_train_{args.device}.json")).write_text(json.dumps(record, indent=2))
+        if not record["all_ok"]:
+            sys.exit(f"bench_distributed --train-checks: some checks failed, logs in {out / 'train_checks_logs'}")
+        return record
     args.passthrough = [a for a in argv if a != "--worker-out"]
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
