@@ -10,7 +10,7 @@ import pytest
 
 from sana_core.errors import SanaError
 from sana_core.lock import LOCK_NAME, OutputLock, _pid_ns, _proc_start, _read_text
-from sana_core.secrets import REDACTED, is_secret_key, redact, redact_text, strip_url_credentials
+from sana_core.secrets import REDACTED, is_secret_key, redact, redact_argv, redact_text, strip_url_credentials
 
 HF = "hf_" + "a1B2c3D4e5F6g7H8i9J0kLmN"
 
@@ -71,6 +71,14 @@ def test_strip_url_credentials(url, want):
 def test_redact_text_in_a_log_line():
     line = f"failed to read https://u:p@h/x.jpg?sig=1 with token {HF}"
     assert redact_text(line) == f"failed to read https://h/x.jpg with token {REDACTED}"
+
+
+def test_redact_argv_for_recorded_command_lines():
+    argv = ["-m", "jobs.train", "--set", "model.autoencoder=https://u:pw@h/x?sig=1", "--set",
+            "vlms.q.env.SOME_VAR=abc", "--set", "hf_token=zz", "--api-key", "K", "--set", "optim.lr=1e-4", HF]
+    assert redact_argv(argv) == ["-m", "jobs.train", "--set", "model.autoencoder=https://h/x", "--set",
+                                 f"vlms.q.env.SOME_VAR={REDACTED}", "--set", f"hf_token={REDACTED}", "--api-key",
+                                 REDACTED, "--set", "optim.lr=1e-4", REDACTED]
 
 
 def test_is_secret_key_whole_parts_only():

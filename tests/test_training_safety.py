@@ -165,6 +165,9 @@ def test_used_folder_refused_new_output_moves_it_aside_and_resume_checks_the_con
     assert "optim" not in msg
 
     # A new lr (and max_steps) is applied, not replaced by the restored optimizer's or scheduler's, and said.
+    # The records a run wrote after its last checkpoint before dying (here step 3 and a cut line) are dropped.
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 3, "loss": 9.0, "lr": 1.0}) + "\n" + '{"step": 4, "lo')
     capsys.readouterr()
     s = train(cfg("max_steps=4", "optim.lr=5e-4"), data, run, resume=True)
     out = capsys.readouterr().out

@@ -115,6 +115,14 @@ def read_shard(url: str, retries: int = 0, wait: float = 1.0) -> Iterator[dict]:
         attempt += 1
 
 
+def _finite(arr: np.ndarray) -> bool:
+    if arr.dtype == np.float16:
+        # numpy's float16 arithmetic is emulated (isfinite: ~100 us for a 32x16x32 latent, 4x float32's); a
+        # half is NaN or inf exactly when its 5 exponent bits are all ones, which integer ops test at full speed.
+        return not ((np.ascontiguousarray(arr).view(np.uint16) & 0x7C00) == 0x7C00).any()
+    return arr.dtype.kind in "iu" or bool(np.isfinite(arr).all())
+
+
 def check_sample(s: dict, channels: int | None = None) -> tuple[dict, np.ndarray] | str:
     """(json record, latent) of a raw sample, or why it cannot be trained on."""
     if "json" not in s or "latent.npy" not in s:
@@ -136,7 +144,7 @@ def check_sample(s: dict, channels: int | None = None) -> tuple[dict, np.ndarray
         return f"latent has {arr.shape[0]} channels, the model {channels}"
     if arr.dtype.kind not in "fiu":
         return f"latent dtype {arr.dtype} is not numeric"
-    if not np.isfinite(arr).all():
+    if not _finite(arr):
         return "latent is not finite (NaN or inf)"
     return meta, arr
 
