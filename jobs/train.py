@@ -8,7 +8,9 @@ Launchers, same training code:
     Ray Train:    ray job submit -- python -m jobs.train ... --num-workers 8 --gpus-per-worker 1
 
 RUN_DIR gets config.yaml, metrics.jsonl, checkpoints/step-XXXXXXXX/ (sharded, resumable), wandb/ (offline
-unless WANDB_MODE is set) and samples/ (image grids from the fixed prompts).
+unless WANDB_MODE is set) and samples/ (image grids from the fixed prompts). One job at a time holds RUN_DIR
+(RUN_DIR/.sana.lock); a RUN_DIR holding a run is refused unless --resume continues it (config changes that
+alter the model or data layout refused, others applied and printed) or --new-output moves it aside.
 """
 from __future__ import annotations
 
