@@ -74,6 +74,7 @@ def _measure(strategy: str, args, info, ckpt_root: Path) -> dict:
     dcfg = DistConfig(bucket_cap_mb=args.bucket_mb, reshard_after_forward=strategy != "fsdp_keep")
     model = D.wrap(model, "fsdp" if strategy.startswith("fsdp") else strategy, info, bf16=cuda, cfg=dcfg)
     raw = D.unwrap(model)
+    set_to_none = D.grads_set_to_none("fsdp" if strategy.startswith("fsdp") else strategy)
     opt = build_optimizer(model, OptimConfig(name="adamw", lr=1e-4))
     ema = EMA(raw, 0.9999)
     gen = torch.Generator(device=dev)
@@ -93,7 +94,7 @@ def _measure(strategy: str, args, info, ckpt_root: Path) -> dict:
         if hasattr(gn, "full_tensor"):
             gn = gn.full_tensor()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=set_to_none)
         ema.update(raw)
         return float(gn)  # the trainer's per-step host sync (finiteness check)
 

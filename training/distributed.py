@@ -155,6 +155,15 @@ def wrap(model: nn.Module, strategy: str, info: DistInfo, bf16: bool = False,
     raise SanaError(f"dist.strategy {strategy!r} is not one of auto, ddp, fsdp")
 
 
+def grads_set_to_none(strategy: str) -> bool:
+    """How optimizer.zero_grad clears under this strategy. Under DDP the gradients are kept as zeroed bucket
+    views (set_to_none=False): a gradient set to None comes back from autograd as a fresh tensor that DDP
+    copies into its bucket, which is the allocation and copy gradient_as_bucket_view exists to avoid (see
+    its documentation in torch.nn.parallel.DistributedDataParallel); zeroing the buckets is one memset.
+    Otherwise None, which frees the gradient memory between steps."""
+    return strategy != "ddp"
+
+
 def no_grad_sync(model: nn.Module, strategy: str):
     """Context for a gradient-accumulation micro-batch that is not the last of its step: DDP skips its
     all-reduce (gradients accumulate locally; one all-reduce of the sum at the last micro-batch, identical

@@ -229,11 +229,11 @@ class Trainer:
         # well cost two more all-reduces and host syncs every step.
         gn = self._clip()
         if not math.isfinite(gn):
-            self.opt.zero_grad(set_to_none=True)
+            self.opt.zero_grad(set_to_none=D.grads_set_to_none(self.strategy))
             return self._nonfinite(micro, per_samples)
         self.opt.step()
         self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=D.grads_set_to_none(self.strategy))
         if self.ema is not None:
             self.ema.update(self.raw)
         loss = torch.stack(losses).mean()
@@ -258,7 +258,7 @@ class Trainer:
         self.nonfinite_skipped += 1
         if self.info.is_main:
             tqdm.write(f"skipped step: {where}")
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=D.grads_set_to_none(self.strategy))
         self.sched.step()  # the step still happens in the schedule, so step-indexed state stays aligned
         return {"loss": float("nan"), "grad_norm": float("nan"), "skipped": 1}
 
