@@ -272,7 +272,7 @@ def test_second_job_on_a_locked_output_is_refused_and_a_stale_lock_taken_over(tm
     from jobs.curate import main
 
     out, empty = tmp_path / "out", tmp_path / "empty"
-    empty.mkdir()
+    empty.mkdir()  # an input that fails fast once the lock is held: nothing is curated here
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from sana_core.lock import OutputLock; "
                                "OutputLock(sys.argv[1], what='curation job').acquire(); print('held', flush=True); "
                                "time.sleep(120)", str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -289,10 +289,12 @@ def test_second_job_on_a_locked_output_is_refused_and_a_stale_lock_taken_over(tm
         holder.kill()  # dies holding the lock: a stale lock
         holder.wait()
     assert (out / ".sana.lock").exists()
+    args[1] = str(tmp_path / "missing")
     with pytest.raises(SystemExit) as e:
-        main(args)  # takes the stale lock over, then fails for its own reason (no inputs), releasing it
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.startswith("error: no inputs found") and not (out / ".sana.lock").exists()
+        main(args)  # takes the stale lock over, then fails for its own reason (no such input), releasing it
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert e.value.code == 2 and len(errors) == 1 and "missing" in errors[0] and "in use" not in errors[0]
+    assert not (out / ".sana.lock").exists()
 
 
 # ---------------------------------------------------------------------------------------------- secrets
