@@ -179,6 +179,22 @@ def test_one_process_checkpoint_resumes_in_two_fsdp_processes(data, one_proc, tm
     assert_close(losses(run), losses(one_proc), range(HALF + 1, STEPS + 1))
 
 
+def test_resume_with_another_slot_count_goes_on_at_the_next_epoch(data, fsdp_two, tmp_path, capsys):
+    """2 slots saved, 1 slot now (1 process, no accumulation): the order cannot continue, so the run says so
+    and starts the next epoch instead of repeating samples or re-reading earlier epochs."""
+    run = resumed_copy(fsdp_two, tmp_path / "run", HALF)
+    saved_epoch = max(r["epoch"] for (st, _), r in keys_by_step(fsdp_two).items() if st <= HALF)
+    s = in_process(data[0], run, resume=True)
+    assert s["steps_this_run"] == STEPS - HALF
+    out = capsys.readouterr().out
+    assert "saved with 2 slots" in out and f"start of epoch {saved_epoch + 1}" in out
+    rec = keys_by_step(run)
+    assert sorted(rec) == [(st, 0) for st in range(HALF + 1, STEPS + 1)]
+    assert {r["epoch"] for r in rec.values()} == {saved_epoch + 1}
+    keys = [k for r in rec.values() for k in r["keys"]]
+    assert len(keys) == len(set(keys))
+
+
 def test_ddp_with_accumulation_equals_one_process_with_four_steps(data, tmp_path):
     """DDP skips the all-reduce of all but the last micro-batch (no_sync); the result is the same as one
     process accumulating all 4 slots."""

@@ -158,15 +158,17 @@ class Trainer:
         """Restore this rank's slot generators and data positions; return the batches each slot skips.
 
         Exact when the checkpoint has the same world x grad_accum_steps and data.num_workers (e.g. 2 GPUs
-        -> 1 GPU with grad_accum_steps=2): every slot continues its own stream. Otherwise each slot skips as
-        many batches as puts the run the same number of samples into the data order, which is not the same
-        samples, and says so."""
+        -> 1 GPU with grad_accum_steps=2): every slot continues its own stream. Otherwise the streams of the
+        new layout cannot continue the old ones, and the run says so and goes on at the start of the epoch
+        after the furthest saved position: no sample is repeated within an epoch (the rest of the current one
+        is skipped) and no earlier epoch is re-read (skipping `step` batches from epoch 0 would re-read all)."""
         cfg, info = self.cfg, self.info
         pos = extra["data_position"]
         saved = pos.get("num_slots", pos["world"])  # checkpoints from before grad accumulation: a slot a rank
         slots = {int(k): v for k, v in extra["slots"].items()} if "slots" in extra else \
             {info.rank: {"generator": extra["generator"], "workers": pos.get("workers", {})}}
         now = info.world * self.accum
+        epoch = max((p[0] for v in slots.values() for p in v["workers"].values()), default=-1)
         if saved == now and pos["num_workers"] == cfg.data.num_workers and all(s in slots for s in self.slots):
             for a, slot in enumerate(self.slots):
                 self.gens[a].set_state(slots[slot]["generator"])
@@ -175,12 +177,13 @@ class Trainer:
         if info.is_main:
             print(f"warning: resuming with {info.world} processes x {self.accum} grad_accum_steps = {now} data "
                   f"slots and {cfg.data.num_workers} loader workers; saved with {saved} slots and "
-                  f"{pos['num_workers']} workers: the sample order will differ (keep processes x "
-                  f"optim.grad_accum_steps = {saved} and data.num_workers = {pos['num_workers']} to continue it "
-                  f"exactly)")
-        for g, slot in zip(self.gens, self.slots):  # fresh noise, not a replay of the first steps'
+                  f"{pos['num_workers']} workers, so the data order cannot continue: going on at the start of "
+                  f"epoch {epoch + 1} (keep processes x optim.grad_accum_steps = {saved} and data.num_workers = "
+                  f"{pos['num_workers']} to continue exactly)")
+        for a, (g, slot) in enumerate(zip(self.gens, self.slots)):  # fresh noise, not a replay of step 1's
             g.manual_seed((cfg.seed * 1000 + slot) * 1_000_003 + self.step)
-        return self.step * saved // now
+            self.data_positions[a] = {w: (epoch + 1, -1) for w in range(max(1, cfg.data.num_workers))}
+        return self.step
 
     # -- one step --------------------------------------------------------------------------------------
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
