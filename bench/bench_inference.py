@@ -13,9 +13,10 @@ Parts:
   dit       DiT forward at 1024 px, batch 32: bf16 / w8a8-int8 / w8a8-fp8, eager and with compiled blocks
             (--no-compile skips those), velocity cosine similarity of each against bf16 (and bf16 vs float32).
   errors    per-layer error table (each block linear quantised alone on the bf16 model's activations).
-  pipeline  ours (compiled blocks; eager too at 1024 px) vs diffusers' SanaPipeline (eager, as shipped) from
-            the same weights: --sizes x --batches, 20 Flow-DPM-Solver steps, guidance 4.5, per-phase times
-            (text, denoise, decode) and peak memory. diffusers decodes the whole batch at once as its pipeline
+  pipeline  ours (CUDA-graph replay of the DiT steps; with compiled blocks unless --no-compile, then eager
+            too at the smallest size) vs diffusers' SanaPipeline (eager, as shipped) from the same weights:
+            --sizes x --batches, 20 Flow-DPM-Solver steps, guidance 4.5, per-phase times (text, denoise,
+            decode) and peak memory; each size is run once (1 step, batch 1) by both before it is timed. diffusers decodes the whole batch at once as its pipeline
             does; when that runs out of memory the decode is retried with diffusers' VAE tiling (its suggested
             512 px tiles) and recorded as such.
 Results go to OUT/inference_h200.json (rewritten after every measurement, so a run cut short keeps what it
@@ -397,6 +398,12 @@ def part_pipeline(report, dit, te, ae, dev, sizes, batches, steps, compile_ours:
             uncompile(dit)  # a failed compile: ours is measured eager
         report.put("pipeline", "ours_compiled", compile_ours and "compile_error" not in report.data["pipeline"])
     for size in sizes:
+        def warm(size=size):  # first use of a size (conv algorithms, allocator) kept out of the timings
+            t = time.perf_counter()
+            ours(PROMPTS[:1], height=size, width=size, steps=1, output="pt")
+            run_diffusers(ref, PROMPTS[:1], size, 1, dev)
+            report.put("pipeline", f"warmup_{size}px_s", time.perf_counter() - t)
+        guard(report, ("pipeline", f"warmup_{size}px_error"), warm)
         for B in batches:
             for name, p in (("ours", ours), ("diffusers", ref)):
                 guard(report, ("pipeline", f"{size}px_b{B}", name), lambda n=name, p=p: one(n, p, size, B))

@@ -80,7 +80,10 @@ def int8_matmul_reference(xq, xs, wq, ws, bias, out_dtype) -> torch.Tensor:
 
 
 def fp8_matmul(xq, xs, wq, ws, bias, out_dtype) -> torch.Tensor:
-    """Row-wise scaled fp8 GEMM (cuBLASLt on CUDA; torch's own kernel on the CPU)."""
+    """Row-wise scaled fp8 GEMM: cuBLASLt on CUDA; on the CPU the same product in float32 (fp8 values are
+    exact in float32; torch 2.11's CPU _scaled_mm takes per-tensor scales only)."""
+    if not xq.is_cuda:
+        return _epilogue(xq.float() @ wq.float().t(), xs, ws, bias, out_dtype)
     if out_dtype != torch.bfloat16:  # row-wise scaling is implemented for a bf16 output only
         return fp8_matmul(xq, xs, wq, ws, bias, torch.bfloat16).to(out_dtype)
     return torch._scaled_mm(xq, wq.t(), scale_a=xs[:, None], scale_b=ws[None, :],
@@ -199,16 +202,20 @@ def quantize_rows(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor
     return q, s
 
 
-# Launch shape per problem size. The large-M entry is Triton's Hopper 8-bit matmul tile (128 x 256 x 128,
-# 8 warps, 3 stages: 144 KiB of shared memory); bench/bench_inference.py --parts gemm sweeps alternatives.
+# Launch shape per problem size, the fastest of bench/bench_inference.py's sweep on the H200 at Sana-0.6B's
+# shapes (bench/results/inference_h200.json, "gemm"): 256 x 128 x 128 tiles, 8 warps, 3 stages where 128
+# divides K; where it does not (Mix-FFN down, K = 2880) 128 x 128 x 64, 4 warps, 4 stages (0.209 vs 0.280 ms).
 CONFIGS = {
-    "large": {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    "large": {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    "large_k64": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
     "small": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
 }
 
 
 def gemm_config(M: int, N: int, K: int) -> dict:
-    return dict(CONFIGS["large" if M >= 1024 and N >= 256 else "small"])
+    if M < 1024 or N < 256:
+        return dict(CONFIGS["small"])
+    return dict(CONFIGS["large" if K % 128 == 0 else "large_k64"])
 
 
 def int8_matmul(xq, xs, wq, ws, bias=None, out_dtype=torch.bfloat16, config: dict | None = None,

@@ -12,7 +12,9 @@ What it does for speed and memory at high resolution:
 - DC-AE decodes one image at a time, and an image larger than `decode_tile` pixels on a side in overlapping
   tiles (diffusers' AutoencoderDC tiled decode, blended seams), so 4096 x 4096 decodes in the memory of a
   decode_tile-sized image;
-- `compile_blocks=True` compiles each DiT block (regional torch.compile, dynamic shapes: one compile serves
+- on CUDA the DiT's forward is captured in a CUDA graph at the second step and replayed for the others
+  (`cuda_graphs`; at small batches the forward is bound by kernel launches, not by the GPU);
+- `compile=True` compiles each DiT block (regional torch.compile, dynamic shapes: one compile serves
   every resolution and batch size);
 - `timings` holds the last call's seconds per phase (text, denoise, decode), device-synchronised.
 """
@@ -71,15 +73,60 @@ def _tiled(vae, tile: int, overlap: int):
 
 
 def compile_blocks(dit: LinearDiT) -> LinearDiT:
-    """Regional compilation: each block compiled (they share one compiled graph), dynamic in batch and tokens."""
+    """Regional compilation: each block compiled (they share one compiled graph), dynamic in batch and tokens.
+    The self-attention module runs eager inside it: Dynamo traces into its direct Triton launches
+    (kernels.launch) and fails on the CUDA stream query (seen on the H200, torch 2.11)."""
     for block in dit.blocks:
+        block.attn.forward = torch.compiler.disable(block.attn.forward)
         block.compile(dynamic=True)
     return dit
 
 
+class _GraphedSteps:
+    """The DiT's forward replayed from a CUDA graph for the steps of one sampling call.
+
+    At a few thousand tokens the forward is bound by the host (hundreds of launches, ~40 ms a step for
+    Sana-0.6B against a few ms of GPU work); a graph replays them in one launch. The first step runs eager on
+    a side stream (it is also the warm-up the capture needs: every kernel compiled, every workspace made),
+    the second is captured and every step from then on replays it on copies of its inputs. A capture that
+    fails falls back to eager for the rest of the call. The graph and its memory live as long as the call."""
+
+    def __init__(self, fn):
+        self.fn, self.graph, self.static, self.out, self.failed = fn, None, None, None, False
+
+    def __call__(self, *args):
+        if self.failed:
+            return self.fn(*args)
+        if self.static is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.fn(*args)
+            torch.cuda.current_stream().wait_stream(side)
+            self.static = [a.clone() for a in args]
+            return out
+        if self.graph is None:
+            for s, a in zip(self.static, args):
+                s.copy_(a)
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self.out = self.fn(*self.static)
+                self.graph = graph
+            except RuntimeError:  # noqa: BLE001 - something in the forward is not capturable: stay eager
+                self.failed, self.out = True, None
+                torch.cuda.synchronize()
+                return self.fn(*args)
+        else:
+            for s, a in zip(self.static, args):
+                s.copy_(a)
+        self.graph.replay()
+        return self.out.clone()
+
+
 class SanaPipeline:
     def __init__(self, dit: LinearDiT, text_encoder: TextEncoder, autoencoder: Autoencoder, shift: float = 3.0,
-                 decode_tile: int = DECODE_TILE, compile: bool = False):
+                 decode_tile: int = DECODE_TILE, compile: bool = False, cuda_graphs: bool = True):
         if text_encoder.hidden_size != dit.cfg.caption_channels:
             raise SanaError(f"text encoder hidden size {text_encoder.hidden_size} != DiT caption_channels "
                             f"{dit.cfg.caption_channels}")
@@ -91,6 +138,7 @@ class SanaPipeline:
             raise SanaError(f"decode_tile {decode_tile} must be a multiple of {f} above {DECODE_OVERLAP} pixels")
         self.dit, self.text_encoder, self.autoencoder, self.shift = dit.eval(), text_encoder, autoencoder, shift
         self.decode_tile = decode_tile
+        self.cuda_graphs = cuda_graphs
         if compile:
             compile_blocks(self.dit)
         self.timings: dict[str, float] = {}
@@ -132,10 +180,12 @@ class SanaPipeline:
             noise = torch.randn(B, self.dit.cfg.in_channels, height // f, width // f, generator=g)
         noise = noise.to(dev, torch.float32)
 
+        dit = _GraphedSteps(self.dit) if self.cuda_graphs and dev.type == "cuda" else self.dit
+
         def model_fn(x, t, y_, m_):
             # The solver state stays float32 whatever the DiT runs in; t keeps the solver's precision (the DiT
             # scales it by 1000 before embedding).
-            return self.dit(x.to(dtype), t, y_, m_).float()
+            return dit(x.to(dtype), t, y_, m_).float()
 
         fn = guided(model_fn, y, y_mask, y_null, y_null_mask, guidance_scale)
         # flow_dpm: the model sees floor(1000 t) like under diffusers' DPMSolverMultistepScheduler (samplers.py).
