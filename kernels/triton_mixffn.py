@@ -25,10 +25,12 @@ import triton.language as tl
 
 from kernels.launch import Launcher, cdiv, device_index, on_current_device, sm_count, supported_device
 
+# Tiles (tokens x channels) picked by a sweep on the H200 at Sana-0.6B's batch-16 shape (u: 16 x 1024 x 5760):
+# forward 0.26 ms + 0.10 ms for silu(u) (a copy of u takes 0.09 ms); both backward kernels together ~0.98 ms.
 CONFIG = {
-    "fwd": {"BLOCK_T": 64, "BLOCK_C": 64, "num_warps": 4},
+    "fwd": {"BLOCK_T": 32, "BLOCK_C": 128, "num_warps": 4},
     "bwd_conv": {"BLOCK_T": 32, "BLOCK_C": 64, "num_warps": 4, "PROGRAMS_PER_SM": 4},
-    "bwd_input": {"BLOCK_T": 32, "BLOCK_C": 64, "num_warps": 8, "PROGRAMS_PER_SM": 4},
+    "bwd_input": {"BLOCK_T": 16, "BLOCK_C": 64, "num_warps": 4, "PROGRAMS_PER_SM": 4},
 }
 
 
