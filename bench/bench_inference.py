@@ -454,18 +454,21 @@ def main(argv=None):
           f"{sum(p.numel() for p in ae.vae.parameters()) / 1e6:.0f}M", flush=True)
     latent = 32 if args.preset == "real" else 4
     B = args.dit_batch
-    if "gemm" in parts:
-        guard(report, ("gemm", "error"), lambda: part_gemm(report, dit, dev, B * latent * latent, B * 300))
-    if "dit" in parts:
-        guard(report, ("dit", "error"), lambda: part_dit(report, dit, dev, B, latent, 300, args.compile_dit))
-    if "errors" in parts:
-        guard(report, ("layer_errors", "error"), lambda: part_errors(report, dit, dev, 4, latent, 300))
-    if "pipeline" in parts:
-        sizes = [int(s) for s in args.sizes.split(",")]
-        batches = [int(b) for b in args.batches.split(",")]
-        guard(report, ("pipeline", "error"),
-              lambda: part_pipeline(report, dit, te, ae, dev, sizes, batches, args.steps, not args.no_compile,
-                                    args.decode_tile or DECODE_TILE))
+    sizes = [int(s) for s in args.sizes.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    run = {  # in the order --parts names them
+        "gemm": lambda: guard(report, ("gemm", "error"),
+                              lambda: part_gemm(report, dit, dev, B * latent * latent, B * 300)),
+        "dit": lambda: guard(report, ("dit", "error"),
+                             lambda: part_dit(report, dit, dev, B, latent, 300, args.compile_dit)),
+        "errors": lambda: guard(report, ("layer_errors", "error"),
+                                lambda: part_errors(report, dit, dev, 4, latent, 300)),
+        "pipeline": lambda: guard(report, ("pipeline", "error"),
+                                  lambda: part_pipeline(report, dit, te, ae, dev, sizes, batches, args.steps,
+                                                        not args.no_compile, args.decode_tile or DECODE_TILE)),
+    }
+    for part in parts:
+        run[part]()
     report.put("meta", "total_s", time.perf_counter() - t0)
     print(f"wrote {out / name} ({time.perf_counter() - t0:.0f} s)")
 
