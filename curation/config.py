@@ -78,7 +78,17 @@ class EncodeConfig:
 
 @dataclass
 class WriterConfig:
-    samples_per_shard: int = 1000
+    samples_per_shard: int = 1000  # at most; a shard holds the accepted rows of one write batch of this size
+    num_cpus: float = 1.0  # per write task (they run on the workers, where the data is)
+    concurrency: int = 8  # write tasks in flight
+    index_shards: int = 8  # actors of the done/content index (curation.keyindex); ~32 bytes per input in all
+
+
+@dataclass
+class DedupConfig:
+    # An input whose bytes (sha256) equal an accepted sample's, or an earlier input's of this run, is rejected as
+    # `duplicate` (detail duplicate_of:KEY) before any model runs; false keeps every copy.
+    exact: bool = True
 
 
 @dataclass
@@ -97,6 +107,7 @@ class CurateConfig:
     clip: ClipConfig = field(default_factory=ClipConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     writer: WriterConfig = field(default_factory=WriterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
@@ -142,7 +153,7 @@ def _tiny() -> CurateConfig:
         vlms=vlms,
         clip=ClipConfig(model=ZOO, pretrained=ZOO, device="cpu", resources=small(16)),
         encode=EncodeConfig(model=ZOO, device="cpu", dtype="float32", resources=small(8)),
-        writer=WriterConfig(samples_per_shard=16),
+        writer=WriterConfig(samples_per_shard=16, num_cpus=0.25, concurrency=1, index_shards=2),
     )
 
 
@@ -197,6 +208,8 @@ def config_hash(cfg: CurateConfig, input_path: str) -> str:
     d.pop("ray", None)
     for section in [d["input"], d["resize"], d["clip"], d["encode"]]:
         section.pop("resources", None)
+    for k in ("num_cpus", "concurrency", "index_shards"):
+        d["writer"].pop(k, None)
     for v in d["vlms"].values():  # speed and placement, not results
         for k in ("batch_size", "num_gpus", "num_cpus", "concurrency", "gpu_memory_utilization", "cpu_kvcache_gib",
                   "in_process", "env"):

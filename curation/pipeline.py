@@ -1,12 +1,18 @@
-"""The curation pipeline: Ray Data stages from inputs to exactly-once WebDataset shards.
+"""The curation pipeline: Ray Data stages from inputs to exactly-once WebDataset shards, with no per-image
+state on the driver.
 
-    inputs (driver) -> decode/validate -> resize to bucket -> caption x N VLMs -> CLIP score -> DC-AE
-        -> driver: ds.iter_batches() -> ShardWriter (shards, parts, manifest, rejected)
+    listing (tasks on the workers: read_parquet / sub-folder walks / tar indexes; keys computed there)
+      -> drop_done (anti-join against the committed keys, held by curation.keyindex shards)
+      -> decode/validate [+ exact-duplicate check, + commit of the rejected rows]
+      -> resize to bucket -> caption x N VLMs -> CLIP score -> DC-AE
+      -> write (tasks on the workers: shards, manifest parts, rejected parts; curation.writer)
+      -> driver: one row of counts per written batch
 
-Every row carries `reject` / `detail` columns. A row rejected by one stage flows on untouched: model
-stages see only the live rows of each batch (`guarded_call`), so an empty caption or a NaN score marks
-the row rejected and it is recorded, never written as a sample. Stages time themselves into a
-`t__<stage>` column (seconds per row) that the summary turns into throughput per stage.
+Every row carries `reject` / `detail` columns. Rows rejected while decoding are committed right there (one
+rejected part per decode batch) and dropped, so the model stages never see them; a row rejected by a model
+stage flows on untouched: model stages see only the live rows of each batch (`guarded_call`), so an empty
+caption or a NaN score marks the row rejected and the write stage records it, never as a sample. Stages time
+themselves into a `t__<stage>` column (seconds per row) that the summary turns into throughput per stage.
 """
 from __future__ import annotations
 
@@ -23,17 +29,27 @@ from typing import Any
 
 import numpy as np
 
+from curation import keyindex
 from curation.caption import VLMCaptioner, caption_error_column
 from curation.clip_score import ClipStage
 from curation.config import CurateConfig, config_hash
 from curation.encode import EncodeStage
-from curation.read import InputItem, key_of, list_inputs
+from curation.read import LIST_CPUS, listing_dataset, plan_inputs
 from curation.resize import ResizeStage
 from curation.resources import check_resources
 from curation.stage import Batch, Stage, StageResources, caption_column, clip_column
-from curation.summary import Stats, output_summary
+from curation.summary import Stats, batch_counts, output_summary, split_batch
 from curation.validate import DecodeStage
-from curation.writer import ShardWriter, atomic_write_bytes
+from curation.writer import (
+    MANIFEST,
+    REJECTED,
+    atomic_write_bytes,
+    commit_rejected,
+    commit_shard,
+    finish,
+    make_dirs,
+    sweep,
+)
 from sana_core.config import to_dict
 from sana_core.errors import SanaError
 from sana_core.secrets import redact, strip_url_credentials
@@ -145,18 +161,90 @@ def add_stage(ds, stage_cls: type[Stage], resources: StageResources, kwargs: dic
                                                        outputs=outputs), **kw)
 
 
-def build_dataset(cfg: CurateConfig, items: list[InputItem]):
-    """The lazy Ray Dataset of processed rows for `items` (models are resolved: absolute paths)."""
-    import ray.data
+class Tally:
+    """Ray actor: counts of the rows the decode tasks commit as rejected (they never reach the driver).
+    Progress only: a retried task reports twice; the final counts come from the parts on disk."""
 
-    rows = [{"key": key_of(it.source), "source": it.source, "locator": it.locator, "reject": "", "detail": ""}
-            for it in items]
-    bs = cfg.input.resources.batch_size
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(math.ceil(len(rows) / bs), 1000)))
+    def __init__(self):
+        self.stats = Stats()
+
+    def add(self, c: dict[str, Any]) -> None:
+        self.stats.add(c)
+
+    def get(self) -> Stats:
+        return self.stats
+
+
+def _rows_rejected(batch: Batch) -> np.ndarray:
+    return ~_is_live(np.asarray(batch["reject"], dtype=object))
+
+
+def _take(batch: Batch, idx: np.ndarray) -> Batch:
+    return {k: np.asarray(v)[idx] for k, v in batch.items()}
+
+
+def decode_and_settle(batch: Batch, decode_kwargs: dict, out: str, shards, dedup: bool, tally) -> Batch:
+    """Decode a batch, reject exact duplicates of content already owned by another key, commit the rejected
+    rows (one rejected part) and pass on only the live ones."""
+    batch = guarded_task(batch, DecodeStage, decode_kwargs, "decode", None)
+    if dedup:
+        live = np.nonzero(~_rows_rejected(batch))[0]
+        if len(live):
+            owners = keyindex.claim_contents(shards, [str(batch["sha256"][i]) for i in live],
+                                             [str(batch["key"][i]) for i in live])
+            reject = np.asarray(batch["reject"], dtype=object).copy()
+            detail = np.asarray(batch["detail"], dtype=object).copy()
+            for i, owner in zip(live, owners):
+                if owner != str(batch["key"][i]):
+                    reject[i], detail[i] = "duplicate", f"duplicate_of:{owner}"
+            batch = dict(batch, reject=reject, detail=detail)
+    dead = _rows_rejected(batch)
+    if dead.any():
+        light = _take({k: v for k, v in batch.items() if k != "image"}, np.nonzero(dead)[0])
+        rows, _ = split_batch(light, [])
+        commit_rejected(Path(out), rows)
+        tally.add.remote(batch_counts(light, rows, 0))
+    return _take(batch, np.nonzero(~dead)[0])
+
+
+def write_batch(batch: Batch, out: str, vlms: list[str], clip_model: str) -> dict[str, np.ndarray]:
+    """The write stage: one shard (+ its manifest part) and one rejected part per batch; returns its counts."""
+    rejected, accepted = split_batch(batch, vlms)
+    commit_rejected(Path(out), rejected)
+    commit_shard(Path(out), accepted, vlms, clip_model)
+    c = batch_counts(batch, rejected, len(accepted))
+    return {k: np.array([v]) for k, v in c.items()}
+
+
+def _count_todo(batch, shards):
+    """Pass 1 (read-only): listed rows and rows not yet done of one listing block."""
+    import pyarrow as pa
+
+    kept = keyindex.drop_done(batch, shards, claim=False)
+    return pa.table({"rows": [batch.num_rows], "todo": [kept.num_rows]})
+
+
+def _todo_rows(batch, shards):
+    """Pass 2: the rows of a listing block to process (claimed), with empty reject/detail columns."""
+    import pyarrow as pa
+
+    t = keyindex.drop_done(batch, shards, claim=True)
+    empty = pa.array([""] * t.num_rows, type=pa.string())
+    return t.append_column("reject", empty).append_column("detail", empty)
+
+
+def build_dataset(cfg: CurateConfig, input_path: str, out: Path, shards, tally):
+    """The lazy Ray Dataset of per-batch counts; running it curates every input not yet done into `out`."""
+    plan = plan_inputs(input_path, cfg.input.format, cfg.input.parquet_column)
+    ds = listing_dataset(plan, cfg.input.extensions, cfg.input.parquet_column)
+    ds = ds.map_batches(_todo_rows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+                        num_cpus=LIST_CPUS, fn_kwargs=dict(shards=shards))
     ic = cfg.input
-    ds = add_stage(ds, DecodeStage, ic.resources, dict(max_pixels=ic.max_pixels, min_size=ic.min_size,
-                                                       special_modes=ic.special_modes, background=ic.background,
-                                                       max_bytes=ic.max_bytes), "decode")
+    decode_kwargs = dict(max_pixels=ic.max_pixels, min_size=ic.min_size, special_modes=ic.special_modes,
+                         background=ic.background, max_bytes=ic.max_bytes)
+    kw = DecodeStage.map_batches_kwargs(ic.resources)
+    ds = ds.map_batches(decode_and_settle, fn_kwargs=dict(decode_kwargs=decode_kwargs, out=str(out), shards=shards,
+                                                          dedup=cfg.dedup.exact, tally=tally), **kw)
     rc = cfg.resize
     ds = add_stage(ds, ResizeStage, rc.resources, dict(base=rc.base, write_jpg=rc.write_jpg,
                                                        jpg_quality=rc.jpg_quality), "resize")
@@ -171,7 +259,13 @@ def build_dataset(cfg: CurateConfig, items: list[InputItem]):
     ec = cfg.encode
     ds = add_stage(ds, EncodeStage, ec.resources, dict(model=ec.model, device=ec.device, dtype=ec.dtype), "encode",
                    outputs={"latent": EMPTY_LATENT, "latent_scaling_factor": math.nan})
-    return ds.drop_columns(["image", "locator"])
+    ds = ds.drop_columns(["image", "locator"])
+    from ray.data import TaskPoolStrategy
+
+    wc = cfg.writer
+    return ds.map_batches(write_batch, batch_size=wc.samples_per_shard, batch_format="numpy",
+                          num_cpus=wc.num_cpus, compute=TaskPoolStrategy(size=wc.concurrency),
+                          fn_kwargs=dict(out=str(out), vlms=vlms, clip_model=cfg.clip.model))
 
 
 # ---------------------------------------------------------------------------------------------- the driver
@@ -204,6 +298,10 @@ def _init_ray(cfg: CurateConfig) -> None:
         # A loaded machine can start the dashboard agent slower than the raylet's default wait for its
         # port file, which kills the raylet ("node timed out during startup"); give it two minutes.
         os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
+        # ...and can starve the raylet long enough for the GCS to declare the node dead (default: 5 missed
+        # checks of 10 s); a private single-node cluster loses nothing by waiting longer.
+        os.environ.setdefault("RAY_health_check_failure_threshold", "30")
+        os.environ.setdefault("RAY_health_check_timeout_ms", "30000")
     for attempt in range(3):
         try:
             ray.init(**kw)
@@ -250,6 +348,27 @@ class RunResult:
     record: dict
 
 
+def _sana_cause(e: BaseException) -> SanaError | None:
+    """The SanaError a worker raised (Ray wraps it in RayTaskError / Ray Data errors), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, SanaError) and type(e) is SanaError:
+            return e
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, SanaError):
+            return SanaError(str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__)
+        e = e.__cause__ or e.__context__ or (cause if isinstance(cause, BaseException) else None)
+    return None
+
+
+def _on_worker(fn, *args):
+    """Run fn on a worker (sweeps of the output folder touch files, not the driver's memory)."""
+    import ray
+
+    return ray.get(ray.remote(fn).options(num_cpus=0).remote(*args))
+
+
 def run(cfg: CurateConfig, input_path: str, output: str | Path, new_output: bool = False,
         log: Callable[[str], None] = print) -> RunResult:
     """Curate `input_path` into `output`; resumes a same-config output, refuses a different one."""
@@ -261,44 +380,81 @@ def run(cfg: CurateConfig, input_path: str, output: str | Path, new_output: bool
     chash = config_hash(cfg, input_path)
     prev = prepare_output(out, chash, new_output)
     out.mkdir(parents=True, exist_ok=True)
-
-    items, dups = list_inputs(input_path, cfg.input.format, cfg.input.extensions, cfg.input.parquet_column)
-    if not items:
-        raise SanaError(f"no inputs found under {input_path} (extensions {cfg.input.extensions})")
-    vlms = list(cfg.vlms)
-    writer = ShardWriter(out, cfg.writer.samples_per_shard, vlms, cfg.clip.model)
-    todo = [it for it in items if key_of(it.source) not in writer.done_keys]
-    log(f"inputs: {len(items)} ({dups} duplicate sources dropped); already done: {len(items) - len(todo)}; "
-        f"to do: {len(todo)}" + (f"; removed {writer.removed_orphans} uncommitted shard(s)" if writer.removed_orphans
-                                 else ""))
+    make_dirs(out)
+    plan = plan_inputs(input_path, cfg.input.format, cfg.input.parquet_column)  # the driver only plans
     record = {"status": "running", "config_hash": chash, "input": strip_url_credentials(input_path),
               "output": str(out), "config": redact(to_dict(cfg)), "versions": _versions(),
               "started_at": (prev or {}).get("started_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
               "attempts": (prev or {}).get("attempts", 0) + 1}
     atomic_write_bytes(out / "run.json", json.dumps(record, indent=2).encode())
 
-    stats = Stats(vlms)
-    if todo:
-        _init_ray(cfg)
-        check_resources(cfg, log)  # refuse in one line a job whose actor pools this cluster can never hold
-        import ray.data
+    _init_ray(cfg)
+    import ray
+    import ray.data
 
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = False
-        ds = build_dataset(cfg, todo)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
-            rejected, accepted = stats.add_batch(batch)
-            writer.reject(rejected)
-            for s in accepted:
-                writer.add(s)
-    accepted_n, rejected_n = writer.close()
-    if accepted_n + rejected_n != len(items):
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = False
+    stats = Stats()
+    shards = keyindex.make_shards(cfg.writer.index_shards)
+    try:
+        swept = _on_worker(sweep, out)
+        committed = keyindex.seed_index(shards, out / MANIFEST, out / REJECTED, cfg.dedup.exact)
+        listed = todo = 0
+        ds = listing_dataset(plan, cfg.input.extensions, cfg.input.parquet_column).map_batches(
+            _count_todo, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, num_cpus=LIST_CPUS,
+            fn_kwargs=dict(shards=shards))
+        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            listed += int(np.sum(b["rows"]))
+            todo += int(np.sum(b["todo"]))
+        if not listed:
+            raise SanaError(f"no inputs found under {strip_url_credentials(input_path)} "
+                            f"(extensions {cfg.input.extensions})")
+        removed = swept["uncommitted_shards"]
+        log(f"inputs: {listed} listed; already done: {listed - todo}; to do: {todo}"
+            + (f"; removed {removed} uncommitted shard(s)" if removed else ""))
+        totals = {"done_listed": listed - todo, "new": 0, "dup_sources": 0}
+        if todo:
+            check_resources(cfg, log)  # refuse in one line a job whose actor pools this cluster can never hold
+            tally = ray.remote(num_cpus=0)(Tally).remote()
+            last = time.time()
+            for b in build_dataset(cfg, input_path, out, shards, tally).iter_batches(
+                    batch_size=None, batch_format="numpy", prefetch_batches=1):
+                stats.add_rows(b)
+                if time.time() - last > 15:
+                    early = ray.get(tally.get.remote())
+                    log(f"progress: {stats.accepted} accepted, {stats.rejected + early.rejected} rejected "
+                        f"of {todo} to do")
+                    last = time.time()
+            early = ray.get(tally.get.remote())
+            stats.rejected += early.rejected
+            for k, v in early.reasons.items():
+                stats.reasons[k] += v
+            for k in early.busy:
+                stats.busy[k] += early.busy[k]
+                stats.rows[k] += early.rows[k]
+            totals = keyindex.totals(shards)
+        _on_worker(sweep, out)
+    except Exception as e:  # noqa: BLE001 - a SanaError raised on a worker is shown as one line, like the driver's
+        cause = _sana_cause(e)
+        if cause is not None:
+            raise cause from None
+        raise
+    finally:
+        for h in shards:
+            ray.kill(h)
+    accepted_n, rejected_n = finish(out)  # Parquet footers only
+    if accepted_n + rejected_n != committed + totals["new"]:
         raise SanaError(f"bookkeeping error in {out}: {accepted_n} accepted + {rejected_n} rejected != "
-                        f"{len(items)} inputs")
+                        f"{committed} committed before + {totals['new']} processed now")
+    inputs = totals["done_listed"] + totals["new"] if todo else accepted_n + rejected_n
+    if inputs != accepted_n + rejected_n:
+        log(f"note: {accepted_n + rejected_n - inputs} committed inputs are no longer listed by the input")
+    summary = prev["summary"] if (not todo and prev and prev.get("status") == "complete" and "summary" in prev) \
+        else output_summary(out)
     wall = time.time() - t_start
     record.update(status="complete", finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  counts=dict(inputs=len(items), duplicates_dropped=dups, accepted=accepted_n, rejected=rejected_n,
-                              processed_this_attempt=len(todo)),
-                  summary=output_summary(out), timings=dict(wall_s=round(wall, 2), stages=stats.stage_times()))
+                  counts=dict(inputs=inputs, listed=listed, duplicates_dropped=listed - inputs, accepted=accepted_n,
+                              rejected=rejected_n, processed_this_attempt=totals["new"]),
+                  summary=summary, timings=dict(wall_s=round(wall, 2), stages=stats.stage_times()))
     atomic_write_bytes(out / "run.json", json.dumps(record, indent=2).encode())
-    return RunResult(len(items), accepted_n, rejected_n, len(items) - len(todo), stats, record)
+    return RunResult(inputs, accepted_n, rejected_n, listed - todo, stats, record)

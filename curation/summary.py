@@ -1,11 +1,18 @@
-"""Counting what the driver sees, and the table printed at the end of a run."""
+"""Counting what the job did, and the table printed at the end of a run.
+
+Nothing here holds one entry per image on the driver: the write stage turns each batch into one row of counts
+(`split_batch` + `batch_counts`), the driver adds those up (`Stats`), and the whole-output summary is a
+map-reduce over the part folders with Ray Data (`output_summary`): each block becomes a few partial sums.
+"""
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from curation.stage import Batch, caption_column, clip_column
 
@@ -14,40 +21,73 @@ def _py(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
 
-class Stats:
-    """Splits driver batches into rejected rows and accepted samples, and sums per-stage busy time."""
+def _str(v: Any) -> str:
+    return "" if v is None else str(v)
 
-    def __init__(self, vlms: list[str]):
-        self.vlms = vlms
+
+def split_batch(batch: Batch, vlms: list[str]) -> tuple[list[dict], list[dict]]:
+    """A processed batch -> (rejected rows, accepted samples) as the writer takes them."""
+    n = len(batch["key"])
+    rejected, accepted = [], []
+    member = batch.get("member")
+    for i in range(n):
+        key, source = str(batch["key"][i]), str(batch["source"][i])
+        m = _str(member[i]) if member is not None else ""
+        reason = batch["reject"][i]
+        if reason is not None and str(reason) != "":
+            rejected.append(dict(key=key, source=source, member=m, reason=str(reason),
+                                 detail=str(batch["detail"][i])))
+            continue
+        s = {c: _py(batch[c][i]) for c in ("sha256", "width", "height", "bucket_h", "bucket_w",
+                                            "latent_scaling_factor")}
+        s.update(key=key, source=source, member=m, mode=str(batch["mode"][i]) if "mode" in batch else "",
+                 latent=np.asarray(batch["latent"][i]),
+                 captions={v: str(batch[caption_column(v)][i]) for v in vlms},
+                 clip_scores={v: float(batch[clip_column(v)][i]) for v in vlms})
+        if "jpg" in batch:
+            s["jpg"] = bytes(batch["jpg"][i])
+        accepted.append(s)
+    return rejected, accepted
+
+
+def batch_counts(batch: Batch, rejected: list[dict], accepted: int) -> dict[str, Any]:
+    """One row of counts for a batch: accepted, rejected by reason, per-stage busy seconds and live rows."""
+    busy, rows = {}, {}
+    for col, vals in batch.items():
+        if col.startswith("t__"):
+            vals = np.asarray(vals, dtype=np.float64)
+            busy[col[3:]] = float(vals.sum())
+            rows[col[3:]] = int((vals > 0).sum())
+    reasons: dict[str, int] = defaultdict(int)
+    for r in rejected:
+        reasons[r["reason"]] += 1
+    return {"accepted": accepted, "rejected": len(rejected), "reasons": json.dumps(reasons),
+            "busy": json.dumps(busy), "rows": json.dumps(rows)}
+
+
+class Stats:
+    """What the driver keeps: sums of the per-batch count rows (constant size, whatever the input count)."""
+
+    def __init__(self):
         self.busy: dict[str, float] = defaultdict(float)  # stage -> seconds spent inside the stage
         self.rows: dict[str, int] = defaultdict(int)  # stage -> live rows it processed
-        self.seen = 0
+        self.reasons: dict[str, int] = defaultdict(int)
+        self.accepted = 0
+        self.rejected = 0
 
-    def add_batch(self, batch: Batch) -> tuple[list[dict], list[dict]]:
-        n = len(batch["key"])
-        self.seen += n
-        for col, vals in batch.items():
-            if col.startswith("t__"):
-                vals = np.asarray(vals, dtype=np.float64)
-                self.busy[col[3:]] += float(vals.sum())
-                self.rows[col[3:]] += int((vals > 0).sum())
-        rejected, accepted = [], []
-        for i in range(n):
-            key, source = str(batch["key"][i]), str(batch["source"][i])
-            reason = batch["reject"][i]
-            if reason is not None and str(reason) != "":
-                rejected.append(dict(key=key, source=source, reason=str(reason), detail=str(batch["detail"][i])))
-                continue
-            s = {c: _py(batch[c][i]) for c in ("sha256", "width", "height", "bucket_h", "bucket_w",
-                                                "latent_scaling_factor")}
-            s.update(key=key, source=source, mode=str(batch["mode"][i]) if "mode" in batch else "",
-                     latent=np.asarray(batch["latent"][i]),
-                     captions={v: str(batch[caption_column(v)][i]) for v in self.vlms},
-                     clip_scores={v: float(batch[clip_column(v)][i]) for v in self.vlms})
-            if "jpg" in batch:
-                s["jpg"] = bytes(batch["jpg"][i])
-            accepted.append(s)
-        return rejected, accepted
+    def add(self, c: dict[str, Any]) -> None:
+        self.accepted += int(c["accepted"])
+        self.rejected += int(c["rejected"])
+        for k, v in json.loads(c["reasons"]).items():
+            self.reasons[k] += v
+        for k, v in json.loads(c["busy"]).items():
+            self.busy[k] += v
+        for k, v in json.loads(c["rows"]).items():
+            self.rows[k] += v
+
+    def add_rows(self, table: dict[str, np.ndarray]) -> None:
+        for i in range(len(table["accepted"])):
+            self.add({k: _py(v[i]) for k, v in table.items()})
 
     def stage_times(self) -> dict[str, dict[str, float]]:
         return {k: {"rows": self.rows[k], "busy_s": round(self.busy[k], 3),
@@ -55,27 +95,85 @@ class Stats:
                 for k in self.busy}
 
 
-def output_summary(out: Path) -> dict[str, Any]:
-    """Whole-output numbers from manifest.parquet and rejected.parquet (all attempts together)."""
+# ---------------------------------------------------------------------------------------------- whole output
+
+def _manifest_partial(t: pa.Table) -> pa.Table:
+    """Partial sums of one manifest block: per VLM captions, words and CLIP sums; bucket counts."""
+    per: dict[str, list[float]] = {}
+    buckets: dict[str, int] = defaultdict(int)
+    vlms, caps, scores = (t.column(c).to_pylist() for c in ("vlms", "captions", "clip_scores"))
+    bh, bw = t.column("bucket_h").to_pylist(), t.column("bucket_w").to_pylist()
+    for i in range(t.num_rows):
+        for v, c, s in zip(vlms[i], caps[i], scores[i]):
+            p = per.setdefault(v, [0, 0, 0.0, 0])
+            p[0] += 1 if c.strip() else 0
+            p[1] += len(c.split())
+            p[2] += float(s)
+            p[3] += 1
+        buckets[f"{bh[i]}x{bw[i]}"] += 1
+    return pa.table({"n": [t.num_rows], "per_vlm": [json.dumps(per)], "buckets": [json.dumps(buckets)]})
+
+
+def _rejected_partial(t: pa.Table) -> pa.Table:
+    import pyarrow.compute as pc
+
+    vc = pc.value_counts(t.column("reason")) if t.num_rows else []
+    counts = {str(x["values"]): int(x["counts"]) for x in (vc.to_pylist() if t.num_rows else [])}
+    return pa.table({"n": [t.num_rows], "reasons": [json.dumps(counts)]})
+
+
+def _map_reduce(folder: Path, columns: list[str], fn) -> list[dict]:
+    """fn over every block of a part folder, on the cluster when Ray is up (else in this process)."""
     import pyarrow.parquet as pq
 
-    man = pq.read_table(out / "manifest.parquet").to_pylist()
-    rej = pq.read_table(out / "rejected.parquet").to_pylist()
-    by_reason: dict[str, int] = defaultdict(int)
-    for r in rej:
-        by_reason[r["reason"]] += 1
-    per_vlm: dict[str, dict[str, float]] = {}
-    vlms = man[0]["vlms"] if man else []
-    for j, v in enumerate(vlms):
-        caps = [m["captions"][j] for m in man]
-        scores = [m["clip_scores"][j] for m in man]
-        per_vlm[v] = {"captions": sum(1 for c in caps if c.strip()),
-                      "mean_words": round(float(np.mean([len(c.split()) for c in caps])), 2),
-                      "mean_clip": round(float(np.mean(scores)), 3)}
+    from curation.writer import part_files
+
+    files = [str(p) for p in part_files(folder)]
+    if not files:
+        return []
+    try:
+        import ray
+
+        on_cluster = ray.is_initialized()
+    except ImportError:
+        on_cluster = False
+    if not on_cluster:
+        return [r for f in files for r in fn(pq.read_table(f, columns=columns)).to_pylist()]
+    import ray.data
+
+    ds = ray.data.read_parquet(files, columns=columns)
+    out = []
+    for b in ds.map_batches(fn, batch_format="pyarrow", batch_size=None).iter_batches(batch_size=None,
+                                                                                      batch_format="pyarrow"):
+        out += b.to_pylist()
+    return out
+
+
+def output_summary(out: Path) -> dict[str, Any]:
+    """Whole-output numbers from the manifest and rejected parts (all attempts together)."""
+    from curation.writer import MANIFEST, REJECTED
+
+    per: dict[str, list[float]] = {}
     buckets: dict[str, int] = defaultdict(int)
-    for m in man:
-        buckets[f"{m['bucket_h']}x{m['bucket_w']}"] += 1
-    return {"accepted": len(man), "rejected": len(rej), "rejected_by_reason": dict(sorted(by_reason.items())),
+    accepted = 0
+    for r in _map_reduce(out / MANIFEST, ["vlms", "captions", "clip_scores", "bucket_h", "bucket_w"],
+                         _manifest_partial):
+        accepted += r["n"]
+        for v, p in json.loads(r["per_vlm"]).items():
+            acc = per.setdefault(v, [0, 0, 0.0, 0])
+            for j in range(4):
+                acc[j] += p[j]
+        for b, n in json.loads(r["buckets"]).items():
+            buckets[b] += n
+    by_reason: dict[str, int] = defaultdict(int)
+    rejected = 0
+    for r in _map_reduce(out / REJECTED, ["reason"], _rejected_partial):
+        rejected += r["n"]
+        for k, n in json.loads(r["reasons"]).items():
+            by_reason[k] += n
+    per_vlm = {v: {"captions": int(p[0]), "mean_words": round(p[1] / max(p[3], 1), 2),
+                   "mean_clip": round(p[2] / max(p[3], 1), 3)} for v, p in per.items()}
+    return {"accepted": accepted, "rejected": rejected, "rejected_by_reason": dict(sorted(by_reason.items())),
             "per_vlm": per_vlm, "buckets": dict(sorted(buckets.items()))}
 
 

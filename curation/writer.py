@@ -1,21 +1,29 @@
-"""Shards, manifest and rejected records, written so that every input lands exactly once.
+"""Shards, manifest and rejected records, written on the workers so that every input lands exactly once.
 
-Layout (docs/data_contract.md) plus the resume bookkeeping in OUTPUT/parts/:
-  parts/part-NNNNNN.parquet      manifest rows of shards/shard-NNNNNN.tar (the shard's commit record)
-  parts/rejected-NNNNNN.parquet  rejected rows, one file per driver batch that had any
+Layout (docs/data_contract.md):
+  shards/shard-ID.tar                 WebDataset shard
+  manifest.parquet/part-ID.parquet    its manifest rows: the shard's commit record
+  rejected.parquet/part-ID.parquet    rejected rows of one batch (a commit record of its own)
 
-Commit protocol for a shard: write `.shard-N.tar.tmp` and `.part-N.parquet.tmp`, fsync both, rename the
-shard into place, then rename the part (the commit point), fsync the folders. A kill at any moment leaves:
-tmp files (deleted on restart), or a complete shard without its part (an uncommitted shard: deleted on
-restart, its samples redone). Visible shards are always complete. The done set of a restart is the keys
-in committed parts and rejected parts; manifest.parquet / rejected.parquet are consolidated from the parts.
+ID is the first 16 hex digits of sha256 over the batch's sorted keys: a retried task (same batch) computes the
+same ID and finds its work committed, so it can never write a duplicate or clobber a committed shard, and two
+batches of one run never share an ID (their keys differ).
+
+Commit protocol for a shard: write `.shard-ID.tar.<nonce>.tmp` and `.part-ID.parquet.<nonce>.tmp`, fsync both,
+rename the shard into place, then rename the part (the commit point), fsync the folders. A kill at any moment
+leaves tmp files or a complete shard without its part (uncommitted); `sweep` deletes both at the start and end
+of a run, and their samples are redone. Visible shards are always complete. What is done is the set of keys in
+the two part folders (curation.keyindex reads them on the cluster).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import re
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +33,22 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 MANIFEST_SCHEMA = pa.schema([
-    ("key", pa.string()), ("shard", pa.string()), ("source", pa.string()), ("sha256", pa.string()),
+    ("key", pa.string()), ("shard", pa.string()), ("source", pa.string()), ("member", pa.string()),
+    ("sha256", pa.string()),
     ("width", pa.int32()), ("height", pa.int32()), ("bucket_h", pa.int32()), ("bucket_w", pa.int32()),
     ("mode", pa.string()),  # the input's mode and conversion flags (curation.validate.Decoded.mode)
     ("vlms", pa.list_(pa.string())), ("captions", pa.list_(pa.string())), ("clip_scores", pa.list_(pa.float32())),
 ])
-REJECTED_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("reason", pa.string()),
-                             ("detail", pa.string())])
+REJECTED_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("member", pa.string()),
+                             ("reason", pa.string()), ("detail", pa.string())])
 
-_PART = re.compile(r"^part-(\d{6})\.parquet$")
-_REJ = re.compile(r"^rejected-(\d{6})\.parquet$")
-_SHARD = re.compile(r"^shard-(\d{6})\.tar$")
+SHARDS, MANIFEST, REJECTED = "shards", "manifest.parquet", "rejected.parquet"
+_PART = re.compile(r"^part-([0-9a-f]{16})\.parquet$")
+_SHARD = re.compile(r"^shard-([0-9a-f]{16})\.tar$")
+EMPTY_ID = "0" * 16  # the empty part that keeps a folder with nothing in it readable as a dataset
+# Test hook (tests/test_curation.py): a writer holds before renaming its first shard until DIR/released exists,
+# after writing its pid to DIR/pid, so that the test can SIGKILL it mid-shard.
+HOLD_ENV = "SANA_TEST_HOLD_WRITE"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -46,6 +59,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _tmp(path: Path) -> Path:
+    # A nonce per attempt: a retried task never writes into a tmp file a dead attempt left open.
+    return path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+
+
 def _write_parquet_tmp(table: pa.Table, tmp: Path) -> None:
     with open(tmp, "wb") as f:
         pq.write_table(table, f)
@@ -54,7 +72,7 @@ def _write_parquet_tmp(table: pa.Table, tmp: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.parent / f".{path.name}.tmp"
+    tmp = _tmp(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -64,7 +82,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.parent / f".{path.name}.tmp"
+    tmp = _tmp(path)
     _write_parquet_tmp(table, tmp)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
@@ -76,120 +94,136 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-class ShardWriter:
-    """Driver-side writer. `add` accepted samples, `reject` rejected ones; `close` flushes and consolidates."""
-
-    def __init__(self, output: str | Path, samples_per_shard: int, vlms: list[str], clip_model: str):
-        self.out = Path(output)
-        self.shards, self.parts = self.out / "shards", self.out / "parts"
-        self.shards.mkdir(parents=True, exist_ok=True)
-        self.parts.mkdir(parents=True, exist_ok=True)
-        self.n, self.vlms, self.clip_model = samples_per_shard, list(vlms), clip_model
-        self.buffer: list[dict[str, Any]] = []
-        self.removed_orphans = 0
-        self.done_keys, self.next_shard, self.next_rej = self._recover()
-
-    # ------------------------------------------------------------------ restart
-    def _recover(self) -> tuple[set[str], int, int]:
-        for d in (self.shards, self.parts):
-            for p in d.iterdir():
-                if p.name.startswith(".") and p.name.endswith(".tmp"):
-                    p.unlink()
-        parts = {int(m.group(1)): p for p in self.parts.iterdir() if (m := _PART.match(p.name))}
-        shards = {int(m.group(1)): p for p in self.shards.iterdir() if (m := _SHARD.match(p.name))}
-        for i, p in shards.items():
-            if i not in parts:  # renamed but never committed: its samples are redone
-                p.unlink()
-                self.removed_orphans += 1
-        for i, p in list(parts.items()):
-            if i not in shards:  # a committed part whose shard vanished (deleted by hand): redo its samples
-                p.unlink()
-                del parts[i]
-        done: set[str] = set()
-        for p in parts.values():
-            done.update(pq.read_table(p, columns=["key"]).column("key").to_pylist())
-        rej = {int(m.group(1)): p for p in self.parts.iterdir() if (m := _REJ.match(p.name))}
-        for p in rej.values():
-            done.update(pq.read_table(p, columns=["key"]).column("key").to_pylist())
-        _fsync_dir(self.shards)
-        return done, max(parts, default=-1) + 1, max(rej, default=-1) + 1
-
-    # ------------------------------------------------------------------ writing
-    def reject(self, rows: list[dict[str, str]]) -> None:
-        """Commit rejected rows at once (one parquet file per call)."""
-        if not rows:
-            return
-        table = pa.Table.from_pylist(rows, schema=REJECTED_SCHEMA)
-        atomic_write_parquet(table, self.parts / f"rejected-{self.next_rej:06d}.parquet")
-        self.next_rej += 1
-        self.done_keys.update(r["key"] for r in rows)
-
-    def add(self, sample: dict[str, Any]) -> None:
-        """One accepted sample: key, source, sha256, width, height, bucket_h, bucket_w, captions {vlm: str},
-        clip_scores {vlm: float}, latent (float16 C,h,w), latent_scaling_factor, optional jpg bytes."""
-        self.buffer.append(sample)
-        if len(self.buffer) >= self.n:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        idx = self.next_shard
-        name = f"shard-{idx:06d}.tar"
-        tmp_shard = self.shards / f".{name}.tmp"
-        tmp_part = self.parts / f".part-{idx:06d}.parquet.tmp"
-        rows = []
-        with open(tmp_shard, "wb") as f:
-            tw = wds.TarWriter(f, encoder=False, mtime=0.0)
-            for s in self.buffer:
-                meta = self._json(s)
-                member = {"__key__": s["key"], "json": json.dumps(meta).encode("utf-8"),
-                          "latent.npy": _npy_bytes(np.ascontiguousarray(s["latent"], dtype=np.float16))}
-                if s.get("jpg"):
-                    member["jpg"] = bytes(s["jpg"])
-                tw.write(member)
-                rows.append(dict(key=s["key"], shard=name, source=s["source"], sha256=s["sha256"],
-                                 width=int(s["width"]), height=int(s["height"]), bucket_h=int(s["bucket_h"]),
-                                 bucket_w=int(s["bucket_w"]), mode=s.get("mode", ""), vlms=self.vlms,
-                                 captions=[s["captions"][v] for v in self.vlms],
-                                 clip_scores=[float(s["clip_scores"][v]) for v in self.vlms]))
-            tw.close()
-            f.flush()
-            os.fsync(f.fileno())
-        _write_parquet_tmp(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), tmp_part)
-        os.replace(tmp_shard, self.shards / name)
-        _fsync_dir(self.shards)
-        os.replace(tmp_part, self.parts / f"part-{idx:06d}.parquet")  # the commit point
-        _fsync_dir(self.parts)
-        self.done_keys.update(r["key"] for r in rows)
-        self.next_shard += 1
-        self.buffer = []
-
-    def _json(self, s: dict[str, Any]) -> dict[str, Any]:
-        lat = s["latent"]
-        return {"key": s["key"], "source": s["source"], "sha256": s["sha256"], "width": int(s["width"]),
-                "height": int(s["height"]), "mode": s.get("mode", ""),
-                "bucket": [int(s["bucket_h"]), int(s["bucket_w"])],
-                "latent_shape": [int(d) for d in lat.shape],
-                "latent_scaling_factor": float(s["latent_scaling_factor"]),
-                "captions": {v: s["captions"][v] for v in self.vlms},
-                "clip_scores": {v: float(s["clip_scores"][v]) for v in self.vlms},
-                "clip_model": self.clip_model}
-
-    # ------------------------------------------------------------------ the end
-    def close(self) -> tuple[int, int]:
-        """Flush the last (partial) shard and consolidate; returns (accepted, rejected) totals on disk."""
-        self.flush()
-        return consolidate(self.out)
+def batch_id(keys: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
 
 
-def consolidate(out: Path) -> tuple[int, int]:
-    parts = sorted(p for p in (out / "parts").iterdir() if _PART.match(p.name))
-    rej = sorted(p for p in (out / "parts").iterdir() if _REJ.match(p.name))
-    manifest = pa.concat_tables([pq.read_table(p, schema=MANIFEST_SCHEMA) for p in parts]) if parts \
-        else MANIFEST_SCHEMA.empty_table()
-    rejected = pa.concat_tables([pq.read_table(p, schema=REJECTED_SCHEMA) for p in rej]) if rej \
-        else REJECTED_SCHEMA.empty_table()
-    atomic_write_parquet(manifest, out / "manifest.parquet")
-    atomic_write_parquet(rejected, out / "rejected.parquet")
-    return manifest.num_rows, rejected.num_rows
+def make_dirs(out: Path) -> None:
+    for d in (SHARDS, MANIFEST, REJECTED):
+        (out / d).mkdir(parents=True, exist_ok=True)
+
+
+def commit_rejected(out: Path, rows: list[dict[str, str]]) -> bool:
+    """Commit rejected rows (one part); False when a retried task finds them committed already."""
+    if not rows:
+        return False
+    path = out / REJECTED / f"part-{batch_id([r['key'] for r in rows])}.parquet"
+    if path.exists():
+        return False
+    atomic_write_parquet(pa.Table.from_pylist(rows, schema=REJECTED_SCHEMA), path)
+    return True
+
+
+def _sample_json(s: dict[str, Any], vlms: list[str], clip_model: str) -> dict[str, Any]:
+    lat = s["latent"]
+    return {"key": s["key"], "source": s["source"], "member": s.get("member", ""), "sha256": s["sha256"],
+            "width": int(s["width"]), "height": int(s["height"]), "mode": s.get("mode", ""),
+            "bucket": [int(s["bucket_h"]), int(s["bucket_w"])],
+            "latent_shape": [int(d) for d in lat.shape],
+            "latent_scaling_factor": float(s["latent_scaling_factor"]),
+            "captions": {v: s["captions"][v] for v in vlms},
+            "clip_scores": {v: float(s["clip_scores"][v]) for v in vlms},
+            "clip_model": clip_model}
+
+
+def _hold_for_test() -> None:
+    hold = os.environ.get(HOLD_ENV)
+    if not hold or (Path(hold) / "released").exists():
+        return
+    (Path(hold) / f"pid.{os.getpid()}").write_text(str(os.getpid()))
+    t0 = time.time()
+    while not (Path(hold) / "released").exists() and time.time() - t0 < 300:
+        time.sleep(0.05)
+
+
+def commit_shard(out: Path, samples: list[dict[str, Any]], vlms: list[str], clip_model: str) -> str | None:
+    """Write one shard and commit it with its manifest part; returns its name, None when already committed.
+
+    A sample: key, source, member, sha256, width, height, mode, bucket_h, bucket_w, captions {vlm: str},
+    clip_scores {vlm: float}, latent (float16 C,h,w), latent_scaling_factor, optional jpg bytes."""
+    if not samples:
+        return None
+    sid = batch_id([s["key"] for s in samples])
+    name = f"shard-{sid}.tar"
+    part = out / MANIFEST / f"part-{sid}.parquet"
+    if part.exists():
+        return None
+    shard = out / SHARDS / name
+    tmp_shard, tmp_part = _tmp(shard), _tmp(part)
+    rows = []
+    with open(tmp_shard, "wb") as f:
+        tw = wds.TarWriter(f, encoder=False, mtime=0.0)
+        for s in samples:
+            member = {"__key__": s["key"], "json": json.dumps(_sample_json(s, vlms, clip_model)).encode("utf-8"),
+                      "latent.npy": _npy_bytes(np.ascontiguousarray(s["latent"], dtype=np.float16))}
+            if s.get("jpg"):
+                member["jpg"] = bytes(s["jpg"])
+            tw.write(member)
+            rows.append(dict(key=s["key"], shard=name, source=s["source"], member=s.get("member", ""),
+                             sha256=s["sha256"], width=int(s["width"]), height=int(s["height"]),
+                             bucket_h=int(s["bucket_h"]), bucket_w=int(s["bucket_w"]), mode=s.get("mode", ""),
+                             vlms=list(vlms), captions=[s["captions"][v] for v in vlms],
+                             clip_scores=[float(s["clip_scores"][v]) for v in vlms]))
+        tw.close()
+        f.flush()
+        os.fsync(f.fileno())
+    _write_parquet_tmp(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), tmp_part)
+    _hold_for_test()
+    os.replace(tmp_shard, shard)
+    _fsync_dir(shard.parent)
+    os.replace(tmp_part, part)  # the commit point
+    _fsync_dir(part.parent)
+    return name
+
+
+def sweep(out: Path) -> dict[str, int]:
+    """Delete what no commit record covers: tmp files, shards without a part, parts whose shard is gone
+    (deleted by hand: their samples are redone). Run when no writer is running (start and end of a job)."""
+    counts = {"tmp": 0, "uncommitted_shards": 0, "parts_without_shard": 0}
+    make_dirs(out)
+    for d in (SHARDS, MANIFEST, REJECTED):
+        with os.scandir(out / d) as it:
+            for e in it:
+                if e.name.startswith(".") and e.name.endswith(".tmp"):
+                    os.unlink(e.path)
+                    counts["tmp"] += 1
+    with os.scandir(out / MANIFEST) as it:
+        parts = {m.group(1) for e in it if (m := _PART.match(e.name))}
+    with os.scandir(out / SHARDS) as it:
+        shards = {m.group(1): e.path for e in it if (m := _SHARD.match(e.name))}
+    for sid, path in shards.items():
+        if sid not in parts:
+            os.unlink(path)
+            counts["uncommitted_shards"] += 1
+    for sid in parts - set(shards) - {EMPTY_ID}:
+        os.unlink(out / MANIFEST / f"part-{sid}.parquet")
+        counts["parts_without_shard"] += 1
+    for d in (SHARDS, MANIFEST, REJECTED):
+        _fsync_dir(out / d)
+    return counts
+
+
+def part_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    with os.scandir(folder) as it:
+        return sorted(Path(e.path) for e in it if _PART.match(e.name))
+
+
+def count_rows(folder: Path) -> int:
+    """Rows in a folder of parts, from the Parquet footers alone."""
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in part_files(folder))
+
+
+def finish(out: Path) -> tuple[int, int]:
+    """Make both folders readable as datasets even when empty; returns (accepted, rejected) on disk."""
+    for d, schema in ((MANIFEST, MANIFEST_SCHEMA), (REJECTED, REJECTED_SCHEMA)):
+        if not part_files(out / d):
+            atomic_write_parquet(schema.empty_table(), out / d / f"part-{EMPTY_ID}.parquet")
+    return count_rows(out / MANIFEST), count_rows(out / REJECTED)
+
+
+def read_table(out: Path, which: str = MANIFEST, columns: list[str] | None = None) -> pa.Table:
+    """The whole manifest or rejected table (a single file or a folder of parts). Small outputs only:
+    jobs.report and the summary sample or aggregate instead."""
+    return pq.read_table(out / which, columns=columns)

@@ -5,6 +5,10 @@
 Shows counts (accepted, rejected by reason), caption-length and CLIP-score histograms per VLM,
 original-resolution and bucket counts, and a grid of samples with their captions and CLIP scores.
 Images are inlined as base64; plots use matplotlib when it is installed, else plain inline SVG.
+
+Large outputs are sampled, never loaded whole: counts come from the Parquet footers and run.json, the
+histograms and tables from at most --max-rows manifest rows read from randomly chosen parts (seeded), and
+the grid's images from the few shards that hold the picked samples.
 """
 from __future__ import annotations
 
@@ -91,31 +95,70 @@ def _table(rows: list[tuple], head: tuple) -> str:
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
-def sample_images(shards: Path, keys: set[str]) -> dict[str, bytes]:
-    """KEY.jpg bytes for the given keys, read straight from the tar shards."""
+def sample_images(shards: Path, picks: list[dict]) -> dict[str, bytes]:
+    """KEY.jpg bytes of the picked samples, read from the shards that hold them (their manifest `shard`)."""
     out: dict[str, bytes] = {}
-    for tar in sorted(shards.glob("shard-*.tar")):
-        with tarfile.open(tar) as tf:
+    by_shard: dict[str, set[str]] = {}
+    for m in picks:
+        by_shard.setdefault(m["shard"], set()).add(m["key"])
+    for name, keys in sorted(by_shard.items()):
+        if not (shards / name).exists():
+            continue
+        with tarfile.open(shards / name) as tf:
             for m in tf:
                 key, _, ext = m.name.partition(".")
                 if ext == "jpg" and key in keys:
                     out[key] = tf.extractfile(m).read()
-        if len(out) == len(keys):
-            break
     return out
 
 
-def build_report(output: Path, n_samples: int = 24) -> str:
+def _parts(path: Path) -> list[Path]:
+    """The Parquet files of a manifest / rejected table: a folder of parts or a single file."""
+    if path.is_dir():
+        return sorted(p for p in path.glob("*.parquet") if not p.name.startswith((".", "_")))
+    return [path] if path.exists() else []
+
+
+def count_rows(path: Path) -> int:
     import pyarrow.parquet as pq
 
-    if not (output / "manifest.parquet").exists():
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in _parts(path))
+
+
+def sample_rows(path: Path, max_rows: int, seed: int = 0, columns: list[str] | None = None) -> list[dict]:
+    """Up to max_rows rows, from parts taken in a seeded random order (whole table when it is smaller)."""
+    import pyarrow.parquet as pq
+
+    files = _parts(path)
+    rng = np.random.default_rng(seed)
+    rows: list[dict] = []
+    for i in rng.permutation(len(files)):
+        pf = pq.ParquetFile(files[i])
+        for g in range(pf.num_row_groups):
+            rows += pf.read_row_group(g, columns=columns).to_pylist()
+            if len(rows) >= max_rows:
+                break
+        if len(rows) >= max_rows:
+            break
+    if len(rows) > max_rows:
+        rows = [rows[j] for j in sorted(rng.choice(len(rows), size=max_rows, replace=False))]
+    return rows
+
+
+def build_report(output: Path, n_samples: int = 24, max_rows: int = 20_000) -> str:
+    man_path, rej_path = output / "manifest.parquet", output / "rejected.parquet"
+    if not man_path.exists():
         raise SanaError(f"{output} has no manifest.parquet: not a finished curation output")
-    man = pq.read_table(output / "manifest.parquet").to_pylist()
-    rej = pq.read_table(output / "rejected.parquet").to_pylist() if (output / "rejected.parquet").exists() else []
+    n_man, n_rej = count_rows(man_path), count_rows(rej_path)
+    man = sample_rows(man_path, max_rows)
     run = json.loads((output / "run.json").read_text()) if (output / "run.json").exists() else {}
+    reasons = Counter(run.get("summary", {}).get("rejected_by_reason") or {})
+    if not reasons and n_rej:
+        reasons = Counter(r["reason"] for r in sample_rows(rej_path, max_rows, columns=["reason"]))
     vlms = man[0]["vlms"] if man else []
     words = {v: [len(m["captions"][j].split()) for m in man] for j, v in enumerate(vlms)}
     scores = {v: [m["clip_scores"][j] for m in man] for j, v in enumerate(vlms)}
+    sampled = f" (from a sample of {len(man)} of {n_man})" if len(man) < n_man else ""
 
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>curation report</title><style>",
              "body{font-family:sans-serif;margin:24px;max-width:1400px} table{border-collapse:collapse;margin:8px 0}"
@@ -126,27 +169,26 @@ def build_report(output: Path, n_samples: int = 24) -> str:
              ".cap{margin:4px 0}.vlm{font-weight:bold}.score{color:#555}</style></head><body>",
              f"<h1>Curation report: {html.escape(str(output))}</h1>"]
     counts = run.get("counts", {})
-    parts.append(_table([("inputs", counts.get("inputs", len(man) + len(rej))), ("accepted", len(man)),
-                         ("rejected", len(rej))], ("", "count")))
-    reasons = Counter(r["reason"] for r in rej)
+    parts.append(_table([("inputs", counts.get("inputs", n_man + n_rej)), ("accepted", n_man),
+                         ("rejected", n_rej)], ("", "count")))
     if reasons:
         parts.append("<h2>Rejected by reason</h2>" + _table(sorted(reasons.items()), ("reason", "count")))
     if vlms:
-        parts.append("<h2>Captions and CLIP scores per VLM</h2>")
+        parts.append(f"<h2>Captions and CLIP scores per VLM{html.escape(sampled)}</h2>")
         parts.append(_table([(v, len(words[v]), f"{np.mean(words[v]):.1f}", f"{np.mean(scores[v]):.2f}",
                               f"{np.std(scores[v]):.2f}") for v in vlms],
                             ("VLM", "captions", "mean words", "mean CLIP", "std CLIP")))
         parts.append(histogram(words, "caption length", "words"))
         parts.append(histogram(scores, "CLIP score", "100 x cosine"))
-    parts.append("<h2>Buckets</h2>" + _table(
+    parts.append(f"<h2>Buckets{html.escape(sampled)}</h2>" + _table(
         sorted(Counter(f"{m['bucket_h']}x{m['bucket_w']}" for m in man).items()), ("bucket (h x w)", "samples")))
-    parts.append("<h2>Original resolutions</h2>" + _table(
+    parts.append(f"<h2>Original resolutions{html.escape(sampled)}</h2>" + _table(
         Counter(f"{m['height']}x{m['width']}" for m in man).most_common(20), ("h x w", "samples")))
 
     rng = np.random.default_rng(0)
     picks = [man[i] for i in sorted(rng.choice(len(man), size=min(n_samples, len(man)), replace=False))] if man else []
-    images = sample_images(output / "shards", {m["key"] for m in picks})
-    parts.append(f"<h2>Samples ({len(picks)} of {len(man)})</h2><div class='grid'>")
+    images = sample_images(output / "shards", picks)
+    parts.append(f"<h2>Samples ({len(picks)} of {n_man})</h2><div class='grid'>")
     for m in picks:
         img = images.get(m["key"])
         tag = f"<img src='data:image/jpeg;base64,{base64.b64encode(img).decode()}'>" if img else "<p>(no image)</p>"
@@ -165,9 +207,11 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("output", help="a folder written by jobs.curate")
     p.add_argument("--samples", type=int, default=24, help="samples shown in the grid (default 24)")
+    p.add_argument("--max-rows", type=int, default=20_000,
+                   help="manifest rows read for the histograms and tables (a seeded sample of a larger output)")
     args = p.parse_args(argv)
     out = Path(args.output)
-    page = build_report(out, args.samples)
+    page = build_report(out, args.samples, args.max_rows)
     (out / "report.html").write_text(page, encoding="utf-8")
     print(f"wrote {out / 'report.html'} ({len(page) / 1024:.0f} KiB)")
 

@@ -8,7 +8,6 @@ import io
 import json
 import math
 import re
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -363,40 +362,8 @@ def test_guard_runs_live_rows_only_and_rejects_bad_outputs():
 
 # ---------------------------------------------------------------------------------------------- writer
 
-def _sample(i: int, vlms=("a", "b")) -> dict:
-    return dict(key=f"{i:032x}", source=f"/img/{i}.jpg", sha256="0" * 64, width=100, height=80, bucket_h=64,
-                bucket_w=96, captions={v: f"caption {i} {v}" for v in vlms},
-                clip_scores={v: 20.0 + i for v in vlms}, latent=np.full((32, 2, 3), i, np.float16),
-                latent_scaling_factor=0.41, jpg=b"\xff\xd8fake")
-
-
-def test_writer_commit_protocol_and_recovery(tmp_path):
-    from curation.writer import ShardWriter
-
-    w = ShardWriter(tmp_path, 2, ["a", "b"], "clip")
-    for i in range(5):
-        w.add(_sample(i))
-    w.reject([dict(key="r" * 32, source="/img/bad.jpg", reason="truncated", detail="cut")])
-    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
-    # a crash now: sample 4 is buffered (lost, to redo); also fake the states a kill can leave behind
-    (tmp_path / "shards" / ".shard-000002.tar.tmp").write_bytes(b"partial")
-    (tmp_path / "parts" / ".part-000002.parquet.tmp").write_bytes(b"partial")
-    (tmp_path / "parts" / "part-000001.parquet").unlink()  # shard 1 renamed, its part never committed
-    w2 = ShardWriter(tmp_path, 2, ["a", "b"], "clip")
-    assert w2.removed_orphans == 1 and w2.next_shard == 1
-    assert w2.done_keys == {_sample(0)["key"], _sample(1)["key"], "r" * 32}
-    assert not [p for d in ("shards", "parts") for p in (tmp_path / d).iterdir() if p.name.endswith(".tmp")]
-    for i in (2, 3, 4):
-        w2.add(_sample(i))
-    assert w2.close() == (5, 1)
-    man = pq.read_table(tmp_path / "manifest.parquet").to_pylist()
-    assert sorted(m["key"] for m in man) == sorted(_sample(i)["key"] for i in range(5))
-    assert man[0]["vlms"] == ["a", "b"] and man[0]["captions"] == ["caption 0 a", "caption 0 b"]
-    with tarfile.open(tmp_path / "shards" / "shard-000002.tar") as tf:
-        names = tf.getnames()
-        meta = json.loads(tf.extractfile(f"{_sample(4)['key']}.json").read())
-    assert sorted(names) == sorted(f"{_sample(4)['key']}.{e}" for e in ("json", "latent.npy", "jpg"))
-    assert meta["latent_shape"] == [32, 2, 3] and meta["bucket"] == [64, 96] and meta["clip_model"] == "clip"
+# The writer's commit protocol (retries, sweep, part folders) is tested in tests/test_curation.py
+# (test_writer_commit_protocol_retries_and_sweep), beside the cluster-scale pieces it belongs to.
 
 
 # ---------------------------------------------------------------------------------------------- run checks
