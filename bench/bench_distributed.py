@@ -23,6 +23,16 @@ largest difference), and the resharded resume of a 2-process FSDP2 checkpoint in
 (--device cpu --config tiny) the same checks run with gloo.
 
 On CUDA it refuses, in one line, to run with fewer than --nproc GPUs.
+
+On the lent 2-GPU device (no webdataset there: carry its wheel with diffusers', and the tiny zoo), two calls,
+each well under 10 minutes, carry [".whl", ".cache/zoo"], .whl holding webdataset-1.0.2 and braceexpand-0.1.7
+(`.venv/bin/pip download --no-deps -d .whl webdataset==1.0.2 braceexpand==0.1.7`):
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH || exit; \
+    python3 bench/bench_distributed.py --config sana-0.6b --batch 16 --latent 32 --out $OUT \
+        --name distributed_h200.json
+    (same install line); python3 bench/bench_distributed.py --train-checks --config sana-0.6b --latent 32 \
+        --train-steps 50 --train-batch 8 --out $OUT --name distributed_train_h200.json
 """
 from __future__ import annotations
 
@@ -124,6 +134,8 @@ def _measure(strategy: str, args, info, ckpt_root: Path) -> dict:
     save_s = time.perf_counter() - t
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if info.is_main else 0
     sync()
+    if info.is_main:
+        shutil.rmtree(path.parent, ignore_errors=True)  # ~10 GB for Sana-0.6B: one on disk at a time
     # The slowest rank sets the pace of a synchronous step: per step, the max over ranks.
     all_times = D.gather_objects(times, info)
     step_s = [max(ts[i] for ts in all_times) for i in range(len(times))]
@@ -305,7 +317,8 @@ def train_checks(args) -> dict:
         run = work / name
         if resume_from is not None:
             ck = f"step-{resume_step:08d}"
-            shutil.copytree(work / resume_from / "checkpoints" / ck, run / "checkpoints" / ck)
+            (run / "checkpoints").mkdir(parents=True)
+            shutil.move(work / resume_from / "checkpoints" / ck, run / "checkpoints" / ck)  # used once
             shutil.copy(work / resume_from / "config.yaml", run / "config.yaml")
         if name == "two_nodes":
             res = _jobs_train_two_nodes(run, data, args.config, [*sets, *extra], args.device, logs / name)
@@ -315,6 +328,11 @@ def train_checks(args) -> dict:
         summary = run / "summary.json"
         res["summary"] = json.loads(summary.read_text()) if summary.is_file() else None
         res["losses"] = _losses(run)
+        # A Sana-0.6B checkpoint (weights, EMA, AdamW) is ~10 GB: keep only the ones a resume below needs.
+        keep = f"step-{half:08d}" if name in ("one_accum2", "fsdp2") else None
+        for ck in (run / "checkpoints").glob("step-*") if (run / "checkpoints").is_dir() else []:
+            if ck.name != keep:
+                shutil.rmtree(ck, ignore_errors=True)
         runs[name] = res
         print(f"  {name:<14} exit {res['exit']}  {res['seconds']:7.1f} s", flush=True)
         return run
