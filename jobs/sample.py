@@ -3,8 +3,13 @@
     python -m jobs.sample --checkpoint RUN_DIR_OR_CHECKPOINT --prompt "a red apple" --steps 20 --out out.png
 
 --checkpoint takes a run dir (its latest checkpoint is used) or one checkpoints/step-XXXXXXXX dir. The model
-is rebuilt from the config saved with the checkpoint; EMA weights are used unless --no-ema.
---export-diffusers DIR also writes the DiT as a diffusers SanaTransformer2DModel folder.
+is rebuilt from the config saved with the checkpoint; EMA weights are used unless --no-ema. A LoRA run's
+adapter is applied to its base (the run's init_from). --checkpoint also takes what --init-from takes: a diffusers
+SanaTransformer2DModel or pipeline folder (our exports included) or an NVlabs .pth.
+--export-diffusers DIR also writes the DiT as a diffusers SanaTransformer2DModel folder (safetensors, the
+shareable format; a sana_stack.json beside it names the text encoder and DC-AE); for a LoRA run it writes the
+adapter as DIR/pytorch_lora_weights.safetensors for diffusers' SanaPipeline.load_lora_weights, and with --merged
+the base with the adapter merged in as a full model folder instead.
 """
 from __future__ import annotations
 
@@ -28,27 +33,70 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise SanaError(f"--checkpoint {p}: no checkpoint found (expected RUN_DIR/checkpoints/step-*/meta.json)")
 
 
-def load_dit(ckpt: Path, prefer_ema: bool = True):
+def load_run(ckpt: Path, prefer_ema: bool = True):
+    """(plain LinearDiT with any LoRA merged, run config, "ema"/"model", step, LoRA tensors or None)."""
     import json
 
     from sana_core.config import from_dict
     from sana_core.dit import LinearDiT
+    from training import finetune
     from training.checkpoint import load_weights_for_inference
     from training.config import TrainConfig
     meta = json.loads((ckpt / "meta.json").read_text())
     cfg = from_dict(TrainConfig, meta["config"])
+    if cfg.lora.rank <= 0:
+        dit = LinearDiT(cfg.model.dit)
+        return dit.eval(), cfg, load_weights_for_inference(ckpt, dit, prefer_ema=prefer_ema), meta["step"], None
+    adapted = finetune.prepare_model(LinearDiT(cfg.model.dit), cfg)  # the base from init_from, adapter layers
+    which = load_weights_for_inference(ckpt, adapted, prefer_ema=prefer_ema)
+    sd = adapted.state_dict()
     dit = LinearDiT(cfg.model.dit)
-    which = load_weights_for_inference(ckpt, dit, prefer_ema=prefer_ema)
-    return dit.eval(), cfg, which, meta["step"]
+    dit.load_state_dict(finetune.plain_state_dict(sd, cfg), strict=True)
+    return dit.eval(), cfg, which, meta["step"], finetune.lora_state_dict(sd)
 
 
-def export_diffusers(dit, out: Path) -> None:
+def load_dit(ckpt: Path, prefer_ema: bool = True):
+    dit, cfg, which, step, _ = load_run(ckpt, prefer_ema)
+    return dit, cfg, which, step
+
+
+def load_source(spec: str):
+    """A diffusers folder / Hub id or NVlabs .pth as a model to sample from (the config jobs.train would give)."""
+    from sana_core.dit import LinearDiT
+    from sana_core.weights import read_sidecar
+    from training import finetune
+    from training.config import TrainConfig
+    src = finetune.resolve_source(spec)
+    cfg = finetune.apply_source(TrainConfig(), src, set())
+    side = read_sidecar(spec) if Path(spec).is_dir() else {}
+    cfg.model.max_length = side.get("max_length", cfg.model.max_length)
+    cfg.flow.shift = side.get("flow_shift", cfg.flow.shift)
+    dit = LinearDiT(cfg.model.dit)
+    finetune.load_source_weights(dit, src)
+    return dit.eval(), cfg
+
+
+def is_source(path: str) -> bool:
+    p = Path(path.partition("#")[0])
+    if p.is_file():
+        return True
+    return (p / "config.json").is_file() or (p / "transformer" / "config.json").is_file() or \
+        (not p.exists() and path.count("/") == 1)  # a Hub id
+
+
+def export_diffusers(dit, out: Path, cfg=None) -> None:
+    import json
+
     from diffusers import SanaTransformer2DModel
 
     from sana_core.dit import to_diffusers_state_dict
+    from sana_core.weights import SIDECAR
     model = SanaTransformer2DModel(**dit.cfg.to_diffusers_config())
     model.load_state_dict(to_diffusers_state_dict(dit), strict=True)
     model.save_pretrained(str(out))
+    if cfg is not None:  # what jobs.sample / --init-from need to use this folder with the right encoders
+        from training.finetune import sidecar
+        (Path(out) / SIDECAR).write_text(json.dumps(sidecar(cfg), indent=1))
 
 
 def _inference_dit(dit, args):
@@ -88,15 +136,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--solver", choices=["flow_dpm", "euler"], default="flow_dpm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw model weights instead of the EMA")
-    p.add_argument("--export-diffusers", metavar="DIR", help="also save the DiT as a diffusers folder")
+    p.add_argument("--export-diffusers", metavar="DIR", help="also save the DiT as a diffusers folder (a LoRA "
+                                                              "run: the adapter in diffusers' LoRA layout)")
+    p.add_argument("--merged", action="store_true", help="with --export-diffusers on a LoRA run: save the full "
+                                                        "model with the adapter merged instead of the adapter")
     p.add_argument("--quant", choices=["none", "w8a8-int8", "w8a8-fp8"], default="none",
                    help="W8A8 post-training quantisation of the DiT block linears (sana_core.quant)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available; bf16 there, float32 on cpu)")
     args = p.parse_args(argv)
 
     t0 = time.time()
-    ckpt = resolve_checkpoint(args.checkpoint)
-    dit, cfg, which, step = load_dit(ckpt, prefer_ema=not args.no_ema)
+    lora = None
+    if is_source(args.checkpoint) and not (Path(args.checkpoint) / "checkpoints").is_dir():
+        ckpt, (dit, cfg), which, step = args.checkpoint, load_source(args.checkpoint), "source", None
+    else:
+        ckpt = resolve_checkpoint(args.checkpoint)
+        dit, cfg, which, step, lora = load_run(ckpt, prefer_ema=not args.no_ema)
     from sana_core.autoencoder import Autoencoder
     from sana_core.pipeline import SanaPipeline
     from sana_core.text_encoder import TextEncoder
@@ -115,8 +170,13 @@ def main(argv: list[str] | None = None) -> None:
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
     for im, path in zip(images, paths):
         im.save(path)
-    if args.export_diffusers:
-        export_diffusers(dit, Path(args.export_diffusers))
+    if args.merged and (lora is None or not args.export_diffusers):
+        raise SanaError("--merged goes with --export-diffusers on a LoRA run (other runs export full models)")
+    if args.export_diffusers and lora is not None and not args.merged:
+        from training.finetune import export_lora
+        export_lora(args.export_diffusers, lora, cfg)
+    elif args.export_diffusers:
+        export_diffusers(dit, Path(args.export_diffusers), cfg)
     print(f"sampled {len(images)} image(s) {w}x{h} in {time.time() - t0:.1f} s from {ckpt} (step {step}, {which} "
           f"weights, {args.solver}, {args.steps} steps, guidance {g}) -> {', '.join(map(str, paths))}"
           + (f"; diffusers export -> {args.export_diffusers}" if args.export_diffusers else ""))
