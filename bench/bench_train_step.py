@@ -1,13 +1,25 @@
-"""Training-step speed of the Linear DiT on a GPU: PyTorch reference attention vs the fused Triton kernel.
+"""Training-step and inference speed of the Linear DiT against diffusers' SanaTransformer2DModel, one process.
 
-    python bench/bench_train_step.py [--config sana-0.6b] [--batch 8] [--latent 32] [--out DIR]
+    python bench/bench_train_step.py [--modes train-0.6b-b16,infer-0.6b-b32,...] [--variants ...]
+                                     [--profile] [--out bench/results]
 
-One step = rectified-flow loss forward + backward + AdamW step, bf16 autocast, random latents and text
-embeddings (300 tokens, as the Gemma-2 encoder gives). Prints a table and writes train_step.json.
+Variants (the same weights, copied through to_diffusers_state_dict, and the same inputs for all):
+  diffusers           SanaTransformer2DModel, eager
+  diffusers-compiled  the same with torch.compile of each transformer block (diffusers' regional compilation)
+  ours                LinearDiT eager: fused Triton block ops and linear attention (the default on CUDA)
+  ours-compiled       the same with torch.compile of each block
+  ours-reference      LinearDiT eager on its PyTorch reference path (SANA_{BLOCK,ATTENTION}_BACKEND=torch)
+Training step = rectified-flow MSE loss (sana_core.flow.flow_loss, fixed noise and t) forward + backward +
+gradient clipping + fused AdamW, bf16 autocast; inference = one forward under no_grad, bf16 autocast. Text:
+300 tokens of which 120 real. MFU = model FLOPs (torch's FlopCounterMode on meta tensors for the forward; a
+training step counted as 3x the forward) / step time, against 989 TFLOP/s (dense bf16 peak of an H100/H200)
+and against a bf16 matmul ceiling measured in the same process. Prints a table per mode and writes
+train_step_<mode>_<gpu>.json; --profile adds a torch.profiler table by kernel of "ours" per mode.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -17,80 +29,245 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
-from sana_core.dit import DIT_CONFIGS, LinearDiT  # noqa: E402
+from sana_core.dit import DIT_CONFIGS, LinearDiT, to_diffusers_state_dict  # noqa: E402
 from sana_core.flow import FlowConfig, flow_loss  # noqa: E402
 
+PEAK_TFLOPS = 989.0  # dense bf16, H100/H200 SXM
+MODES = {
+    "train-0.6b-b16": dict(kind="train", config="sana-0.6b", batch=16, latent=32),
+    "train-0.6b-b32": dict(kind="train", config="sana-0.6b", batch=32, latent=32),
+    "train-1.6b-b8": dict(kind="train", config="sana-1.6b", batch=8, latent=32),
+    "infer-0.6b-b32": dict(kind="infer", config="sana-0.6b", batch=32, latent=32),
+    "infer-0.6b-4k-b2": dict(kind="infer", config="sana-0.6b", batch=2, latent=128),
+}
+VARIANTS = ("diffusers", "diffusers-compiled", "ours", "ours-compiled", "ours-reference")
+TEXT_TOKENS, REAL_TOKENS = 300, 120
 
-def run(backend: str, args) -> dict:
-    os.environ["SANA_ATTENTION_BACKEND"] = backend
+
+class _Diffusers(nn.Module):
+    """SanaTransformer2DModel behind LinearDiT's call signature (t in [0, 1], boolean caption mask)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t, y, y_mask):
+        return self.model(hidden_states=x, encoder_hidden_states=y, timestep=t * 1000.0,
+                          encoder_attention_mask=y_mask.long(), return_dict=False)[0]
+
+
+def _set_backends(variant: str) -> None:
+    backend = "torch" if variant == "ours-reference" else "auto"
+    os.environ["SANA_BLOCK_BACKEND"] = os.environ["SANA_ATTENTION_BACKEND"] = backend
+
+
+def _build(variant: str, cfg) -> nn.Module:
     torch.manual_seed(0)
-    cfg = DIT_CONFIGS[args.config]
-    model = LinearDiT(cfg).cuda()
-    model.gradient_checkpointing = args.checkpointing
+    ours = LinearDiT(cfg)
+    if variant.startswith("diffusers"):
+        from diffusers import SanaTransformer2DModel
+
+        ref = SanaTransformer2DModel(**cfg.to_diffusers_config())
+        ref.load_state_dict(to_diffusers_state_dict(ours), strict=True)
+        del ours
+        model = _Diffusers(ref).cuda()
+        blocks = ref.transformer_blocks
+    else:
+        model = ours.cuda()
+        blocks = ours.blocks
+    if variant.endswith("compiled"):
+        torch._dynamo.reset()
+        for block in blocks:
+            block.compile()
+    return model
+
+
+def _inputs(cfg, B: int, latent: int) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    y_mask = torch.zeros(B, TEXT_TOKENS, dtype=torch.bool, device="cuda")
+    y_mask[:, :REAL_TOKENS] = True
+    x0 = torch.randn(B, cfg.in_channels, latent, latent, device="cuda", generator=g)
+    return dict(x0=x0, y=torch.randn(B, TEXT_TOKENS, cfg.caption_channels, device="cuda", generator=g), y_mask=y_mask,
+                noise=torch.randn(x0.shape, device="cuda", generator=g),
+                t=torch.rand(B, device="cuda", generator=g))
+
+
+def model_flops(cfg, B: int, latent: int) -> float:
+    """Forward FLOPs of one call (matmuls, convolutions, attention) by FlopCounterMode on meta tensors."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = LinearDiT(cfg)
+        x = torch.empty(B, cfg.in_channels, latent, latent)
+        y = torch.empty(B, TEXT_TOKENS, cfg.caption_channels)
+        mask = torch.ones(B, TEXT_TOKENS, dtype=torch.bool)
+        with FlopCounterMode(display=False) as counter:
+            model(x, torch.empty(B), y, mask)
+    return float(counter.get_total_flops())
+
+
+def matmul_ceiling_tflops(n: int = 8192, iters: int = 30) -> float:
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(5):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n**3 * iters / (start.elapsed_time(end) * 1e-3) / 1e12
+
+
+def _step_fn(model, inp: dict, kind: str):
+    if kind == "infer":
+        def step():
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                return model(inp["x0"], inp["t"], inp["y"], inp["y_mask"]).float().square().mean()
+        return step
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    B, L = args.batch, 300
-    x0 = torch.randn(B, cfg.in_channels, args.latent, args.latent, device="cuda")
-    y = torch.randn(B, L, cfg.caption_channels, device="cuda")
-    y_mask = torch.ones(B, L, dtype=torch.bool, device="cuda")
-    y_mask[:, 120:] = False
     flow = FlowConfig(shift=3.0)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = flow_loss(model, x0, y, y_mask, flow)
+            loss, _ = flow_loss(model, inp["x0"], inp["y"], inp["y_mask"], flow, noise=inp["noise"], t=inp["t"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach()
+    return step
 
-    for _ in range(args.warmup):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        loss = step()
-        end.record()
+
+def run_variant(variant: str, mode: dict, args, flops: float, ceiling: float, profile_dir: Path | None) -> dict:
+    _set_backends(variant)
+    cfg = DIT_CONFIGS[mode["config"]]
+    B = mode["batch"]
+    row = dict(variant=variant)
+    try:
+        model = _build(variant, cfg)
+        inp = _inputs(cfg, B, mode["latent"])
+        step = _step_fn(model, inp, mode["kind"])
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    assert torch.isfinite(loss), f"non-finite loss with backend {backend}"
-    times.sort()
-    ms = times[len(times) // 2]
-    tokens = B * args.latent * args.latent
-    return dict(backend=backend, median_ms=ms, min_ms=times[0], images_per_s=B / ms * 1e3,
-                tokens_per_s=tokens / ms * 1e3, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-                params_m=model.num_params() / 1e6)
+        t0 = time.perf_counter()
+        first_loss = step().item()
+        row["first_step_s"] = time.perf_counter() - t0
+        for _ in range(args.warmup):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(args.iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            loss = step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite loss {loss.item()}")
+        times.sort()
+        ms = times[len(times) // 2]
+        step_flops = flops * (3 if mode["kind"] == "train" else 1)
+        achieved = step_flops / (ms * 1e-3) / 1e12
+        row.update(median_ms=ms, min_ms=times[0], images_per_s=B / ms * 1e3,
+                   peak_gib=torch.cuda.max_memory_allocated() / 2**30, first_loss=first_loss,
+                   tflops=achieved, mfu_peak=achieved / PEAK_TFLOPS, mfu_ceiling=achieved / ceiling)
+        if profile_dir is not None:
+            row["profile"] = _profile(step, profile_dir / f"profile_{args.current_mode}_{variant}.txt")
+    except torch.cuda.OutOfMemoryError as e:
+        row["error"] = f"OOM: {str(e).splitlines()[0]}"
+    finally:
+        model = inp = step = None  # noqa: F841 - drop the references before freeing
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    return row
+
+
+def _profile(step, path: Path) -> dict:
+    """Three steps under torch.profiler: the kernel table to path, and GPU time by category."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    table = events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table)
+    print("\n".join(line[:100] + line[-40:] for line in table.splitlines()[:22]))
+    cats: dict[str, float] = {}
+    for e in events:
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if not us or e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        n = e.key.lower()
+        cat = ("gemm" if any(k in n for k in ("gemm", "cutlass", "sm90", "nvjet", "matmul")) else
+               "triton block ops" if any(k in n for k in ("_modulate", "_residual", "_fwd", "_bwd_conv", "_bwd_input"))
+               else "triton linear attention" if any(k in n for k in ("_kv_kernel", "_out_kernel", "_dq_kernel",
+                                                                       "_dkv_kernel")) else
+               "attention (sdpa)" if any(k in n for k in ("flash", "fmha", "attention", "efficient")) else
+               "copy/transpose" if any(k in n for k in ("copy", "transpose", "cat")) else
+               "conv" if "conv" in n else "adam" if "adam" in n else
+               "reduce" if "reduce" in n else "elementwise/other")
+        cats[cat] = cats.get(cat, 0.0) + us / 3 / 1e3
+    print("GPU ms a step by category:", {k: round(v, 1) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])})
+    return cats
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="sana-0.6b", choices=sorted(DIT_CONFIGS))
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--latent", type=int, default=32, help="latent side (32 = 1024 px with DC-AE f32)")
-    p.add_argument("--checkpointing", action="store_true")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {list(MODES)}")
+    p.add_argument("--variants", default="diffusers,diffusers-compiled,ours,ours-compiled",
+                   help=f"comma-separated, of {list(VARIANTS)}")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--profile", action="store_true", help="torch.profiler table of 'ours' per mode")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
+    modes, variants = args.modes.split(","), args.variants.split(",")
+    bad = [m for m in modes if m not in MODES] + [v for v in variants if v not in VARIANTS]
+    if bad:
+        sys.exit(f"unknown modes/variants {bad}; modes: {list(MODES)}, variants: {list(VARIANTS)}")
     if not torch.cuda.is_available():
         sys.exit("bench_train_step needs a CUDA GPU")
-    rows = [run(b, args) for b in ("torch", "triton")]
-    print(f"\n{args.config}, batch {args.batch}, latent {args.latent}x{args.latent}, bf16 autocast, "
-          f"{torch.cuda.get_device_name()}")
-    print(f"{'attention':<10} {'median ms':>10} {'img/s':>8} {'peak GiB':>9}")
-    for r in rows:
-        print(f"{r['backend']:<10} {r['median_ms']:>10.1f} {r['images_per_s']:>8.1f} {r['peak_gib']:>9.1f}")
-    print(f"speed-up of the Triton kernel: {rows[0]['median_ms'] / rows[1]['median_ms']:.2f}x")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = dict(config=args.config, batch=args.batch, latent=args.latent, checkpointing=args.checkpointing,
-                  device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows,
-                  speedup=rows[0]["median_ms"] / rows[1]["median_ms"], date=time.strftime("%Y-%m-%d"))
-    (out / "train_step.json").write_text(json.dumps(record, indent=2))
+    gpu = torch.cuda.get_device_name()
+    tag = "h200" if "H200" in gpu else "h100" if "H100" in gpu else gpu.split()[-1].lower()
+    ceiling = matmul_ceiling_tflops()
+    print(f"{gpu}: measured bf16 matmul ceiling {ceiling:.0f} TFLOP/s (8192^3)")
+    for name in modes:
+        mode = MODES[name]
+        args.current_mode = name
+        flops = model_flops(DIT_CONFIGS[mode["config"]], mode["batch"], mode["latent"])
+        rows = [run_variant(v, mode, args, flops, ceiling, out if args.profile and v == "ours" else None)
+                for v in variants]
+        step_kind = "train step (fwd+bwd+AdamW)" if mode["kind"] == "train" else "forward"
+        print(f"\n{name}: {mode['config']}, batch {mode['batch']}, latent {mode['latent']}x{mode['latent']}, "
+              f"{step_kind}, bf16 autocast, {gpu}; forward {flops / mode['batch'] / 1e12:.2f} TFLOP an image")
+        print(f"{'variant':<20} {'ms':>8} {'img/s':>8} {'peak GiB':>9} {'1st step s':>10} {'MFU 989':>8} "
+              f"{'MFU ceil':>8} {'loss':>8}")
+        for r in rows:
+            if "error" in r:
+                print(f"{r['variant']:<20} {r['error'][:80]}")
+                continue
+            print(f"{r['variant']:<20} {r['median_ms']:>8.1f} {r['images_per_s']:>8.1f} {r['peak_gib']:>9.1f} "
+                  f"{r['first_step_s']:>10.1f} {r['mfu_peak']:>8.1%} {r['mfu_ceiling']:>8.1%} {r['first_loss']:>8.4f}")
+        by = {r["variant"]: r for r in rows if "error" not in r}
+        speedup = None
+        if "ours" in by and "diffusers-compiled" in by:
+            speedup = by["diffusers-compiled"]["median_ms"] / by["ours"]["median_ms"]
+            print(f"ours eager vs diffusers compiled blocks: {speedup:.2f}x")
+        record = dict(mode=name, **mode, device=gpu, torch=torch.__version__, text_tokens=TEXT_TOKENS,
+                      forward_flops=flops, matmul_ceiling_tflops=ceiling, peak_tflops=PEAK_TFLOPS, rows=rows,
+                      speedup_ours_eager_vs_diffusers_compiled=speedup, date=time.strftime("%Y-%m-%d"),
+                      command="python bench/bench_train_step.py " + " ".join(sys.argv[1:]))
+        (out / f"train_step_{name}_{tag}.json").write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":
