@@ -8,8 +8,9 @@ CPUs the readers then wait for), so the job does a broadcast-free partitioned an
 - `KeyIndex` shards (Ray actors, `writer.index_shards` of them, spread over the cluster) each own the keys whose
   first 8 hex digits fall in their range: a sorted numpy array of 32-byte keys, 32 bytes per committed input
   (10^9 inputs: 32 GB over all shards, e.g. 64 shards of 0.5 GB).
-- `seed_index` fills them from the committed parts with Ray Data (read on the workers, each block split by
-  shard); the driver only holds the actor handles.
+- `count_todo` streams the listing's keys and the committed parts' keys (read with Ray Data on the workers) to
+  the shards that own them in one execution; each shard then counts what is listed but not committed: a
+  hash-partitioned anti-join whose partitions are the shards. The driver only holds the actor handles.
 - `drop_done` (a map over the listing blocks, on the workers) asks each shard which of its keys are neither
   done nor already listed in this run, so a source listed twice (the same URL twice in a Parquet list) is
   processed once. A claim is idempotent per occurrence (block digest, row), so a retried listing task gets
@@ -57,6 +58,7 @@ class KeyIndex:
 
     def __init__(self):
         self._seed: list[np.ndarray] = []
+        self._listed: list[np.ndarray] = []  # keys of the counting pass, dropped once counted
         self.done = np.empty(0, dtype="S32")
         self.done_occ = np.empty(0, dtype=np.int64)  # occurrence that listed a done key this run (0 = none)
         self.claims: dict[bytes, int] = {}  # keys not done, listed this run -> winning occurrence
@@ -75,18 +77,33 @@ class KeyIndex:
         self._sha_seed.append((np.asarray(shas, dtype="S32"), np.asarray(keys, dtype="S32")))
         return len(shas)
 
+    def add_listed(self, keys: np.ndarray) -> int:
+        self._listed.append(np.asarray(keys, dtype="S32"))
+        return len(keys)
+
     def seal(self) -> int:
         if self._seed:
             self.done = np.unique(np.concatenate([self.done, *self._seed]))
         self._seed = []
         self.done_occ = np.zeros(len(self.done), dtype=np.int64)
+        return len(self.done)
+
+    def anti_join(self) -> dict[str, int]:
+        """Seal the committed keys, count the listed rows not among them, forget the listed keys."""
+        self.seal()
+        listed = np.concatenate(self._listed) if self._listed else np.empty(0, dtype="S32")
+        self._listed = []
+        todo = int(self.not_done(listed).sum()) if len(listed) else 0
+        return {"committed": len(self.done), "listed": len(listed), "todo": todo}
+
+    def seal_contents(self) -> int:
         if self._sha_seed:
             shas = np.concatenate([s for s, _ in self._sha_seed])
             keys = np.concatenate([k for _, k in self._sha_seed])
             order = np.argsort(shas, kind="stable")
             self.sha_sorted, self.sha_keys = shas[order], keys[order]
         self._sha_seed = []
-        return len(self.done)
+        return len(self.sha_sorted)
 
     # the anti-join
     def todo(self, keys: np.ndarray, occ: np.ndarray) -> np.ndarray:
@@ -158,36 +175,63 @@ def _split_call(shards, method: str, keys: np.ndarray, *cols: np.ndarray) -> lis
     return calls
 
 
-def _seed_block(batch: pa.Table, shards, content: bool) -> pa.Table:
+def _feed_block(batch: pa.Table, shards, what: str) -> pa.Table:
+    """Send one block's keys to their shards: committed keys ("done"), listed keys ("listed") or the
+    (sha256, key) pairs of accepted samples ("content")."""
     import ray
 
     keys = _keys32(batch.column("key"))
-    if content:
-        shas = _keys32(batch.column("sha256"))
-        calls = _split_call(shards, "add_content", shas, keys)
+    if what == "content":
+        calls = _split_call(shards, "add_content", _keys32(batch.column("sha256")), keys)
     else:
-        calls = _split_call(shards, "add_done", keys)
+        calls = _split_call(shards, "add_done" if what == "done" else "add_listed", keys)
     n = sum(ray.get([ref for _, ref in calls]))
-    return pa.table({"n": [n]})
+    return pa.table({"what": [what], "n": [n]})
 
 
-def seed_index(shards, manifest_dir, rejected_dir, dedup: bool) -> int:
-    """Fill the shards with the committed keys (and accepted contents); returns how many keys are done."""
+def _parts(folder) -> list[str]:
+    return sorted(str(p) for p in folder.glob("part-*.parquet")) if folder.is_dir() else []
+
+
+def _feed(ds, shards, what: str):
+    return ds.map_batches(_feed_block, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, num_cpus=0.25,
+                          fn_kwargs=dict(shards=shards, what=what))
+
+
+def count_todo(shards, listing, manifest_dir, rejected_dir) -> dict[str, int]:
+    """The anti-join's counting pass, in one Ray Data execution: the listing's keys and the committed keys stream
+    into the shards that own them, then each shard counts its listed keys that are not committed. Leaves the
+    committed keys sealed in the shards for `drop_done`. Returns committed, listed and todo counts."""
     import ray
     import ray.data
 
-    for folder, content in ((manifest_dir, False), (rejected_dir, False), (manifest_dir, True)):
-        if content and not dedup:
-            continue
-        files = sorted(str(p) for p in folder.glob("part-*.parquet")) if folder.is_dir() else []
-        if not files:
-            continue
-        cols = ["key", "sha256"] if content else ["key"]
-        ds = ray.data.read_parquet(files, columns=cols, ray_remote_args={"num_cpus": 0.25})
-        for _ in ds.map_batches(_seed_block, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, num_cpus=0.25,
-                                fn_kwargs=dict(shards=shards, content=content)).iter_batches(batch_size=None):
+    ds = _feed(listing, shards, "listed")
+    for folder in (manifest_dir, rejected_dir):
+        files = _parts(folder)
+        if files:
+            ds = ds.union(_feed(ray.data.read_parquet(files, columns=["key"], num_cpus=0.25),
+                                shards, "done"))
+    for _ in ds.iter_batches(batch_size=None):
+        pass
+    out = {"committed": 0, "listed": 0, "todo": 0}
+    for c in ray.get([s.anti_join.remote() for s in shards]):
+        for k in out:
+            out[k] += c[k]
+    return out
+
+
+def seed_contents(shards, manifest_dir) -> int:
+    """Give the shards the content hashes of the accepted samples (exact dedup across attempts)."""
+    import ray
+    import ray.data
+
+    files = _parts(manifest_dir)
+    if files:
+        ds = _feed(ray.data.read_parquet(files, columns=["key", "sha256"], num_cpus=0.25),
+                   shards, "content")
+        for _ in ds.iter_batches(batch_size=None):
             pass
-    return sum(ray.get([s.seal.remote() for s in shards]))
+    return sum(ray.get([s.seal_contents.remote() for s in shards]))
 
 
 def _occurrences(keys: np.ndarray) -> np.ndarray:

@@ -216,14 +216,6 @@ def write_batch(batch: Batch, out: str, vlms: list[str], clip_model: str) -> dic
     return {k: np.array([v]) for k, v in c.items()}
 
 
-def _count_todo(batch, shards):
-    """Pass 1 (read-only): listed rows and rows not yet done of one listing block."""
-    import pyarrow as pa
-
-    kept = keyindex.drop_done(batch, shards, claim=False)
-    return pa.table({"rows": [batch.num_rows], "todo": [kept.num_rows]})
-
-
 def _todo_rows(batch, shards):
     """Pass 2: the rows of a listing block to process (claimed), with empty reject/detail columns."""
     import pyarrow as pa
@@ -362,13 +354,6 @@ def _sana_cause(e: BaseException) -> SanaError | None:
     return None
 
 
-def _on_worker(fn, *args):
-    """Run fn on a worker (sweeps of the output folder touch files, not the driver's memory)."""
-    import ray
-
-    return ray.get(ray.remote(fn).options(num_cpus=0).remote(*args))
-
-
 def run(cfg: CurateConfig, input_path: str, output: str | Path, new_output: bool = False,
         log: Callable[[str], None] = print) -> RunResult:
     """Curate `input_path` into `output`; resumes a same-config output, refuses a different one."""
@@ -397,15 +382,10 @@ def run(cfg: CurateConfig, input_path: str, output: str | Path, new_output: bool
     stats = Stats()
     shards = keyindex.make_shards(cfg.writer.index_shards)
     try:
-        swept = _on_worker(sweep, out)
-        committed = keyindex.seed_index(shards, out / MANIFEST, out / REJECTED, cfg.dedup.exact)
-        listed = todo = 0
-        ds = listing_dataset(plan, cfg.input.extensions, cfg.input.parquet_column).map_batches(
-            _count_todo, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, num_cpus=LIST_CPUS,
-            fn_kwargs=dict(shards=shards))
-        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            listed += int(np.sum(b["rows"]))
-            todo += int(np.sum(b["todo"]))
+        swept = sweep(out)  # names of shards and parts only; no writer runs yet
+        listing = listing_dataset(plan, cfg.input.extensions, cfg.input.parquet_column)
+        c = keyindex.count_todo(shards, listing, out / MANIFEST, out / REJECTED)
+        committed, listed, todo = c["committed"], c["listed"], c["todo"]
         if not listed:
             raise SanaError(f"no inputs found under {strip_url_credentials(input_path)} "
                             f"(extensions {cfg.input.extensions})")
@@ -415,6 +395,8 @@ def run(cfg: CurateConfig, input_path: str, output: str | Path, new_output: bool
         totals = {"done_listed": listed - todo, "new": 0, "dup_sources": 0}
         if todo:
             check_resources(cfg, log)  # refuse in one line a job whose actor pools this cluster can never hold
+            if cfg.dedup.exact:
+                keyindex.seed_contents(shards, out / MANIFEST)
             tally = ray.remote(num_cpus=0)(Tally).remote()
             last = time.time()
             for b in build_dataset(cfg, input_path, out, shards, tally).iter_batches(
@@ -433,7 +415,7 @@ def run(cfg: CurateConfig, input_path: str, output: str | Path, new_output: bool
                 stats.busy[k] += early.busy[k]
                 stats.rows[k] += early.rows[k]
             totals = keyindex.totals(shards)
-        _on_worker(sweep, out)
+            sweep(out)  # tmp files of writers that died and were retried
     except Exception as e:  # noqa: BLE001 - a SanaError raised on a worker is shown as one line, like the driver's
         cause = _sana_cause(e)
         if cause is not None:

@@ -333,7 +333,7 @@ def listing_dataset(plan: Plan, extensions: list[str], parquet_column: str, chun
     import ray.data
 
     if plan.fmt == "parquet":
-        ds = ray.data.read_parquet(plan.path, columns=[parquet_column], ray_remote_args={"num_cpus": LIST_CPUS})
+        ds = ray.data.read_parquet(plan.path, columns=[parquet_column], num_cpus=LIST_CPUS)
         return ds.map_batches(_parquet_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
                               num_cpus=LIST_CPUS, fn_kwargs=dict(column=parquet_column, base=parquet_base(plan.path)))
     units = ray.data.from_items([{"unit": u} for u in plan.units], override_num_blocks=len(plan.units))

@@ -111,7 +111,7 @@ def _manifest_partial(t: pa.Table) -> pa.Table:
             p[2] += float(s)
             p[3] += 1
         buckets[f"{bh[i]}x{bw[i]}"] += 1
-    return pa.table({"n": [t.num_rows], "per_vlm": [json.dumps(per)], "buckets": [json.dumps(buckets)]})
+    return pa.table({"kind": ["manifest"], "n": [t.num_rows], "a": [json.dumps(per)], "b": [json.dumps(buckets)]})
 
 
 def _rejected_partial(t: pa.Table) -> pa.Table:
@@ -119,18 +119,21 @@ def _rejected_partial(t: pa.Table) -> pa.Table:
 
     vc = pc.value_counts(t.column("reason")) if t.num_rows else []
     counts = {str(x["values"]): int(x["counts"]) for x in (vc.to_pylist() if t.num_rows else [])}
-    return pa.table({"n": [t.num_rows], "reasons": [json.dumps(counts)]})
+    return pa.table({"kind": ["rejected"], "n": [t.num_rows], "a": [json.dumps(counts)], "b": ["{}"]})
 
 
-def _map_reduce(folder: Path, columns: list[str], fn) -> list[dict]:
-    """fn over every block of a part folder, on the cluster when Ray is up (else in this process)."""
+_SUMMARY_COLUMNS = {"manifest": ["vlms", "captions", "clip_scores", "bucket_h", "bucket_w"], "rejected": ["reason"]}
+
+
+def _partials(out: Path) -> list[dict]:
+    """The partial sums of every block of both part folders: on the cluster in one Ray Data execution when Ray
+    is up, else in this process."""
     import pyarrow.parquet as pq
 
-    from curation.writer import part_files
+    from curation.writer import MANIFEST, REJECTED, part_files
 
-    files = [str(p) for p in part_files(folder)]
-    if not files:
-        return []
+    jobs = [(kind, fn, [str(p) for p in part_files(out / folder)])
+            for kind, fn, folder in (("manifest", _manifest_partial, MANIFEST), ("rejected", _rejected_partial, REJECTED))]
     try:
         import ray
 
@@ -138,39 +141,42 @@ def _map_reduce(folder: Path, columns: list[str], fn) -> list[dict]:
     except ImportError:
         on_cluster = False
     if not on_cluster:
-        return [r for f in files for r in fn(pq.read_table(f, columns=columns)).to_pylist()]
+        return [r for kind, fn, files in jobs for f in files
+                for r in fn(pq.read_table(f, columns=_SUMMARY_COLUMNS[kind])).to_pylist()]
     import ray.data
 
-    ds = ray.data.read_parquet(files, columns=columns)
-    out = []
-    for b in ds.map_batches(fn, batch_format="pyarrow", batch_size=None).iter_batches(batch_size=None,
-                                                                                      batch_format="pyarrow"):
-        out += b.to_pylist()
-    return out
+    ds = None
+    for kind, fn, files in jobs:
+        if files:
+            part = ray.data.read_parquet(files, columns=_SUMMARY_COLUMNS[kind], num_cpus=0.25)
+            part = part.map_batches(fn, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+            ds = part if ds is None else ds.union(part)
+    out_rows: list[dict] = []
+    if ds is not None:
+        for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            out_rows += b.to_pylist()
+    return out_rows
 
 
 def output_summary(out: Path) -> dict[str, Any]:
     """Whole-output numbers from the manifest and rejected parts (all attempts together)."""
-    from curation.writer import MANIFEST, REJECTED
-
     per: dict[str, list[float]] = {}
     buckets: dict[str, int] = defaultdict(int)
-    accepted = 0
-    for r in _map_reduce(out / MANIFEST, ["vlms", "captions", "clip_scores", "bucket_h", "bucket_w"],
-                         _manifest_partial):
-        accepted += r["n"]
-        for v, p in json.loads(r["per_vlm"]).items():
-            acc = per.setdefault(v, [0, 0, 0.0, 0])
-            for j in range(4):
-                acc[j] += p[j]
-        for b, n in json.loads(r["buckets"]).items():
-            buckets[b] += n
     by_reason: dict[str, int] = defaultdict(int)
-    rejected = 0
-    for r in _map_reduce(out / REJECTED, ["reason"], _rejected_partial):
-        rejected += r["n"]
-        for k, n in json.loads(r["reasons"]).items():
-            by_reason[k] += n
+    accepted = rejected = 0
+    for r in _partials(out):
+        if r["kind"] == "manifest":
+            accepted += r["n"]
+            for v, p in json.loads(r["a"]).items():
+                acc = per.setdefault(v, [0, 0, 0.0, 0])
+                for j in range(4):
+                    acc[j] += p[j]
+            for b, n in json.loads(r["b"]).items():
+                buckets[b] += n
+        else:
+            rejected += r["n"]
+            for k, n in json.loads(r["a"]).items():
+                by_reason[k] += n
     per_vlm = {v: {"captions": int(p[0]), "mean_words": round(p[1] / max(p[3], 1), 2),
                    "mean_clip": round(p[2] / max(p[3], 1), 3)} for v, p in per.items()}
     return {"accepted": accepted, "rejected": rejected, "rejected_by_reason": dict(sorted(by_reason.items())),

@@ -497,7 +497,7 @@ def test_key_index_anti_join_duplicate_sources_and_contents():
     idx = KeyIndex()
     idx.add_done(k("done1", "done2"))
     idx.add_content(_keys32([hashlib.sha256(b"bytes-of-done1").hexdigest()]), k("done1"))
-    assert idx.seal() == 2
+    assert idx.seal() == 2 and idx.seal_contents() == 1
     keys = k("done1", "new1", "new2", "new1")  # new1 listed twice in one block
     occ = _occurrences(keys)
     assert list(idx.not_done(keys)) == [False, True, True, True]
@@ -507,6 +507,9 @@ def test_key_index_anti_join_duplicate_sources_and_contents():
     other = k("new2", "done1")  # another block listing new2 and done1 again
     assert list(idx.todo(other, _occurrences(other))) == [False, False]
     assert idx.counts() == {"done_listed": 1, "new": 2, "dup_sources": 3, "committed_before": 2}
+    # the counting pass: listed keys against the committed ones, counted by the shard that owns them
+    idx.add_listed(k("done1", "new1", "new1", "new3"))
+    assert idx.anti_join() == {"committed": 2, "listed": 4, "todo": 3} and not idx._listed
     # contents: an earlier attempt's sample owns its bytes; the first claimant of new bytes owns them
     sha = lambda *xs: _keys32([hashlib.sha256(x).hexdigest() for x in xs])
     owners = idx.claim_content(sha(b"bytes-of-done1", b"fresh", b"fresh"), k("c1", "c2", "c3"))
