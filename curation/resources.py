@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from curation.config import CurateConfig
+from curation.read import LIST_CPUS
 from curation.resize import ResizeStage
 from curation.stage import StageResources
 from curation.validate import DecodeStage
@@ -52,7 +53,10 @@ def pools(cfg: CurateConfig) -> list[Pool]:
         ("decode", DecodeStage.stateful, cfg.input.resources), ("resize", ResizeStage.stateful, cfg.resize.resources)]
     stages += [(f"caption:{name}", True, v.resources()) for name, v in cfg.vlms.items()]
     stages += [("clip", True, cfg.clip.resources), ("encode", True, cfg.encode.resources)]
-    return [Pool(name, r.num_cpus, r.num_gpus, r.concurrency if stateful else 0) for name, stateful, r in stages]
+    out = [Pool(name, r.num_cpus, r.num_gpus, r.concurrency if stateful else 0) for name, stateful, r in stages]
+    # Listing and writing run as tasks too (curation.read.listing_dataset, pipeline.write_batch); the key index
+    # and the tally are actors of 0 CPUs.
+    return [Pool("list", LIST_CPUS, 0.0, 0), *out, Pool("write", cfg.writer.num_cpus, 0.0, 0)]
 
 
 def _needs(pools: list[Pool]) -> tuple[float, float]:

@@ -176,7 +176,7 @@ def test_pools_that_can_never_fit_are_named_in_one_line():
     prod = pools(preset("production"))
     msg = fit_problem(prod, *one_cpu_box)
     assert msg and "\n" not in msg
-    for name in ["decode", "resize", "caption:llava", "caption:qwen2vl", "caption:idefics3", "caption:gemma3", "clip",
+    for name in ["list", "decode", "resize", "write", "caption:llava", "caption:qwen2vl", "caption:idefics3", "caption:gemma3", "clip",
                  "encode"]:
         assert name in msg
     # 4 VLMs x 4 CPU + clip 2 + encode 2 + one decode task 1 = 21 CPU; GPUs 1 + 1 + 1 + 2 + 1 + 1 = 7
@@ -197,7 +197,9 @@ def test_local_cluster_checked_before_it_starts_and_pools_match_the_stages(monke
     from curation.resources import check_local, local_problem, pools
 
     assert VLMCaptioner.stateful and ClipStage.stateful and EncodeStage.stateful  # what pools() assumes
-    assert [p.actors for p in pools(preset("tiny"))] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert [(p.name, p.actors) for p in pools(preset("tiny"))] == [
+        ("list", 0), ("decode", 0), ("resize", 0), ("caption:llava", 1), ("caption:qwen2vl", 1),
+        ("caption:idefics3", 1), ("caption:gemma3", 1), ("clip", 1), ("encode", 1), ("write", 0)]
     cfg = preset("production")
     cfg.ray.num_cpus = 8
     msg = local_problem(cfg)
@@ -380,17 +382,20 @@ def test_no_secret_lands_in_any_output_file(tmp_path, zoo):
     expected = make_image_folder(tmp_path / "images", n_good=4, seed=2)
     big = tmp_path / "images" / "big.png"
     big.write_bytes(_png(300, 300, 5))  # ~270 KB of noise, over the cap below
+    (tmp_path / "images" / "remote").mkdir()
+    (tmp_path / "images" / "remote" / "r.png").write_bytes(_png(96, 64, 6))  # only listed as a URL (no duplicate)
     token = "s3cr3t-vlm-env-value-7f9a2c"
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     out = tmp_path / "out"
     with _Server(tmp_path / "images") as srv:
         local = sorted(expected.all) + [str(big)]
-        remote = [_signed_url(srv.port, "good/img_001.png"), _signed_url(srv.port, "nope.png")]
+        remote = [_signed_url(srv.port, "remote/r.png"), _signed_url(srv.port, "nope.png")]
         pq.write_table(pa.table({"path": local + remote}), tmp_path / "list.parquet")
         r = subprocess.run([sys.executable, str(driver), "--input", str(tmp_path / "list.parquet"), "--output",
                             str(out), "--preset", "tiny", "--set", f"vlms.llava.env.SANA_TEST_TOKEN={token}",
-                            "--set", "input.max_bytes=150000"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                            # the remote URL serves the bytes of a local input: keep both (no exact dedup)
+                            "--set", "input.max_bytes=150000", "--set", "dedup.exact=false"], cwd=REPO, env=_env(), capture_output=True, text=True,
                            timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     man = pq.read_table(out / "manifest.parquet").to_pylist()
@@ -403,13 +408,13 @@ def test_no_secret_lands_in_any_output_file(tmp_path, zoo):
     assert rej[str(big)]["reason"] == "too_large"
     assert expected.accepted <= set(sources)
     assert {p: rej[p]["reason"] for p in expected.rejected} == expected.rejected
-    assert _clean_url(srv.port, "good/img_001.png") in sources and rej[_clean_url(srv.port, "nope.png")]["reason"] \
+    assert _clean_url(srv.port, "remote/r.png") in sources and rej[_clean_url(srv.port, "nope.png")]["reason"] \
         == "unreadable"
     record = json.loads((out / "run.json").read_text())
     assert record["config"]["vlms"]["llava"]["env"]["SANA_TEST_TOKEN"] == "<redacted>"
     # not one byte of any secret in any file (parquet columns are read back too: compression could hide bytes)
     files = [p for p in out.rglob("*") if p.is_file()]
-    assert {"report.html", "run.json", "manifest.parquet", "rejected.parquet"} <= {p.name for p in files}
+    assert {"report.html", "run.json", "manifest.parquet", "rejected.parquet"} <= {p.name for p in out.iterdir()}
     for p in files:
         blob = p.read_bytes()
         texts = [blob] + ([json.dumps(pq.read_table(p).to_pylist(), default=str).encode()]
