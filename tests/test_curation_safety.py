@@ -421,3 +421,13 @@ def test_no_secret_lands_in_any_output_file(tmp_path, zoo):
                           if p.suffix == ".parquet" else [])
         for secret in SECRETS + [token]:
             assert not any(secret.encode() in t for t in texts), f"{secret} in {p}"
+
+
+def test_print_config_redacts_env_entries_and_secret_keys(tmp_path, capsys):
+    from jobs.curate import main
+
+    main(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--preset", "tiny", "--print-config",
+          "--set", "vlms.llava.env.SANA_TEST_TOKEN=tok-abc-123", "--set", "vlms.llava.engine_kwargs.hf_token=hf-x-9"])
+    printed = capsys.readouterr().out
+    assert "SANA_TEST_TOKEN: <redacted>" in printed and "hf_token: <redacted>" in printed
+    assert "tok-abc-123" not in printed and "hf-x-9" not in printed and "max_tokens: 24" in printed
