@@ -181,7 +181,9 @@ def test_lora_trains_only_the_adapter_resumes_exactly_and_exports_to_diffusers(s
     weights = [k for k in keys if k.startswith(("model.", "ema."))]
     assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights), sorted(weights)[:5]
     assert not any("base_layer" in k for k in keys)
-    assert sum(p.stat().st_size for p in ckpt.iterdir()) < 0.5 * sum(p.numel() * 4 for p in ref.parameters()) * 3
+    # A full checkpoint holds 4 float32 copies of the model (weights, EMA, two Adam moments); this one far less.
+    model_bytes = sum(p.numel() * 4 for p in ref.parameters())
+    assert sum(p.stat().st_size for p in ckpt.iterdir()) < 1.5 * model_bytes
 
     # Only the adapter moved: every base tensor equals the source's; lora_B left zero.
     from sana_core.dit import LinearDiT
