@@ -35,7 +35,7 @@ import uuid
 from pathlib import Path
 
 from sana_core.errors import SanaError
-from sana_core.secrets import redact_text
+from sana_core.secrets import redact_argv
 
 LOCK_NAME = ".sana.lock"
 # An unparsable lock file younger than this may be one another job is writing right now; older is debris.
@@ -71,7 +71,7 @@ def _me(token: str, what: str) -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "pid_ns": _pid_ns(),
             "boot_id": _read_text("/proc/sys/kernel/random/boot_id"), "start": _proc_start(os.getpid()),
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "what": what,
-            "command": redact_text(" ".join(sys.argv))[:300], "token": token}
+            "command": " ".join(redact_argv(sys.argv))[:300], "token": token}
 
 
 def _pid_alive(pid: int) -> bool:
