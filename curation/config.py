@@ -154,6 +154,10 @@ def _tiny() -> CurateConfig:
         clip=ClipConfig(model=ZOO, pretrained=ZOO, device="cpu", resources=small(16)),
         encode=EncodeConfig(model=ZOO, device="cpu", dtype="float32", resources=small(8)),
         writer=WriterConfig(samples_per_shard=16, num_cpus=0.25, concurrency=1, index_shards=2),
+        # Logical CPUs of the private local cluster: the actor pools hold 1.5, and Ray Data's ListFiles task of
+        # ray.data.read_parquet asks for a whole CPU that cannot be configured; with only the 2 a small machine
+        # has, a Parquet input would wait for it forever.
+        ray=RayConfig(num_cpus=4),
     )
 
 
