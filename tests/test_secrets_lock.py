@@ -174,3 +174,11 @@ def test_release_leaves_a_lock_it_does_not_own_and_context_manager(tmp_path):
     with OutputLock(tmp_path / "new" / "dir") as lock:  # creates the folder
         assert (tmp_path / "new" / "dir" / LOCK_NAME).exists()
     assert not (tmp_path / "new" / "dir" / LOCK_NAME).exists()
+
+
+def test_lock_file_records_a_redacted_command_line(tmp_path, monkeypatch):
+    secret = "hf_notarealtoken0123456789"
+    monkeypatch.setattr(sys, "argv", ["jobs.curate", "--set", f"vlms.llava.env.HF_TOKEN={secret}"])
+    with OutputLock(tmp_path, what="test"):
+        text = (tmp_path / LOCK_NAME).read_text()
+    assert secret not in text and f"vlms.llava.env.HF_TOKEN={REDACTED}" in text
