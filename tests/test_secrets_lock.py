@@ -178,7 +178,7 @@ def test_release_leaves_a_lock_it_does_not_own_and_context_manager(tmp_path):
 
 def test_lock_file_records_a_redacted_command_line(tmp_path, monkeypatch):
     secret = "plain-secret-value"  # no known token shape: only the key says it is secret
-    monkeypatch.setattr(sys, "argv", ["jobs.curate", "--set", f"vlms.llava.env.HF_TOKEN={secret}"])
+    monkeypatch.setattr(sys, "argv", ["jobs.curate", "--set", f"vlms.llava.env.PROXY_VAR={secret}"])
     with OutputLock(tmp_path, what="test"):
         text = (tmp_path / LOCK_NAME).read_text()
-    assert secret not in text and f"vlms.llava.env.HF_TOKEN={REDACTED}" in text
+    assert secret not in text and f"vlms.llava.env.PROXY_VAR={REDACTED}" in text
