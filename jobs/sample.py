@@ -6,6 +6,7 @@
 is rebuilt from the config saved with the checkpoint; EMA weights are used unless --no-ema. A LoRA run's
 adapter is applied to its base (the run's init_from). --checkpoint also takes what --init-from takes: a diffusers
 SanaTransformer2DModel or pipeline folder (our exports included) or an NVlabs .pth.
+--checkpoint LORA_DIR (pytorch_lora_weights.safetensors, e.g. our export) samples its base with it fused in.
 --export-diffusers DIR also writes the DiT as a diffusers SanaTransformer2DModel folder (safetensors, the
 shareable format; a sana_stack.json beside it names the text encoder and DC-AE); for a LoRA run it writes the
 adapter as DIR/pytorch_lora_weights.safetensors for diffusers' SanaPipeline.load_lora_weights, and with --merged
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-ema", action="store_true", help="use the raw model weights instead of the EMA")
     p.add_argument("--export-diffusers", metavar="DIR", help="also save the DiT as a diffusers folder (a LoRA "
                                                               "run: the adapter in diffusers' LoRA layout)")
+    p.add_argument("--base", metavar="SOURCE", help="--checkpoint is a diffusers LoRA folder: the model it applies "
+                                                     "to (default: the base its sana_stack.json names)")
     p.add_argument("--merged", action="store_true", help="with --export-diffusers on a LoRA run: save the full "
                                                         "model with the adapter merged instead of the adapter")
     p.add_argument("--quant", choices=["none", "w8a8-int8", "w8a8-fp8"], default="none",
@@ -147,7 +150,10 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.time()
     lora = None
-    if is_source(args.checkpoint) and not (Path(args.checkpoint) / "checkpoints").is_dir():
+    from training.finetune import is_lora_export, load_lora_export
+    if is_lora_export(args.checkpoint):
+        ckpt, (dit, cfg), which, step = args.checkpoint, load_lora_export(args.checkpoint, args.base), "LoRA", None
+    elif is_source(args.checkpoint) and not (Path(args.checkpoint) / "checkpoints").is_dir():
         ckpt, (dit, cfg), which, step = args.checkpoint, load_source(args.checkpoint), "source", None
     else:
         ckpt = resolve_checkpoint(args.checkpoint)

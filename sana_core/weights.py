@@ -174,9 +174,10 @@ def read_diffusers_config(source: str) -> dict:
     return dict(cfg)
 
 
-def load_diffusers_weights(model: LinearDiT, source: str) -> None:
+def load_diffusers_weights(model: LinearDiT, source: str, lora: str | None = None) -> None:
     """Load the weights of a diffusers SanaTransformer2DModel (folder or Hub id) into `model`, through diffusers'
-    own loader (safetensors, shards, dtype)."""
+    own loader (safetensors, shards, dtype); `lora`: a diffusers-layout LoRA (file or folder) fused in first, by
+    diffusers (load_lora_adapter, fuse_lora, unload_lora: its alpha / rank conventions, not ours)."""
     from diffusers import SanaTransformer2DModel
     where, kw = diffusers_transformer_location(source)
     try:
@@ -184,6 +185,14 @@ def load_diffusers_weights(model: LinearDiT, source: str) -> None:
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SanaError(f"cannot load the diffusers Sana transformer from {source!r}: {first}") from e
+    if lora is not None:
+        try:
+            theirs.load_lora_adapter(str(lora), prefix="transformer")
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SanaError(f"cannot apply the LoRA {lora} to {source}: {first}") from e
+        theirs.fuse_lora()
+        theirs.unload_lora()  # the LoRA layers go, their product stays fused into the base weights
     load_diffusers_state_dict(model, theirs.state_dict())
 
 

@@ -219,6 +219,15 @@ def test_lora_trains_only_the_adapter_resumes_exactly_and_exports_to_diffusers(s
     with_adapter = diffusers_out(pipe.transformer, x, t, y, mask)
     assert rel(with_adapter, ours) <= 1e-5
     assert rel(diffusers_out(ref, x, t, y, mask), ours) > 1e-3  # the adapter changes the function
+    # The export folder names its base: jobs.sample takes it as --checkpoint, diffusers fusing the adapter.
+    from training.finetune import load_lora_export
+    fused, fused_cfg = load_lora_export(out)
+    with torch.no_grad():
+        assert rel(fused(x, t, y, mask), ours) <= 1e-5
+    assert fused_cfg.model.text_encoder == "zoo:gemma" and fused_cfg.init_from == str(root.resolve())
+    sample_job.main(["--checkpoint", str(out), "--prompt", "a red square", "--steps", "2", "--out",
+                     str(tmp_path / "d.png"), "--height", "128", "--width", "128"])
+    assert (tmp_path / "d.png").is_file()
 
     # The merged export is a full diffusers model with the same function, and jobs.sample reads it back.
     merged = tmp_path / "merged"

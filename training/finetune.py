@@ -168,7 +168,36 @@ def export_lora(out: str | Path, lora: dict[str, torch.Tensor], cfg: TrainConfig
     out.mkdir(parents=True, exist_ok=True)
     SanaPipeline.save_lora_weights(str(out), transformer_lora_layers=W.lora_to_diffusers(lora, lora_scale(cfg.lora)))
     (out / W.SIDECAR).write_text(json.dumps(sidecar(cfg, lora=True), indent=1))
-    return out / "pytorch_lora_weights.safetensors"
+    return out / LORA_FILE
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def is_lora_export(path: str | Path) -> bool:
+    return (Path(path) / LORA_FILE).is_file()
+
+
+def load_lora_export(folder: str | Path, base: str | None = None) -> tuple[LinearDiT, TrainConfig]:
+    """A diffusers-layout LoRA folder (ours, or any Sana LoRA diffusers loads) fused into its base: the base
+    named by --base, else by the folder's sana_stack.json. -> (plain LinearDiT, the config to sample it with)."""
+    side = W.read_sidecar(folder)
+    base = base or side.get("base")
+    if not base:
+        raise SanaError(f"{folder}: a LoRA folder without {W.SIDECAR} naming its base; give the base model "
+                        f"(a diffusers folder or Hub id) with --base")
+    src = resolve_source(base)
+    if src.kind != "diffusers":
+        raise SanaError(f"LoRA base {base}: diffusers' loader applies a LoRA to a diffusers model; export the "
+                        f".pth first (jobs.sample --checkpoint {base} --export-diffusers DIR)")
+    cfg = apply_source(TrainConfig(), src, set())
+    cfg.model.text_encoder = side.get("text_encoder", cfg.model.text_encoder)
+    cfg.model.autoencoder = side.get("autoencoder", cfg.model.autoencoder)
+    cfg.model.max_length = side.get("max_length", cfg.model.max_length)
+    cfg.flow.shift = side.get("flow_shift", cfg.flow.shift)
+    dit = LinearDiT(cfg.model.dit)
+    W.load_diffusers_weights(dit, src.spec, lora=str(Path(folder) / LORA_FILE))
+    return dit.eval(), cfg
 
 
 def sidecar(cfg: TrainConfig, lora: bool = False) -> dict:
