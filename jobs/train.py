@@ -1,6 +1,7 @@
 """Train the Linear DiT on curated shards.
 
     python -m jobs.train --data CURATED_DIR --output RUN_DIR --preset tiny --max-steps 300 [--resume]
+    fine-tune released weights:  ... --init-from SOURCE [--set lora.rank=16]   (training/finetune.py)
 
 Launchers, same training code:
     one process:  python -m jobs.train ...

@@ -388,3 +388,16 @@ def test_pipeline_folder_gives_its_own_text_encoder_and_vae(source, zoo, tmp_pat
     argv = ["--init-from", str(pipe / "transformer")]  # its transformer/ subfolder: the same defaults
     assert build_config(parser().parse_args(["--data", "x", "--output", "y", *argv]), argv).model.autoencoder == \
         str(pipe.resolve())
+
+
+def test_cli_refuses_a_contradicting_depth_in_one_line(source, data, tmp_path):
+    import subprocess
+    import sys
+    root, _ = source
+    r = subprocess.run([sys.executable, "-m", "jobs.train", "--data", str(data), "--output", str(tmp_path / "r"),
+                        "--init-from", str(root), "--set", "model.dit.depth=4"], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=300, check=False,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline"))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "model.dit.depth=4 contradicts the source's depth=2" in r.stderr
+    assert not (tmp_path / "r").exists()  # refused before anything is written
