@@ -21,11 +21,9 @@ SHAPES = pick(
           (16, 300, 36, 32), (2, 4099, 3, 64), (1, 1, 2, 16)])
 
 
-def _rel(x: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
-    """Relative error; `floor` bounds the denominator from below where the exact value is ~0 by cancellation
-    (at N = 1 the output is v whatever q and k are, so dq and dk are 0 up to rounding)."""
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     assert torch.isfinite(x).all(), "non-finite values (unwritten or overflowed)"
-    return ((x.double() - ref).norm() / max(ref.norm().item(), floor)).item()
+    return ((x.double() - ref).norm() / ref.norm()).item()
 
 
 def _packed_inputs(B, N, H, D, dtype, zero_rows=False):
@@ -56,8 +54,15 @@ def test_kernels_match_float64_reference(shape, dtype, seed):
     _, stats = _forward(q, k, v, EPS, out=out)
     grads = [torch.full(shape, float("nan"), device=DEVICE, dtype=dtype) for _ in range(3)]
     _backward(q, k, v, stats, do, EPS, *grads)
-    floor = 1e-2 * do.double().norm().item()  # far below the gradients' norm unless they cancel to ~0
-    errs = [_rel(out, ref[0])] + [_rel(x, r, floor) for x, r in zip(grads, ref[1:])]
+    if shape[1] == 1:
+        # One token: out = v whatever q and k are, so dq and dk are exactly 0 and what the kernels write there
+        # is the rounding of two cancelling terms of size ~|dO| (tf32 dots for float16 inputs: seen 1e-3 |dO|).
+        scale = do.double().norm().item()
+        errs = [_rel(out, ref[0]), grads[0].double().norm().item() / scale,
+                grads[1].double().norm().item() / scale, _rel(grads[2], ref[3])]
+        assert max(errs[0], errs[3]) <= TOL[dtype] and max(errs[1:3]) <= 1e-2, f"out, |dq|, |dk|, dv: {errs}"
+        return
+    errs = [_rel(x, r) for x, r in zip([out, *grads], ref)]
     assert max(errs) <= TOL[dtype], f"relative errors out/dq/dk/dv {errs}"
 
 
