@@ -89,6 +89,9 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/bench_curation_scale", help="scratch folder (inputs and outputs)")
     p.add_argument("--out", default=str(REPO / "bench/results/curation_scale_cpu.json"))
     p.add_argument("--set", action="append", default=[], help="extra jobs.curate --set overrides")
+    p.add_argument("--rerun-only", action="store_true",
+                   help="measure again only the no-op re-runs of the finished outputs of an earlier run (kept in "
+                        "--work), updating their entries in --out")
     args = p.parse_args()
 
     from sana_core.zoo import ensure_zoo
@@ -97,6 +100,35 @@ def main() -> None:
     work = Path(args.work)
     # Missing files fail in microseconds: decode them in big batches so each rejected part holds ~1000 rows.
     overrides = ["input.resources.batch_size=1000", "writer.samples_per_shard=64", *args.set]
+    if args.rerun_only:
+        doc = json.loads(Path(args.out).read_text())
+        for r in doc["results"]:
+            if r["rows"] in args.rows:
+                r.setdefault("earlier_reruns", []).append(r["rerun"])
+                r["rerun"] = run_curate(work / f"list_{r['rows']}.parquet", work / f"out_{r['rows']}", overrides)
+                print(f"{r['rows']:>9} rows: re-run {r['rerun']['wall_s']:.1f} s (job {r['rerun']['job_wall_s']} s), "
+                      f"driver peak {r['rerun']['driver_peak_rss_mib']:.1f} MiB", flush=True)
+        results = doc["results"]
+        doc["rerun_command"] = " ".join(["python", "bench/bench_curation_scale.py", *sys.argv[1:]])
+    else:
+        results = run_all(args, work, overrides)
+        doc = {"benchmark": "curation_scale", "command": " ".join(["python", "bench/bench_curation_scale.py",
+                                                                    *sys.argv[1:]])}
+    peaks = [max(r["first"]["driver_peak_rss_mib"], r["rerun"]["driver_peak_rss_mib"]) for r in results]
+    goals = {"driver_peak_rss_le_1_5_gib": max(peaks) <= 1536,
+             "driver_rss_growth_le_10pct": peaks[-1] <= 1.10 * peaks[0],
+             "noop_rerun_le_60_s": results[-1]["rerun"]["wall_s"] <= 60,
+             "exact_counts": all(r["accepted_plus_rejected_equals_inputs"] for r in results)}
+    doc.update({"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                            "load_avg_at_end": os.getloadavg()},
+                "overrides": overrides, "results": results, "driver_peak_growth_pct":
+                    round(100 * (peaks[-1] / peaks[0] - 1), 1), "goals": goals})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=2))
+    print(json.dumps(goals), f"-> {args.out}")
+
+
+def run_all(args, work: Path, overrides: list[str]) -> list[dict]:
     results = []
     for n in args.rows:
         inputs = make_inputs(work, n, args.real)
@@ -114,20 +146,7 @@ def main() -> None:
               f"{first['driver_peak_rss_mib']:7.1f} MiB; accepted {c['accepted']} + rejected {c['rejected']} "
               f"= {c['accepted'] + c['rejected']} ({'exact' if row['accepted_plus_rejected_equals_inputs'] else 'WRONG'})"
               f"; re-run {again['wall_s']:.1f} s, driver peak {again['driver_peak_rss_mib']:.1f} MiB", flush=True)
-    peaks = [max(r["first"]["driver_peak_rss_mib"], r["rerun"]["driver_peak_rss_mib"]) for r in results]
-    goals = {"driver_peak_rss_le_1_5_gib": max(peaks) <= 1536,
-             "driver_rss_growth_le_10pct": peaks[-1] <= 1.10 * peaks[0],
-             "noop_rerun_le_60_s": results[-1]["rerun"]["wall_s"] <= 60,
-             "exact_counts": all(r["accepted_plus_rejected_equals_inputs"] for r in results)}
-    doc = {"benchmark": "curation_scale", "command": " ".join(["python", "bench/bench_curation_scale.py",
-                                                                *sys.argv[1:]]),
-           "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                       "load_avg_at_end": os.getloadavg()},
-           "overrides": overrides, "results": results, "driver_peak_growth_pct":
-               round(100 * (peaks[-1] / peaks[0] - 1), 1), "goals": goals}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=2))
-    print(json.dumps(goals), f"-> {args.out}")
+    return results
 
 
 if __name__ == "__main__":

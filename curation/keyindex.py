@@ -8,7 +8,7 @@ CPUs the readers then wait for), so the job does a broadcast-free partitioned an
 - `KeyIndex` shards (Ray actors, `writer.index_shards` of them, spread over the cluster) each own the keys whose
   first 8 hex digits fall in their range: a sorted numpy array of 32-byte keys, 32 bytes per committed input
   (10^9 inputs: 32 GB over all shards, e.g. 64 shards of 0.5 GB).
-- `count_todo` streams the listing's keys and the committed parts' keys (read with Ray Data on the workers) to
+- `count_todo` streams the listing's keys and the committed parts' keys (read by Ray Data tasks on the workers) to
   the shards that own them in one execution; each shard then counts what is listed but not committed: a
   hash-partitioned anti-join whose partitions are the shards. The driver only holds the actor handles.
 - `drop_done` (a map over the listing blocks, on the workers) asks each shard which of its keys are neither
@@ -189,13 +189,20 @@ def _feed_block(batch: pa.Table, shards, what: str) -> pa.Table:
     return pa.table({"what": [what], "n": [n]})
 
 
-def _parts(folder) -> list[str]:
-    return sorted(str(p) for p in folder.glob("part-*.parquet")) if folder.is_dir() else []
+class _Feeder:
+    """fn for curation.writer.parts_dataset: a group of committed parts -> its keys sent to the shards."""
+
+    def __init__(self, shards, what: str):
+        self.shards, self.what = shards, what
+
+    def __call__(self, t: pa.Table) -> pa.Table:
+        return _feed_block(t, self.shards, self.what)
 
 
-def _feed(ds, shards, what: str):
-    return ds.map_batches(_feed_block, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, num_cpus=0.25,
-                          fn_kwargs=dict(shards=shards, what=what))
+def _has_parts(folder) -> bool:
+    from curation.writer import part_files
+
+    return bool(part_files(folder))
 
 
 def count_todo(shards, listing, manifest_dir, rejected_dir) -> dict[str, int]:
@@ -203,14 +210,14 @@ def count_todo(shards, listing, manifest_dir, rejected_dir) -> dict[str, int]:
     into the shards that own them, then each shard counts its listed keys that are not committed. Leaves the
     committed keys sealed in the shards for `drop_done`. Returns committed, listed and todo counts."""
     import ray
-    import ray.data
 
-    ds = _feed(listing, shards, "listed")
+    from curation.writer import parts_dataset
+
+    ds = listing.map_batches(_feed_block, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+                             num_cpus=0.25, fn_kwargs=dict(shards=shards, what="listed"))
     for folder in (manifest_dir, rejected_dir):
-        files = _parts(folder)
-        if files:
-            ds = ds.union(_feed(ray.data.read_parquet(files, columns=["key"], num_cpus=0.25),
-                                shards, "done"))
+        if _has_parts(folder):
+            ds = ds.union(parts_dataset(folder, _Feeder(shards, "done"), ["key"]))
     for _ in ds.iter_batches(batch_size=None):
         pass
     out = {"committed": 0, "listed": 0, "todo": 0}
@@ -223,13 +230,12 @@ def count_todo(shards, listing, manifest_dir, rejected_dir) -> dict[str, int]:
 def seed_contents(shards, manifest_dir) -> int:
     """Give the shards the content hashes of the accepted samples (exact dedup across attempts)."""
     import ray
-    import ray.data
 
-    files = _parts(manifest_dir)
-    if files:
-        ds = _feed(ray.data.read_parquet(files, columns=["key", "sha256"], num_cpus=0.25),
-                   shards, "content")
-        for _ in ds.iter_batches(batch_size=None):
+    from curation.writer import parts_dataset
+
+    if _has_parts(manifest_dir):
+        for _ in parts_dataset(manifest_dir, _Feeder(shards, "content"), ["key", "sha256"]).iter_batches(
+                batch_size=None):
             pass
     return sum(ray.get([s.seal_contents.remote() for s in shards]))
 

@@ -126,14 +126,13 @@ _SUMMARY_COLUMNS = {"manifest": ["vlms", "captions", "clip_scores", "bucket_h", 
 
 
 def _partials(out: Path) -> list[dict]:
-    """The partial sums of every block of both part folders: on the cluster in one Ray Data execution when Ray
-    is up, else in this process."""
+    """The partial sums of both part folders: by Ray Data tasks in one execution when Ray is up, else here."""
     import pyarrow.parquet as pq
 
-    from curation.writer import MANIFEST, REJECTED, part_files
+    from curation.writer import MANIFEST, REJECTED, part_files, parts_dataset
 
-    jobs = [(kind, fn, [str(p) for p in part_files(out / folder)])
-            for kind, fn, folder in (("manifest", _manifest_partial, MANIFEST), ("rejected", _rejected_partial, REJECTED))]
+    jobs = [(kind, fn, out / folder) for kind, fn, folder in (("manifest", _manifest_partial, MANIFEST),
+                                                              ("rejected", _rejected_partial, REJECTED))]
     try:
         import ray
 
@@ -141,21 +140,18 @@ def _partials(out: Path) -> list[dict]:
     except ImportError:
         on_cluster = False
     if not on_cluster:
-        return [r for kind, fn, files in jobs for f in files
+        return [r for kind, fn, folder in jobs for f in part_files(folder)
                 for r in fn(pq.read_table(f, columns=_SUMMARY_COLUMNS[kind])).to_pylist()]
-    import ray.data
-
     ds = None
-    for kind, fn, files in jobs:
-        if files:
-            part = ray.data.read_parquet(files, columns=_SUMMARY_COLUMNS[kind], num_cpus=0.25)
-            part = part.map_batches(fn, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+    for kind, fn, folder in jobs:
+        if part_files(folder):
+            part = parts_dataset(folder, fn, _SUMMARY_COLUMNS[kind])
             ds = part if ds is None else ds.union(part)
-    out_rows: list[dict] = []
+    rows: list[dict] = []
     if ds is not None:
         for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            out_rows += b.to_pylist()
-    return out_rows
+            rows += b.to_pylist()
+    return rows
 
 
 def output_summary(out: Path) -> dict[str, Any]:
