@@ -5,7 +5,11 @@
 
 INPUT is a folder tree of images, a WebDataset .tar (or a brace/glob pattern, or a folder of tars
 with --set input.format=webdataset), or a .parquet file with a `path` column (local paths or fsspec URLs).
-OUTPUT gets WebDataset shards, manifest.parquet, rejected.parquet and run.json (docs/data_contract.md).
+OUTPUT gets WebDataset shards, manifest.parquet/ and rejected.parquet/ (folders of Parquet parts, each
+readable as one table) and run.json (docs/data_contract.md). Listing, the resume anti-join and writing all run
+on the Ray workers; the driver holds no per-image state (docs/scaling.md). Inputs with the same bytes as an
+accepted sample or an earlier input are kept once, the others rejected as `duplicate` (dedup.exact=false keeps
+every copy); a source listed twice is one input.
 
 Re-running the same command resumes: finished shards and recorded rejections are kept, the rest is
 done, nothing is duplicated (also after kill -9). A changed config or input is refused unless you pass
