@@ -183,7 +183,8 @@ def _take(batch: Batch, idx: np.ndarray) -> Batch:
     return {k: np.asarray(v)[idx] for k, v in batch.items()}
 
 
-def decode_and_settle(batch: Batch, decode_kwargs: dict, out: str, shards, dedup: bool, tally) -> Batch:
+def decode_and_settle(batch: Batch, decode_kwargs: dict, out: str, shards, dedup: bool, tally,
+                      attempt: int | None = None) -> Batch:
     """Decode a batch, reject exact duplicates of content already owned by another key, commit the rejected
     rows (one rejected part) and pass on only the live ones."""
     batch = guarded_task(batch, DecodeStage, decode_kwargs, "decode", None)
@@ -202,16 +203,17 @@ def decode_and_settle(batch: Batch, decode_kwargs: dict, out: str, shards, dedup
     if dead.any():
         light = _take({k: v for k, v in batch.items() if k != "image"}, np.nonzero(dead)[0])
         rows, _ = split_batch(light, [])
-        commit_rejected(Path(out), rows)
+        commit_rejected(Path(out), rows, attempt)
         tally.add.remote(batch_counts(light, rows, 0))
     return _take(batch, np.nonzero(~dead)[0])
 
 
-def write_batch(batch: Batch, out: str, vlms: list[str], clip_model: str) -> dict[str, np.ndarray]:
+def write_batch(batch: Batch, out: str, vlms: list[str], clip_model: str,
+                attempt: int | None = None) -> dict[str, np.ndarray]:
     """The write stage: one shard (+ its manifest part) and one rejected part per batch; returns its counts."""
     rejected, accepted = split_batch(batch, vlms)
-    commit_rejected(Path(out), rejected)
-    commit_shard(Path(out), accepted, vlms, clip_model)
+    commit_rejected(Path(out), rejected, attempt)
+    commit_shard(Path(out), accepted, vlms, clip_model, attempt)
     c = batch_counts(batch, rejected, len(accepted))
     return {k: np.array([v]) for k, v in c.items()}
 
@@ -225,7 +227,7 @@ def _todo_rows(batch, shards):
     return t.append_column("reject", empty).append_column("detail", empty)
 
 
-def build_dataset(cfg: CurateConfig, input_path: str, out: Path, shards, tally):
+def build_dataset(cfg: CurateConfig, input_path: str, out: Path, shards, tally, attempt: int | None = None):
     """The lazy Ray Dataset of per-batch counts; running it curates every input not yet done into `out`."""
     plan = plan_inputs(input_path, cfg.input.format, cfg.input.parquet_column)
     ds = listing_dataset(plan, cfg.input.extensions, cfg.input.parquet_column)
@@ -236,7 +238,8 @@ def build_dataset(cfg: CurateConfig, input_path: str, out: Path, shards, tally):
                          background=ic.background, max_bytes=ic.max_bytes)
     kw = DecodeStage.map_batches_kwargs(ic.resources)
     ds = ds.map_batches(decode_and_settle, fn_kwargs=dict(decode_kwargs=decode_kwargs, out=str(out), shards=shards,
-                                                          dedup=cfg.dedup.exact, tally=tally), **kw)
+                                                          dedup=cfg.dedup.exact, tally=tally, attempt=attempt),
+                        **kw)
     rc = cfg.resize
     ds = add_stage(ds, ResizeStage, rc.resources, dict(base=rc.base, write_jpg=rc.write_jpg,
                                                        jpg_quality=rc.jpg_quality), "resize")
@@ -257,7 +260,7 @@ def build_dataset(cfg: CurateConfig, input_path: str, out: Path, shards, tally):
     wc = cfg.writer
     return ds.map_batches(write_batch, batch_size=wc.samples_per_shard, batch_format="numpy",
                           num_cpus=wc.num_cpus, compute=TaskPoolStrategy(size=wc.concurrency),
-                          fn_kwargs=dict(out=str(out), vlms=vlms, clip_model=cfg.clip.model))
+                          fn_kwargs=dict(out=str(out), vlms=vlms, clip_model=cfg.clip.model, attempt=attempt))
 
 
 # ---------------------------------------------------------------------------------------------- the driver
@@ -399,7 +402,7 @@ def run(cfg: CurateConfig, input_path: str, output: str | Path, new_output: bool
                 keyindex.seed_contents(shards, out / MANIFEST)
             tally = ray.remote(num_cpus=0)(Tally).remote()
             last = time.time()
-            for b in build_dataset(cfg, input_path, out, shards, tally).iter_batches(
+            for b in build_dataset(cfg, input_path, out, shards, tally, record["attempts"]).iter_batches(
                     batch_size=None, batch_format="numpy", prefetch_batches=1):
                 stats.add_rows(b)
                 if time.time() - last > 15:

@@ -103,14 +103,40 @@ def make_dirs(out: Path) -> None:
         (out / d).mkdir(parents=True, exist_ok=True)
 
 
-def commit_rejected(out: Path, rows: list[dict[str, str]]) -> bool:
+class Superseded(Exception):
+    """This writer belongs to an attempt whose driver died; a newer attempt owns the output now."""
+
+
+def check_fence(out: Path, attempt: int | None) -> None:
+    """The fencing token of a commit: run.json's `attempts`. When a driver dies, its in-flight tasks can still
+    run on the workers for a while; once the next attempt has started (it bumps `attempts` before it reads what
+    is committed), they must not commit what that attempt is about to redo."""
+    if attempt is None:
+        return
+    try:
+        current = json.loads((out / "run.json").read_text()).get("attempts")
+    except (OSError, ValueError):
+        return
+    if current != attempt:
+        raise Superseded(f"attempt {attempt} of {out} was superseded by attempt {current}")
+
+
+def commit_rejected(out: Path, rows: list[dict[str, str]], attempt: int | None = None) -> bool:
     """Commit rejected rows (one part); False when a retried task finds them committed already."""
     if not rows:
         return False
     path = out / REJECTED / f"part-{batch_id([r['key'] for r in rows])}.parquet"
     if path.exists():
         return False
-    atomic_write_parquet(pa.Table.from_pylist(rows, schema=REJECTED_SCHEMA), path)
+    tmp = _tmp(path)
+    _write_parquet_tmp(pa.Table.from_pylist(rows, schema=REJECTED_SCHEMA), tmp)
+    try:
+        check_fence(out, attempt)
+    except Superseded:
+        tmp.unlink()
+        raise
+    os.replace(tmp, path)  # the commit point
+    _fsync_dir(path.parent)
     return True
 
 
@@ -136,7 +162,8 @@ def _hold_for_test() -> None:
         time.sleep(0.05)
 
 
-def commit_shard(out: Path, samples: list[dict[str, Any]], vlms: list[str], clip_model: str) -> str | None:
+def commit_shard(out: Path, samples: list[dict[str, Any]], vlms: list[str], clip_model: str,
+                 attempt: int | None = None) -> str | None:
     """Write one shard and commit it with its manifest part; returns its name, None when already committed.
 
     A sample: key, source, member, sha256, width, height, mode, bucket_h, bucket_w, captions {vlm: str},
@@ -169,6 +196,12 @@ def commit_shard(out: Path, samples: list[dict[str, Any]], vlms: list[str], clip
         os.fsync(f.fileno())
     _write_parquet_tmp(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), tmp_part)
     _hold_for_test()
+    try:
+        check_fence(out, attempt)
+    except Superseded:
+        tmp_shard.unlink()
+        tmp_part.unlink()
+        raise
     os.replace(tmp_shard, shard)
     _fsync_dir(shard.parent)
     os.replace(tmp_part, part)  # the commit point
