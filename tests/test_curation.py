@@ -457,9 +457,10 @@ def test_folder_tars_and_parquet_go_through_the_distributed_listing(images, tmp_
             plan = plan_inputs(path, "auto", "path")
             rows = listing_dataset(plan, exts, "path").take_all()
             items, dups = list_inputs(path, "auto", exts, "path")
+            # the cluster's listing keeps a second listing of a source (the key index drops it later)
+            again = [(items[0].key, items[0].source, "", items[0].locator)] * dups
             assert sorted((r["key"], r["source"], r["member"], r["locator"]) for r in rows) == \
-                sorted((it.key, it.source, it.member, it.locator) for it in items) + \
-                ([(items[0].key, items[0].source, "", items[0].locator)] if dups else [])
+                sorted([(it.key, it.source, it.member, it.locator) for it in items] + again)
             assert all(r["key"] == hashlib.sha256(r["source"].encode()).hexdigest()[:32] for r in rows)
         tar_rows = listing_dataset(plan_inputs(str(tmp_path / "in-{000..001}.tar"), "auto", "path"), exts,
                                    "path").take_all()
