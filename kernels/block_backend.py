@@ -17,17 +17,24 @@ BACKENDS = ("auto", "torch", "triton")
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton's interpreter is on (kernels then run on CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_block_backend(x: torch.Tensor, backend: str | None = None) -> str:
-    backend = backend or os.environ.get("SANA_BLOCK_BACKEND", "auto")
+def resolve(x: torch.Tensor, backend: str | None, env: str, what: str, available: bool) -> str:
+    """The backend rule every kernel family shares: `backend`, else $env, else "auto" (Triton for CUDA tensors
+    when `available`, else torch); "triton" is refused in one line where it cannot run."""
+    backend = backend or os.environ.get(env, "auto")
     if backend not in BACKENDS:
-        raise ValueError(f"block backend must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"{what} backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if x.is_cuda and TRITON_AVAILABLE else "torch"
-    if backend == "triton" and not ((x.is_cuda or _interpreting()) and TRITON_AVAILABLE):
-        raise RuntimeError("block backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors) "
+        return "triton" if x.is_cuda and available else "torch"
+    if backend == "triton" and not ((x.is_cuda or interpreting()) and available):
+        raise RuntimeError(f"{what} backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors) "
                            "and an importable triton")
     return backend
+
+
+def resolve_block_backend(x: torch.Tensor, backend: str | None = None) -> str:
+    return resolve(x, backend, "SANA_BLOCK_BACKEND", "block", TRITON_AVAILABLE)

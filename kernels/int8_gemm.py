@@ -26,20 +26,16 @@ fuses what surrounds it and leaves the GEMM to us.
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from kernels.block_backend import interpreting
 
 FORMATS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
 EPS = 1e-12  # absmax floor: an all-zero row gets a tiny scale (and zeros), not 0/0
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or (_interpreting() and t.device.type == "cpu")
+    return t.is_cuda or (interpreting() and t.device.type == "cpu")
 
 
 def _check_fmt(fmt: str) -> tuple[torch.dtype, float]:

@@ -14,10 +14,10 @@ the kernels are tested without a GPU.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+
+from kernels.block_backend import interpreting, resolve
 
 EPS = 1e-15  # as in NVlabs/Sana and diffusers' SanaLinearAttnProcessor2_0
 BACKENDS = ("auto", "torch", "triton")
@@ -45,21 +45,10 @@ def _triton_available() -> bool:
     return True
 
 
-def _interpreting() -> bool:
-    # Read here rather than from kernels.launch, which imports triton: "auto" on the CPU must not.
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def resolve_backend(x: torch.Tensor, backend: str | None = None) -> str:
-    backend = backend or os.environ.get("SANA_ATTENTION_BACKEND", "auto")
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if x.is_cuda and _triton_available() else "torch"
-    if backend == "triton" and not ((x.is_cuda or _interpreting()) and _triton_available()):
-        raise RuntimeError("attention backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU "
-                           "tensors) and an importable triton")
-    return backend
+    # Triton is imported only where it could run: "auto" on the CPU must not pay for (or break on) it.
+    available = (x.is_cuda or interpreting()) and _triton_available()
+    return resolve(x, backend, "SANA_ATTENTION_BACKEND", "attention", available)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = EPS,
