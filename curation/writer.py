@@ -46,9 +46,12 @@ SHARDS, MANIFEST, REJECTED = "shards", "manifest.parquet", "rejected.parquet"
 _PART = re.compile(r"^part-([0-9a-f]{16})\.parquet$")
 _SHARD = re.compile(r"^shard-([0-9a-f]{16})\.tar$")
 EMPTY_ID = "0" * 16  # the empty part that keeps a folder with nothing in it readable as a dataset
-# Test hook (tests/test_curation.py): a writer holds before renaming its first shard until DIR/released exists,
-# after writing its pid to DIR/pid, so that the test can SIGKILL it mid-shard.
+# Test hooks (tests/test_curation.py), so that a kill lands at a known point rather than by timing:
+# HOLD_ENV=DIR: a writer holds before renaming its first shard until DIR/released exists, after writing its pid to
+# DIR/pid.PID (the test SIGKILLs it mid-shard). STALL_ENV=DIR: a writer holds right after committing a shard, after
+# writing DIR/committed.PID (the test SIGKILLs the whole run with some, never all, samples committed).
 HOLD_ENV = "SANA_TEST_HOLD_WRITE"
+STALL_ENV = "SANA_TEST_STALL_AFTER_COMMIT"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -152,11 +155,11 @@ def _sample_json(s: dict[str, Any], vlms: list[str], clip_model: str) -> dict[st
             "clip_model": clip_model}
 
 
-def _hold_for_test() -> None:
-    hold = os.environ.get(HOLD_ENV)
+def _hold_for_test(env: str = HOLD_ENV, mark: str = "pid") -> None:
+    hold = os.environ.get(env)
     if not hold or (Path(hold) / "released").exists():
         return
-    (Path(hold) / f"pid.{os.getpid()}").write_text(str(os.getpid()))
+    (Path(hold) / f"{mark}.{os.getpid()}").write_text(str(os.getpid()))
     t0 = time.time()
     while not (Path(hold) / "released").exists() and time.time() - t0 < 300:
         time.sleep(0.05)
@@ -206,6 +209,7 @@ def commit_shard(out: Path, samples: list[dict[str, Any]], vlms: list[str], clip
     _fsync_dir(shard.parent)
     os.replace(tmp_part, part)  # the commit point
     _fsync_dir(part.parent)
+    _hold_for_test(STALL_ENV, "committed")
     return name
 
 

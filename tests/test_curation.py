@@ -155,18 +155,24 @@ def reference(images, zoo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def resumed(images, zoo, tmp_path_factory):
-    """A run killed with SIGKILL after its first shard, then the same command again."""
+    """A run killed with SIGKILL after its first committed shard, then the same command again. Each writer holds
+    right after its first commit (curation.writer.STALL_ENV), so the kill finds some samples committed and never
+    all of them, however fast or slow this machine is."""
+    from curation.writer import STALL_ENV
+
     folder, _ = images
-    out = tmp_path_factory.mktemp("curation_killed") / "out"
+    base = tmp_path_factory.mktemp("curation_killed")
+    out, stall = base / "out", base / "stall"
+    stall.mkdir()
     watcher = ShardWatcher(out / "shards")
     watcher.start()
-    proc = subprocess.Popen(_curate_cmd(folder, out), cwd=REPO, env=_env(), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(_curate_cmd(folder, out), cwd=REPO, env=dict(_env(), **{STALL_ENV: str(stall)}),
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     log_lines: list[bytes] = []
     reader = threading.Thread(target=lambda: log_lines.extend(proc.stdout), daemon=True)
     reader.start()
     t0 = time.time()
-    while not list((out / "shards").glob("shard-*.tar")):
+    while not list(stall.glob("committed.*")):
         if proc.poll() is not None or time.time() - t0 > RUN_TIMEOUT:
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail("the run ended or hung before writing a shard:\n" + b"".join(log_lines).decode()[-6000:])
@@ -538,6 +544,7 @@ def test_writer_commit_protocol_retries_and_sweep(tmp_path):
         MANIFEST,
         REJECTED,
         SHARDS,
+        STALL_ENV,
         commit_rejected,
         commit_shard,
         finish,
@@ -545,7 +552,7 @@ def test_writer_commit_protocol_retries_and_sweep(tmp_path):
         sweep,
     )
 
-    assert HOLD_ENV not in os.environ
+    assert HOLD_ENV not in os.environ and STALL_ENV not in os.environ
     vlms = ["a", "b"]
 
     def sample(i):
