@@ -2,9 +2,10 @@
 
     python bench/bench_linear_attention.py --out DIR [--sweep]
 
-Inputs are laid out as the DiT produces them: q, k, v are unbind(2) views of one (B, N, 3, H, D)
-projection output; every method is timed from that tensor (forward under no_grad; forward+backward as
-out = f(x) then torch.autograd.grad(out, x, dO)). Times are triton.testing.do_bench medians, which
+Inputs are laid out as the DiT produces them: one (B, N, 3, H, D) projection output qkv, which every
+method is timed from (forward under no_grad; forward+backward as out = f(qkv) then
+torch.autograd.grad(out, x, dO)); "ours" is the packed op the DiT calls, "ours_unpacked_grad" the q, k, v op
+on qkv.unbind(2), whose gradient goes back through autograd's unbind. Times are triton.testing.do_bench medians, which
 flush L2 before every call; input sets rotate as well. The HBM roofline counts q, k, v read and o
 written once (forward), plus dO read and dq, dk, dv written (backward), at the measured copy bandwidth.
 "ours_jit_launch" is ours with every launch going through Triton's JIT (kernels.launch.FAST_LAUNCH = False).
@@ -90,7 +91,7 @@ def copy_bandwidth() -> float:
 
 
 class Case:
-    """Rotating input sets for one shape; `fwd(f)` and `fwd_bwd(f)` make timed closures of f(q, k, v)."""
+    """Rotating input sets for one shape; `fwd(f)` and `fwd_bwd(f)` make timed closures of f(qkv)."""
 
     def __init__(self, B, H, N, D, dtype=torch.bfloat16, sets=3):
         self.shape = (B, N, 3, H, D)
@@ -107,13 +108,13 @@ class Case:
         def run():
             x, _ = self._next()
             with torch.no_grad():
-                f(*x.view(self.shape).unbind(2))
+                f(x.view(self.shape))
         return run
 
     def fwd_bwd(self, f):
         def run():
             x, do = self._next()
-            torch.autograd.grad(f(*x.view(self.shape).unbind(2)), x, do)
+            torch.autograd.grad(f(x.view(self.shape)), x, do)
         return run
 
 
@@ -148,13 +149,13 @@ def host_breakdown(case: Case) -> dict[str, float]:
                q, stats, out, *scalars, *consts, num_warps=cfg["num_warps"])),
            "_forward (2 launches)": host_ms(lambda: tla._forward(q, k, v, 1e-15)),
            "_backward (2 launches)": host_ms(lambda: tla._backward(q, k, v, stats, do, 1e-15, *grads)),
-           "no_grad call": host_ms(case.fwd(tla.triton_linear_attention)),
-           "fwd+bwd via autograd": host_ms(case.fwd_bwd(tla.triton_linear_attention)),
+           "no_grad call": host_ms(case.fwd(tla.triton_linear_attention_packed)),
+           "fwd+bwd via autograd": host_ms(case.fwd_bwd(tla.triton_linear_attention_packed)),
            "fwd+bwd via autograd, allocate-only Function": host_ms(_allocate_only(case))}
     with jit_launches():
         res["_forward, JIT"] = host_ms(lambda: tla._forward(q, k, v, 1e-15))
         res["_backward, JIT"] = host_ms(lambda: tla._backward(q, k, v, stats, do, 1e-15, *grads))
-        res["fwd+bwd via autograd, JIT"] = host_ms(case.fwd_bwd(tla.triton_linear_attention))
+        res["fwd+bwd via autograd, JIT"] = host_ms(case.fwd_bwd(tla.triton_linear_attention_packed))
     return res
 
 
@@ -168,7 +169,7 @@ def _allocate_only(case: Case):
 
 def kernel_breakdown(case: Case, iters: int = 20) -> dict[str, float]:
     """Mean device time per call of each CUDA kernel in one forward+backward of ours (ms)."""
-    run = case.fwd_bwd(tla.triton_linear_attention)
+    run = case.fwd_bwd(tla.triton_linear_attention_packed)
     run()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -208,15 +209,18 @@ def main() -> None:
     report = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
               "copy_TBps": bw / 1e12, "config": dict(tla.CONFIG), "shapes": [], "sweep": []}
 
-    def unpacked(q, k, v):  # our kernels with the gradient going back through autograd's unbind
-        return tla._LinearAttention.apply(q, k, v, 1e-15)
+    def unpacked(qkv):  # our kernels with the gradient going back through autograd's unbind
+        return tla.triton_linear_attention(*qkv.unbind(2))
 
-    methods = {"eager": linear_attention_reference, "ours": tla.triton_linear_attention,
-               "ours_jit_launch": tla.triton_linear_attention, "ours_unpacked_grad": unpacked}
+    def reference(qkv):
+        return linear_attention_reference(*qkv.unbind(2))
+
+    methods = {"eager": reference, "ours": tla.triton_linear_attention_packed,
+               "ours_jit_launch": tla.triton_linear_attention_packed, "ours_unpacked_grad": unpacked}
     fwd_bwd_only = ("ours_unpacked_grad",)  # what it changes is the backward
     no_graph = ("ours_jit_launch",)  # a graph replays the kernels, not the launch path
     if not args.no_compile:
-        methods["compile"] = torch.compile(linear_attention_reference, dynamic=False)
+        methods["compile"] = torch.compile(reference, dynamic=False)
     rows = []
     # torch.compile leaves worker threads behind that slow the host, so it runs after everything else.
     cases = {}

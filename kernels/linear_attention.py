@@ -2,10 +2,13 @@
 
     out[n] = relu(q[n]) @ (sum_m relu(k[m])^T v[m]) / (relu(q[n]) . sum_m relu(k[m]) + eps)
 
-Layout: q, k, v are (B, N, H, D) -- the layout that falls out of the QKV projection
-(B, N, 3*H*D) -> view (B, N, 3, H, D) -> unbind(2), so strided views are accepted and no transpose
-is materialised. The output is a contiguous (B, N, H, D) in the input dtype, so reshaping it to
-(B, N, H*D) for the output projection is free. K^T V and the K-sum are accumulated in float32.
+Two entry points: `linear_attention_packed(qkv)` takes the QKV projection output as it falls out of
+(B, N, 3*H*D) -> view (B, N, 3, H, D), which is what the DiT calls (the Triton backward then writes one
+gradient of qkv's shape instead of three that autograd would stack); `linear_attention(q, k, v)` takes
+q, k, v as (B, N, H, D) each, for other callers. Strided views are accepted and no transpose is
+materialised. The output is a contiguous (B, N, H, D) in the input dtype, so reshaping it to (B, N, H*D)
+for the output projection is free. K^T V and the K-sum are accumulated in float32. The Triton path is a
+torch.library custom op (kernels.triton_linear_attention): torch.compile traces it without graph breaks.
 
 Backend choice: argument `backend`, else the environment variable SANA_ATTENTION_BACKEND
 ("auto" | "torch" | "triton"); "auto" uses Triton for CUDA tensors when Triton imports, else torch.
@@ -51,10 +54,27 @@ def resolve_backend(x: torch.Tensor, backend: str | None = None) -> str:
     return resolve(x, backend, "SANA_ATTENTION_BACKEND", "attention", available)
 
 
+def check_packed(qkv: torch.Tensor) -> None:
+    if not (qkv.dim() == 5 and qkv.shape[2] == 3):
+        raise ValueError(f"packed linear attention needs qkv of shape (B, N, 3, H, D), got {tuple(qkv.shape)}")
+
+
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = EPS,
                      backend: str | None = None) -> torch.Tensor:
+    """q, k, v (B, N, H, D) -> (B, N, H, D)."""
     if resolve_backend(q, backend) == "triton":
         from kernels.triton_linear_attention import triton_linear_attention
 
         return triton_linear_attention(q, k, v, eps)
     return linear_attention_reference(q, k, v, eps)
+
+
+def linear_attention_packed(qkv: torch.Tensor, eps: float = EPS, backend: str | None = None) -> torch.Tensor:
+    """qkv (B, N, 3, H, D), e.g. qkv_proj(x).view(B, N, 3, H, D) -> (B, N, H, D); same function and backend
+    rule as linear_attention on qkv.unbind(2)."""
+    check_packed(qkv)
+    if resolve_backend(qkv, backend) == "triton":
+        from kernels.triton_linear_attention import triton_linear_attention_packed
+
+        return triton_linear_attention_packed(qkv, eps)
+    return linear_attention_reference(*qkv.unbind(2), eps)

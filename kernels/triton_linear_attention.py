@@ -20,12 +20,12 @@ The two reductions over tokens (KV and dKV) split N into chunks so that a small 
 GPU; chunks meet through float32 atomics into a zeroed buffer, or a plain store when one chunk covers N
 (always the case under torch.use_deterministic_algorithms(True), which makes results bit-reproducible).
 
-When q, k, v are exactly the unbind(2) views of one contiguous (B, N, 3, H, D) projection output and
-all need gradients, the autograd node is attached to that tensor instead, and the backward writes
-dq, dk, dv straight into one (B, N, 3, H, D) gradient: autograd's unbind backward would otherwise
-stack three separate gradients, another full read and write of all of them. The catch: the views
-themselves are then not in the graph, so `torch.autograd.grad(out, q)` reports q as unused; ask for
-the projection output's (or any upstream) gradient instead. `.backward()` is unaffected.
+Each direction is a torch.library custom op with a fake implementation (sana::linear_attention and
+sana::linear_attention_packed, forward and backward), so torch.compile traces them without graph breaks and
+autograd, activation checkpointing and FSDP2 see ordinary ops. The packed op takes the DiT's (B, N, 3, H, D)
+projection output itself: its kernels read the unbind(2) views in place and its backward writes dq, dk, dv
+through the unbind(2) views of one (B, N, 3, H, D) gradient. Autograd's unbind backward would otherwise stack
+three separate gradients, another full read and write of all of them.
 
 Precision: KV and ksum are exact products of the inputs accumulated in float32. The dots that have a
 float32 operand (KV, dKV, relu(q)/den) split it into hi + lo bfloat16 for bf16 inputs (16 significant
@@ -33,11 +33,14 @@ bits against exact bf16 data), use tf32 for fp16 inputs and full float32 for flo
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels.launch import Launcher, cdiv, device_index, on_current_device, sm_count, supported_device
+from kernels.linear_attention import check_packed
 
 HEAD_DIMS = (16, 32, 64)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -229,7 +232,8 @@ _dkv_launch = Launcher(_dkv_kernel)
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(3) == 1 else t.contiguous()
+    """t with unit stride along D, its last dim, which is all the kernels need of a layout."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _reduce_grid(B: int, N: int, H: int, cfg: dict, device: int) -> tuple[int, int]:
@@ -245,6 +249,10 @@ def _reduce_grid(B: int, N: int, H: int, cfg: dict, device: int) -> tuple[int, i
     return cdiv(n_tiles, tiles_per), tiles_per
 
 
+def _zero_stats(like: torch.Tensor, B: int, H: int, D: int) -> torch.Tensor:
+    return like.new_zeros((B * H, D * D + D), dtype=torch.float32)
+
+
 def _stats_buffer(like: torch.Tensor, B: int, H: int, D: int, chunks: int) -> torch.Tensor:
     alloc = like.new_zeros if chunks > 1 else like.new_empty  # atomics need a zeroed target
     return alloc((B * H, D * D + D), dtype=torch.float32)
@@ -253,6 +261,8 @@ def _stats_buffer(like: torch.Tensor, B: int, H: int, D: int, chunks: int) -> to
 def _forward(q, k, v, eps: float, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, stats): stats rows hold KV (D*D, row-major) then ksum (D) for each (b, h)."""
     B, N, H, D = q.shape
+    if q.numel() == 0:  # nothing to launch; KV and ksum over no tokens are 0
+        return (q.new_empty((B, N, H, D)) if out is None else out), _zero_stats(q, B, H, D)
     dev = device_index(q)
     split, prec = _precision(q.dtype)
     cfg = CONFIG["kv"]
@@ -273,6 +283,8 @@ def _forward(q, k, v, eps: float, out: torch.Tensor | None = None) -> tuple[torc
 def _backward(q, k, v, stats, do, eps: float, dq, dk, dv) -> None:
     """Writes the gradients into dq, dk, dv ((B, N, H, D), unit stride along D)."""
     B, N, H, D = q.shape
+    if q.numel() == 0:
+        return
     dev = device_index(q)
     split, prec = _precision(q.dtype)
     do = _unit_last(do)
@@ -289,65 +301,89 @@ def _backward(q, k, v, stats, do, eps: float, dq, dk, dv) -> None:
                 (D, cfg["BLOCK"], split, prec), (("num_warps", cfg["num_warps"]),))
 
 
-class _LinearAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, eps):
-        out, stats = _forward(q, k, v, eps)
-        ctx.save_for_backward(q, k, v, stats)
-        ctx.eps = eps
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
-        q, k, v, stats = ctx.saved_tensors
-        dq, dk, dv = (t.new_empty(t.shape) for t in (q, k, v))
-        _backward(q, k, v, stats, do, ctx.eps, dq, dk, dv)
-        return dq, dk, dv, None
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device's stream: a guard for t's device where that is another."""
+    return contextlib.nullcontext() if on_current_device(t) else torch.cuda.device(t.device)
 
 
-class _PackedLinearAttention(torch.autograd.Function):
-    """Same function with the autograd node on `base`, the contiguous tensor that q, k, v are the unbind(2)
-    views of (see _packed_source); the gradient comes back as one tensor of base's shape. The views travel
-    in a tuple, which autograd does not treat as an input, and are saved as they are (no re-unbind)."""
-
-    @staticmethod
-    def forward(ctx, base, qkv, eps):
-        out, stats = _forward(*qkv, eps)
-        ctx.save_for_backward(base, stats, *qkv)
-        ctx.eps = eps
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
-        base, stats, q, k, v = ctx.saved_tensors
-        B, N, H, D = q.shape
-        dbase = torch.empty_like(base, memory_format=torch.contiguous_format)
-        _backward(q, k, v, stats, do, ctx.eps, *dbase.view(B, N, 3, H, D).unbind(2))
-        return dbase, None, None
+# The ops take any strides (torch.compile may hand them other layouts than eager does) and make unit stride
+# along D where it is missing; their outputs are fresh tensors (a custom op's outputs must not alias inputs).
+@torch.library.custom_op("sana::linear_attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> out (B, N, H, D) contiguous, stats (B*H, D*D + D) float32 (KV and ksum per (b, h), see _forward)."""
+    with _on_device(q):
+        return _forward(_unit_last(q), _unit_last(k), _unit_last(v), eps)
 
 
-def _packed_source(q, k, v) -> torch.Tensor | None:
-    """The contiguous tensor that q, k, v were unbound from ((B, N, 3, H, D) elements), if that is exactly
-    what they are and it needs a gradient."""
-    base = q._base
-    if base is None or k._base is not base or v._base is not base or not base.requires_grad:
-        return None
+@_attention_op.register_fake
+def _(q, k, v, eps):
     B, N, H, D = q.shape
-    if base.dtype != q.dtype or base.numel() != B * N * 3 * H * D or not base.is_contiguous():
-        return None
-    if not (q.requires_grad and k.requires_grad and v.requires_grad):
-        return None
-    strides = (N * 3 * H * D, 3 * H * D, D, 1)
-    row = H * D * q.element_size()
-    ptr = base.data_ptr()
-    if not (q.stride() == k.stride() == v.stride() == strides and q.data_ptr() == ptr
-            and k.data_ptr() == ptr + row and v.data_ptr() == ptr + 2 * row):
-        return None
-    if q.grad_fn is None or k.grad_fn is None or v.grad_fn is None:
-        return None
-    return base
+    return q.new_empty((B, N, H, D)), _zero_stats(q, B, H, D)
+
+
+@torch.library.custom_op("sana::linear_attention_backward", mutates_args=())
+def _attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stats: torch.Tensor,
+                           do: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq, dk, dv, each (B, N, H, D) contiguous."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    with _on_device(q):
+        _backward(q, k, v, stats.contiguous(), do, eps, dq, dk, dv)
+    return dq, dk, dv
+
+
+@_attention_backward_op.register_fake
+def _(q, k, v, stats, do, eps):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@torch.library.custom_op("sana::linear_attention_packed", mutates_args=())
+def _packed_op(qkv: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """qkv (B, N, 3, H, D) -> out (B, N, H, D) contiguous, stats as sana::linear_attention's."""
+    with _on_device(qkv):
+        return _forward(*_unit_last(qkv).unbind(2), eps)
+
+
+@_packed_op.register_fake
+def _(qkv, eps):
+    B, N, _, H, D = qkv.shape
+    return qkv.new_empty((B, N, H, D)), _zero_stats(qkv, B, H, D)
+
+
+@torch.library.custom_op("sana::linear_attention_packed_backward", mutates_args=())
+def _packed_backward_op(qkv: torch.Tensor, stats: torch.Tensor, do: torch.Tensor, eps: float) -> torch.Tensor:
+    """-> dqkv (B, N, 3, H, D) contiguous: the kernels write dq, dk, dv through its unbind(2) views."""
+    qkv = _unit_last(qkv)
+    dqkv = qkv.new_empty(qkv.shape)
+    with _on_device(qkv):
+        _backward(*qkv.unbind(2), stats.contiguous(), do, eps, *dqkv.unbind(2))
+    return dqkv
+
+
+@_packed_backward_op.register_fake
+def _(qkv, stats, do, eps):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup(ctx, inputs, output):
+    *tensors, ctx.eps = inputs  # (q, k, v) or (qkv,); eps
+    ctx.mark_non_differentiable(output[1])  # stats: saved for the backward, never differentiated
+    ctx.save_for_backward(*tensors, output[1])
+
+
+def _attention_backward(ctx, do, _dstats):
+    q, k, v, stats = ctx.saved_tensors
+    return (*torch.ops.sana.linear_attention_backward(q, k, v, stats, do, ctx.eps), None)
+
+
+def _packed_backward(ctx, do, _dstats):
+    qkv, stats = ctx.saved_tensors
+    return torch.ops.sana.linear_attention_packed_backward(qkv, stats, do, ctx.eps), None
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_setup)
+_packed_op.register_autograd(_packed_backward, setup_context=_setup)
 
 
 def _check(q, k, v) -> None:
@@ -364,20 +400,28 @@ def _check(q, k, v) -> None:
                          "TRITON_INTERPRET=1)")
 
 
-def triton_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-15) -> torch.Tensor:
-    _check(q, k, v)
-    if q.numel() == 0:
-        from kernels.linear_attention import linear_attention_reference  # nothing to launch on empty inputs
+def _needs_graph(*tensors: torch.Tensor) -> bool:
+    """Whether the call goes through the custom op: always under torch.compile (the op is what it traces),
+    else only where autograd needs a node; a plain inference call launches the kernels without the op's
+    dispatch (host time)."""
+    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
-        return linear_attention_reference(q, k, v, eps)
-    if not on_current_device(q):
-        with torch.cuda.device(q.device):
-            return triton_linear_attention(q, k, v, eps)
-    if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
-        q, k, v = (_unit_last(t) for t in (q, k, v))
-    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        return _forward(q, k, v, eps)[0]
-    base = _packed_source(q, k, v)
-    if base is not None:
-        return _PackedLinearAttention.apply(base, (q, k, v), eps)
-    return _LinearAttention.apply(q, k, v, eps)
+
+def triton_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-15) -> torch.Tensor:
+    """q, k, v (B, N, H, D), any strides -> out (B, N, H, D) contiguous."""
+    _check(q, k, v)
+    if _needs_graph(q, k, v):
+        return torch.ops.sana.linear_attention(q, k, v, float(eps))[0]
+    with _on_device(q):
+        return _forward(_unit_last(q), _unit_last(k), _unit_last(v), eps)[0]
+
+
+def triton_linear_attention_packed(qkv: torch.Tensor, eps: float = 1e-15) -> torch.Tensor:
+    """qkv (B, N, 3, H, D), any strides, e.g. qkv_proj(x).view(B, N, 3, H, D) -> out (B, N, H, D) contiguous;
+    the gradient is one tensor of qkv's shape."""
+    check_packed(qkv)
+    _check(*qkv.unbind(2))
+    if _needs_graph(qkv):
+        return torch.ops.sana.linear_attention_packed(qkv, float(eps))[0]
+    with _on_device(qkv):
+        return _forward(*_unit_last(qkv).unbind(2), eps)[0]

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import adaln, linear_attention
+from kernels import adaln
+from kernels.linear_attention import linear_attention_packed
 from kernels.mixffn import depthwise_glu
 from sana_core.errors import SanaError
 
@@ -145,9 +146,9 @@ class LinearSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        # Views, not copies: the attention function reads the projection output in place.
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).unbind(2)
-        return self.proj(linear_attention(q, k, v).reshape(B, N, C))
+        # A view, not a copy: the attention reads the projection output in place (and its gradient is one tensor).
+        qkv = self.qkv(x).view(B, N, 3, self.heads, C // self.heads)  # (B, N, 3, H, D)
+        return self.proj(linear_attention_packed(qkv).reshape(B, N, C))
 
 
 class CrossAttention(nn.Module):

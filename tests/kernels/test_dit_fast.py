@@ -114,6 +114,7 @@ def test_old_conv_weights_load_and_diffusers_layout_round_trips():
 def test_checkpointing_gives_the_same_gradients_on_the_fast_path(monkeypatch):
     torch.manual_seed(0)
     monkeypatch.setenv("SANA_BLOCK_BACKEND", "triton")
+    monkeypatch.setenv("SANA_ATTENTION_BACKEND", "triton")  # its custom op too ("auto" is torch on the CPU)
     model = LinearDiT(CFG).to(DEVICE)
     inputs = _inputs(2, 3, 5)
     grads = []
@@ -128,9 +129,9 @@ def test_checkpointing_gives_the_same_gradients_on_the_fast_path(monkeypatch):
 def test_compiled_block_matches_eager_without_graph_breaks(monkeypatch):
     torch.manual_seed(0)
     monkeypatch.setenv("SANA_BLOCK_BACKEND", "triton")
-    # The Triton linear attention is an autograd.Function whose data_ptr check breaks a fullgraph trace (seen on
-    # the H200, torch 2.11): this test is about the block ops, so attention takes its PyTorch path here.
-    monkeypatch.setenv("SANA_ATTENTION_BACKEND", "torch")
+    # The Triton attention too ("auto" would take its PyTorch path on the CPU): every kernel of the block is a
+    # custom op that a fullgraph trace goes through.
+    monkeypatch.setenv("SANA_ATTENTION_BACKEND", "triton")
     model = LinearDiT(CFG).to(DEVICE)
     x, t, y, y_mask = _inputs(2, 3, 5)
     eager_out, eager_grads = _run(model, (x, t, y, y_mask), "triton", monkeypatch, autocast=False)
