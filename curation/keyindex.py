@@ -215,9 +215,9 @@ def count_todo(shards, listing, manifest_dir, rejected_dir) -> dict[str, int]:
 
     ds = listing.map_batches(_feed_block, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
                              num_cpus=0.25, fn_kwargs=dict(shards=shards, what="listed"))
-    for folder in (manifest_dir, rejected_dir):
-        if _has_parts(folder):
-            ds = ds.union(parts_dataset(folder, _Feeder(shards, "done"), ["key"]))
+    done = [f for f in (manifest_dir, rejected_dir) if _has_parts(f)]
+    if done:
+        ds = ds.union(parts_dataset(done, _Feeder(shards, "done"), ["key"]))
     for _ in ds.iter_batches(batch_size=None):
         pass
     out = {"committed": 0, "listed": 0, "todo": 0}

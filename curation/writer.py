@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("shard", pa.string()), ("source", pa.string()), ("member", pa.string()),
@@ -178,6 +177,9 @@ def commit_shard(out: Path, samples: list[dict[str, Any]], vlms: list[str], clip
     part = out / MANIFEST / f"part-{sid}.parquet"
     if part.exists():
         return None
+    import webdataset as wds  # here, not at the top: it imports torch, which the listing and resume tasks
+    # (curation.writer's part readers, on fresh worker processes) must not pay for
+
     shard = out / SHARDS / name
     tmp_shard, tmp_part = _tmp(shard), _tmp(part)
     rows = []
@@ -263,12 +265,14 @@ def finish(out: Path) -> tuple[int, int]:
 PREFIXES = "0123456789abcdef"  # one listing task per leading hex digit of the part IDs
 
 
-def _map_parts(batch, folder: str, fn, columns: list[str], rows_per_call: int = 200_000):
-    """One task: the parts of `folder` whose ID starts with this batch's prefixes, read with pyarrow in groups of
+def _map_parts(batch, folders: list[str], fn, columns: list[str], rows_per_call: int = 200_000):
+    """One task: the parts of `folders` whose ID starts with this batch's prefixes, read with pyarrow in groups of
     about rows_per_call rows, each group through fn (pa.Table -> pa.Table)."""
     for prefix in batch.column("prefix").to_pylist():
-        with os.scandir(folder) as it:
-            files = sorted(e.path for e in it if e.name.startswith(f"part-{prefix}") and _PART.match(e.name))
+        files = []
+        for folder in folders:
+            with os.scandir(folder) as it:
+                files += sorted(e.path for e in it if e.name.startswith(f"part-{prefix}") and _PART.match(e.name))
         group: list[pa.Table] = []
         rows = 0
         for f in files:
@@ -282,15 +286,20 @@ def _map_parts(batch, folder: str, fn, columns: list[str], rows_per_call: int = 
             yield fn(pa.concat_tables(group))
 
 
-def parts_dataset(folder: Path, fn, columns: list[str]):
-    """fn over every part of a folder, as a Ray Dataset of its outputs, listed and read by tasks on the workers.
-    (Ray Data's read_parquet lists files in one ListFiles task that stats each path: 36 s for 1,000 parts on a
-    loaded 2-core machine; here the driver only names 16 ID prefixes.)"""
+def parts_dataset(folders: Path | list[Path], fn, columns: list[str]):
+    """fn over every part of one folder or several (their `columns` alike), as a Ray Dataset of its outputs, listed
+    and read by tasks on the workers. (Ray Data's read_parquet lists files in one ListFiles task that stats each
+    path: 36 s for 1,000 parts on a loaded 2-core machine; here the driver only names 16 ID prefixes, and one
+    task reads a prefix's parts of every folder, so that a resume starts 16 worker tasks, not 16 a folder.)"""
     import ray.data
 
+    folders = [str(f) for f in (folders if isinstance(folders, (list, tuple)) else [folders])]
     units = ray.data.from_items([{"prefix": p} for p in PREFIXES], override_num_blocks=len(PREFIXES))
-    return units.map_batches(_map_parts, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                             fn_kwargs=dict(folder=str(folder), fn=fn, columns=columns))
+    # A whole CPU per task: these run before the actor pools start (resume) or after they are gone (summary), and
+    # at 0.25 CPU a 4-CPU node started 16 worker processes at once, whose start-up (Ray + pyarrow imports) cost
+    # more than the reads: the 10^6-input no-op resume took 40 s of execution instead of 18.
+    return units.map_batches(_map_parts, batch_size=1, batch_format="pyarrow", num_cpus=1,
+                             fn_kwargs=dict(folders=folders, fn=fn, columns=columns))
 
 
 def read_table(out: Path, which: str = MANIFEST, columns: list[str] | None = None) -> pa.Table:
