@@ -72,13 +72,13 @@ def _tiled(vae, tile: int, overlap: int):
             setattr(vae, n, v)
 
 
-def compile_blocks(dit: LinearDiT) -> LinearDiT:
+def compile_blocks(dit: LinearDiT, backend: str = "inductor", fullgraph: bool = False) -> LinearDiT:
     """Regional compilation: each block compiled (they share one compiled graph), dynamic in batch and tokens.
-    The self-attention module runs eager inside it: Dynamo traces into its direct Triton launches
-    (kernels.launch) and fails on the CUDA stream query (seen on the H200, torch 2.11)."""
+    Every Triton kernel of the block is a torch.library op, so the whole block, self-attention included, is one
+    graph (before the attention became an op, Dynamo traced into its direct launches and failed on the CUDA
+    stream query, H200, torch 2.11)."""
     for block in dit.blocks:
-        block.attn.forward = torch.compiler.disable(block.attn.forward)
-        block.compile(dynamic=True)
+        block.compile(dynamic=True, backend=backend, fullgraph=fullgraph)
     return dit
 
 
