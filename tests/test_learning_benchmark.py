@@ -28,7 +28,9 @@ from bench.learning.dataset import (
     eval_prompts,
     render,
 )
+from bench.learning.quant_eval import latent_psnr, psnr_stats, unrelated_psnr
 from bench.learning.scorer import decode, score
+from sana_core.errors import SanaError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,3 +159,83 @@ def test_driver_short_run_writes_the_result(tmp_path):
     for k in ("with_guidance", "without_text"):
         assert set(res[k]["accuracy"]) == {"colour", "position", "size", "joint"}
         assert res[k]["n"] == 32
+
+
+def test_latent_psnr_definition():
+    rng = np.random.default_rng(11)
+    ref = rng.standard_normal((3, CHANNELS, 4, 4))
+    assert np.isinf(latent_psnr(ref, ref)).all()  # the float model against itself: nothing to report
+    got = ref + 0.01 * rng.standard_normal(ref.shape)
+    expect = [10 * np.log10(np.abs(r).max() ** 2 / ((g - r) ** 2).mean()) for r, g in zip(ref, got)]
+    np.testing.assert_allclose(latent_psnr(ref, got), expect)
+    stats = psnr_stats(latent_psnr(ref, ref))
+    assert stats["mean_db"] is None and stats["identical"] == 3  # JSON has no inf
+    with pytest.raises(ValueError):
+        latent_psnr(ref, ref[:2])
+
+
+def test_quant_modes_are_checked():
+    from bench.learning.run import quant_modes
+
+    assert quant_modes("w8a8-int8, w8a8-fp8") == ["w8a8-int8", "w8a8-fp8"] and quant_modes("") == []
+    for bad in ("w4a16", "w8a8-int8,w8a8-int8", "none"):
+        with pytest.raises(SanaError, match="--quant"):
+            quant_modes(bad)
+
+
+PSNR_FLOOR_DB = {"w8a8-int8": 45.0, "w8a8-fp8": 32.0}
+
+
+@pytest.mark.slow
+def test_driver_quant_eval_only_on_a_trained_run(tmp_path):
+    """Train a few steps, then --eval-only the run with both W8A8 modes: each quantised sample must sit near its
+    float twin (far above what an unrelated latent or pure noise scores), and the goals follow the numbers."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    work, out = tmp_path / "work", tmp_path / "quant.json"
+    common = ["--repeats", "1", "--sample-steps", "4"]
+    r = subprocess.run([sys.executable, "-m", "bench.learning.run", "--steps", "6", "--samples", "64",
+                        "--batch-size", "16", "--workdir", str(work), "--out", str(tmp_path / "float.json"), *common],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "quant" not in json.loads((tmp_path / "float.json").read_text())
+    r = subprocess.run([sys.executable, "-m", "bench.learning.run", "--eval-only", str(work / "run"),
+                        "--quant", "w8a8-int8,w8a8-fp8", "--out", str(out), *common],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "PSNR mean" in r.stdout and "mlp.point" in r.stdout
+    res, flt = json.loads(out.read_text()), json.loads((tmp_path / "float.json").read_text())
+    # The same checkpoint and noise give the same float samples as the run that trained it.
+    assert res["with_guidance"]["accuracy"] == flt["with_guidance"]["accuracy"]
+    assert res["training"]["steps"] == 6 and res["training"]["wall_s"] > 0 and res["dataset"]["samples"] == 64
+    q = res["quant"]
+    assert q["reference"]["dtype"] == res["sampler"]["dtype"] == "float32" and q["psnr_peak"] == "max_abs_float"
+    assert set(q["modes"]) == set(res["goals"]) == {"w8a8-int8", "w8a8-fp8"}
+    # What pure noise scores against the float latents (seeded): the level a broken quantisation falls to.
+    float_like = np.random.default_rng(0).standard_normal((32, CHANNELS, 4, 4))
+    noise_db = unrelated_psnr(float_like)["max_db"]
+    for mode, m in q["modes"].items():
+        assert m["quantized_layers"] == 7 * 4, mode  # 7 block linears in each of the 4 blocks
+        assert set(m["layer_errors"]) == {f"blocks.{i}.{n}" for i in range(4) for n in m["layer_error_summary"]}
+        for e in m["layer_error_summary"].values():
+            assert 0 < e["mean_rel_err"] <= e["max_rel_err"] < 0.1 and e["min_cos"] > 0.99, (mode, e)
+        for name in ("with_guidance", "text_no_guidance", "without_text"):
+            c = m["conditions"][name]
+            assert c["n"] == 32 and all(0.0 <= v <= 1.0 for v in c["accuracy"].values()), (mode, name)
+            ps = c["latent_psnr"]
+            assert ps["identical"] == 0 and ps["mean_db"] is not None and np.isfinite(ps["min_db"]), (mode, ps)
+            # Far above an unrelated latent of this run and above pure noise: a quantised model that ignores its
+            # weights or mis-scales them lands near those levels.
+            assert ps["min_db"] > q["unrelated_latent_psnr"][name]["max_db"] + 15, (mode, name, ps)
+            assert ps["min_db"] > noise_db + 15, (mode, name, ps, noise_db)
+            # And near the level the formats allow: this run gives int8 >= 50.7 dB, fp8 >= 35.7 dB (min over the
+            # samples). Every weight scale off by 3% (a subtle quantisation bug) drops int8 to 40 dB.
+            assert ps["min_db"] > PSNR_FLOOR_DB[mode], (mode, name, ps)
+            d = c["delta_points"]["mean_attribute"]
+            assert d == pytest.approx(100 * (c["mean_attribute_accuracy"] - res[name]["mean_attribute_accuracy"]),
+                                      abs=1e-2)
+        wg = m["conditions"]["with_guidance"]
+        assert res["goals"][mode] == {"quant_accuracy_loss_le_1pt": wg["delta_points"]["mean_attribute"] >= -1.0,
+                                      "quant_latent_psnr_ge_30db": wg["latent_psnr"]["mean_db"] >= 30}
+    # int8 keeps more of each layer than fp8 (e4m3 has 3 mantissa bits).
+    assert (q["modes"]["w8a8-int8"]["conditions"]["with_guidance"]["latent_psnr"]["mean_db"]
+            > q["modes"]["w8a8-fp8"]["conditions"]["with_guidance"]["latent_psnr"]["mean_db"])
