@@ -207,6 +207,7 @@ def test_driver_quant_eval_only_on_a_trained_run(tmp_path):
     # The same checkpoint and noise give the same float samples as the run that trained it.
     assert res["with_guidance"]["accuracy"] == flt["with_guidance"]["accuracy"]
     assert res["training"]["steps"] == 6 and res["training"]["wall_s"] > 0 and res["dataset"]["samples"] == 64
+    assert res["eval_only"] == str(work / "run") and res["trained_by"] == flt["command"]
     q = res["quant"]
     assert q["reference"]["dtype"] == res["sampler"]["dtype"] == "float32" and q["psnr_peak"] == "max_abs_float"
     assert set(q["modes"]) == set(res["goals"]) == {"w8a8-int8", "w8a8-fp8"}
@@ -230,6 +231,8 @@ def test_driver_quant_eval_only_on_a_trained_run(tmp_path):
             # And near the level the formats allow: this run gives int8 >= 50.7 dB, fp8 >= 35.7 dB (min over the
             # samples). Every weight scale off by 3% (a subtle quantisation bug) drops int8 to 40 dB.
             assert ps["min_db"] > PSNR_FLOOR_DB[mode], (mode, name, ps)
+            worst = c["worst_samples"]
+            assert len(worst) == 3 and worst[0]["psnr_db"] == pytest.approx(ps["min_db"], abs=1e-3), (mode, worst)
             d = c["delta_points"]["mean_attribute"]
             assert d == pytest.approx(100 * (c["mean_attribute_accuracy"] - res[name]["mean_attribute_accuracy"]),
                                       abs=1e-2)

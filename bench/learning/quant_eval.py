@@ -55,13 +55,18 @@ def unrelated_psnr(ref: np.ndarray) -> dict:
     return psnr_stats(latent_psnr(ref, np.roll(ref, 1, axis=0)))
 
 
-def compare(float_res: dict, float_lat: np.ndarray, q_res: dict, q_lat: np.ndarray) -> dict:
-    """One condition: the quantised accuracies, their difference to the float model in points, the PSNR."""
+def compare(float_res: dict, float_lat: np.ndarray, q_res: dict, q_lat: np.ndarray, prompts: list[str],
+            worst: int = 3) -> dict:
+    """One condition: the quantised accuracies, their difference to the float model in points, the PSNR, and
+    the `worst` samples by PSNR (which prompts a low minimum comes from)."""
+    psnr = latent_psnr(float_lat, q_lat)
     delta = {a: round(100 * (q_res["accuracy"][a] - float_res["accuracy"][a]), 3) for a in ATTRS}
     delta["mean_attribute"] = round(100 * (q_res["mean_attribute_accuracy"] - float_res["mean_attribute_accuracy"]),
                                     3)
     return {"n": q_res["n"], "accuracy": q_res["accuracy"], "mean_attribute_accuracy": q_res["mean_attribute_accuracy"],
-            "delta_points": delta, "latent_psnr": psnr_stats(latent_psnr(float_lat, q_lat)),
+            "delta_points": delta, "latent_psnr": psnr_stats(psnr),
+            "worst_samples": [{"index": int(i), "prompt": prompts[i], "psnr_db": round(float(psnr[i]), 3)}
+                              for i in np.argsort(psnr)[:worst]],
             "sampling_s": q_res.get("sampling_s")}
 
 

@@ -220,7 +220,8 @@ def _evaluate_quant(args, dit, te, ae, sample, conditions, texts, truths, float_
         # Each layer quantised alone, on the float model's own activations over a whole guided sampling run.
         errors = layer_errors(dit, mode, lambda: sample(float_pipe, conditions["with_guidance"]))
         m = {"quantized_layers": sum(isinstance(x, QuantLinear) for x in qdit.modules()),
-             "conditions": {name: quant_eval.compare(float_res[name], float_lat[name], q_res[name], q_lat[name])
+             "conditions": {name: quant_eval.compare(float_res[name], float_lat[name], q_res[name], q_lat[name],
+                                                      texts)
                             for name in conditions},
              "layer_error_summary": summarize_layer_errors(errors), "layer_errors": errors}
         m["goals"] = quant_eval.goals(m)
@@ -283,6 +284,8 @@ def print_quant(res: dict) -> None:
         for layer, e in m["layer_error_summary"].items():
             print(f"    {layer:<18}{100 * e['mean_rel_err']:>12.2f}%{100 * e['max_rel_err']:>12.2f}%"
                   f"{e['worst_block']:>13}{e['min_cos']:>10.5f}")
+        worst = m["conditions"]["with_guidance"]["worst_samples"]
+        print("    lowest PSNR with guidance: " + "; ".join(f"{w['psnr_db']:.1f} dB '{w['prompt']}'" for w in worst))
         print("    goals: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in m["goals"].items()))
 
 
@@ -328,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         training = {**record.get("training", {"wall_s": None, "command": None, "overrides": None}),
                     **_read_metrics(run_dir)}
         dataset = record.get("dataset")
+        trained_by = record.get("bench_command")
     else:
         grid = setting["grid"]
         _check_grid(grid)
@@ -349,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
                         "overrides": train_overrides(args, setting)}
             (run_dir / TRAIN_RECORD).write_text(json.dumps({"grid": grid, "training": training, "dataset": dataset,
                                                             "bench_command": _command(argv)}, indent=2) + "\n")
-            training = {**training, **metrics}
+            training, trained_by = {**training, **metrics}, None
             print("\n=== sample and score", flush=True)
             ev = evaluate(args, run_dir, grid)
         finally:
@@ -359,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     quant = ev.pop("quant", None)
     res = {
         "benchmark": "bench.learning: attribute accuracy of latents generated from captions",
-        "command": _command(argv), "eval_only": args.eval_only,
+        "command": _command(argv), "eval_only": args.eval_only, "trained_by": trained_by,
         "device": args.device, "device_name": torch.cuda.get_device_name() if args.device == "cuda" else
         platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "threads": args.threads if args.device == "cpu" else None,
