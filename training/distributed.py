@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -56,6 +57,13 @@ def setup(cfg: DistConfig, device: str | None = None) -> DistInfo:
 
 def teardown(info: DistInfo) -> None:
     if info.owns_group and dist.is_initialized():
+        # Gloo's worker threads free a finished collective's tensors (all_gather_object's) under the GIL, and
+        # ~ProcessGroupGloo joins those threads holding it (pytorch/pytorch#56297): the last reference to the group
+        # (DDP's Reducer, freed with the model right after this on a rank with nothing else to do) then deadlocked
+        # about one run in three of 2-process gloo tests. The barrier keeps ranks together to the end; the sleep
+        # hands the GIL to any worker thread still waiting for it before anything can drop the group.
+        dist.barrier()
+        time.sleep(0.05)
         dist.destroy_process_group()
 
 
