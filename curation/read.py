@@ -332,8 +332,8 @@ def _parquet_batch(batch: pa.Table, column: str, base: str) -> pa.Table:
 def _read_parquet_list(path: str, column: str):
     """ray.data.read_parquet of the list's one column, through Ray Data's V1 Parquet datasource where there is a
     choice. Ray 2.60's default V2 reader starts a pool of 32 footer-reader actors (one worker process each) for
-    every read: on a 4-CPU local cluster that alone took 13 s for one 60 MB file (22 s with the anti-join's own
-    tasks starting beside it); V1 reads the same 10^6 rows in 1-5 s. Listing is planning, not I/O-bound work
+    every read: on a 4-CPU local cluster its ListFiles task took 13 s for one 60 MB file (42 s with the
+    anti-join's own tasks starting beside it); V1 reads the same 10^6 rows in 1-5 s. Listing is planning, not I/O-bound work
     that needs an actor pool; on a cluster reading 10^4 list files V1 still splits them over read tasks."""
     import ray.data
 

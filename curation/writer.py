@@ -297,7 +297,7 @@ def parts_dataset(folders: Path | list[Path], fn, columns: list[str]):
     units = ray.data.from_items([{"prefix": p} for p in PREFIXES], override_num_blocks=len(PREFIXES))
     # A whole CPU per task: these run before the actor pools start (resume) or after they are gone (summary), and
     # at 0.25 CPU a 4-CPU node started 16 worker processes at once, whose start-up (Ray + pyarrow imports) cost
-    # more than the reads: the 10^6-input no-op resume took 40 s of execution instead of 18.
+    # more than the reads: the 10^6-input no-op resume's execution took 36 s instead of 18.
     return units.map_batches(_map_parts, batch_size=1, batch_format="pyarrow", num_cpus=1,
                              fn_kwargs=dict(folders=folders, fn=fn, columns=columns))
 
