@@ -22,7 +22,7 @@ EPS = 1e-6
 ADALN_SHAPES = pick(small=[(2, 15, 64), (3, 1, 40), (1, 527, 96), (2, 17 * 31, 24)],
                     real=[(16, 1024, 1152), (8, 1024, 2240), (2, 16384, 1152), (3, 1, 1152), (5, 527, 72)])
 # (B, H, W, hid) for the depthwise GLU: odd latent sizes (3x5, 17x31), a single token, Sana's real sizes.
-GLU_SHAPES = pick(small=[(2, 3, 5, 24), (1, 1, 1, 8), (1, 17, 31, 8), (3, 4, 4, 72)],
+GLU_SHAPES = pick(small=[(2, 3, 5, 24), (1, 1, 1, 8), (1, 17, 31, 8), (3, 4, 4, 72), (2, 5, 37, 16)],
                   real=[(16, 32, 32, 2880), (8, 32, 32, 5600), (1, 128, 128, 2880), (3, 3, 5, 2880),
                         (2, 17, 31, 72), (2, 1, 1, 2880)])
 
@@ -118,6 +118,19 @@ def test_depthwise_glu_matches_float64(shape, dtype):
         return depthwise_glu_reference(u, weight, bias, (H, W))
 
     _check(fast, ref, [u, weight, bias], dtype)
+
+
+def test_depthwise_glu_shapes_cover_strips_and_bands():
+    """The kernels split an image into column strips and row bands (each with halo rows); the shapes above
+    must exercise both splits, or a seam bug would go unseen."""
+    from kernels.launch import sm_count
+    from kernels.triton_mixffn import CONFIG, _plan
+
+    dev = 0 if ON_GPU else -1
+    plans = [(_plan(B, H, W, hid, CONFIG[k], dev), B, H, W) for B, H, W, hid in GLU_SHAPES for k in CONFIG]
+    assert sm_count(dev) > 0
+    assert any(p["scalars"][0] > 1 for p, *_ in plans), "no shape has two column strips"
+    assert any(p["scalars"][1] < H for p, B, H, W in plans), "no shape has two row bands"
 
 
 def test_depthwise_glu_is_local_and_zero_padded():
