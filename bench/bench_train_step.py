@@ -8,6 +8,8 @@ Variants (the same weights, copied through to_diffusers_state_dict, and the same
   diffusers-compiled  the same with torch.compile of each transformer block (diffusers' regional compilation)
   ours                LinearDiT eager: fused Triton block ops and linear attention (the default on CUDA)
   ours-compiled       the same with torch.compile of each block
+  ours-graphed        ours eager, the whole step captured once as a CUDA graph and replayed (no host overhead;
+                      needs fixed shapes; first step = 3 warm-up steps + capture)
   ours-reference      LinearDiT eager on its PyTorch reference path (SANA_{BLOCK,ATTENTION}_BACKEND=torch)
 Training step = rectified-flow MSE loss (sana_core.flow.flow_loss, fixed noise and t) forward + backward +
 gradient clipping + fused AdamW, bf16 autocast; inference = one forward under no_grad, bf16 autocast. Text:
@@ -42,7 +44,7 @@ MODES = {
     "infer-0.6b-b32": dict(kind="infer", config="sana-0.6b", batch=32, latent=32),
     "infer-0.6b-4k-b2": dict(kind="infer", config="sana-0.6b", batch=2, latent=128),
 }
-VARIANTS = ("diffusers", "diffusers-compiled", "ours", "ours-compiled", "ours-reference")
+VARIANTS = ("diffusers", "diffusers-compiled", "ours", "ours-compiled", "ours-graphed", "ours-reference")
 TEXT_TOKENS, REAL_TOKENS = 300, 120
 
 
@@ -121,24 +123,53 @@ def matmul_ceiling_tflops(n: int = 8192, iters: int = 30) -> float:
     return 2 * n**3 * iters / (start.elapsed_time(end) * 1e-3) / 1e12
 
 
-def _step_fn(model, inp: dict, kind: str):
+def _step_fn(model, inp: dict, kind: str, graphed: bool = False):
+    # Autocast's weight cache must be off under CUDA-graph capture (its casts would be captured once, stale after).
+    amp = dict(device_type="cuda", dtype=torch.bfloat16, cache_enabled=not graphed)
     if kind == "infer":
         def step():
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.no_grad(), torch.autocast(**amp):
                 return model(inp["x0"], inp["t"], inp["y"], inp["y_mask"]).float().square().mean()
-        return step
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        return _graph(step, None) if graphed else step
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graphed)
     flow = FlowConfig(shift=3.0)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(**amp):
             loss, _ = flow_loss(model, inp["x0"], inp["y"], inp["y_mask"], flow, noise=inp["noise"], t=inp["t"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        if not graphed:
+            opt.zero_grad(set_to_none=True)
         return loss.detach()
-    return step
+    return _graph(step, opt) if graphed else step
+
+
+def _graph(step, opt):
+    """The whole step captured as one CUDA graph and replayed (PyTorch's whole-network capture recipe: one
+    warm-up step on a side stream, which also creates AdamW's state; gradients are then allocated by the
+    captured backward, so each replay overwrites them). The inputs are the same tensors every step, as a
+    training loop's static input buffers would be. The warm-up step counts as the first step: the same update
+    count as the eager variants, so their losses stay comparable."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        first = step()
+    torch.cuda.current_stream().wait_stream(side)
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    calls = [first]  # the first call returns the warm-up step's loss; replays run the captured step
+
+    def replay():
+        if calls:
+            return calls.pop()
+        graph.replay()
+        return out
+    return replay
 
 
 def run_variant(variant: str, mode: dict, args, flops: float, ceiling: float, profile_dir: Path | None) -> dict:
@@ -149,15 +180,15 @@ def run_variant(variant: str, mode: dict, args, flops: float, ceiling: float, pr
     try:
         model = _build(variant, cfg)
         inp = _inputs(cfg, B, mode["latent"])
-        step = _step_fn(model, inp, mode["kind"])
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()  # from here: a CUDA graph's pool is allocated at capture
         t0 = time.perf_counter()
+        step = _step_fn(model, inp, mode["kind"], graphed=variant.endswith("graphed"))
         first_loss = step().item()
         row["first_step_s"] = time.perf_counter() - t0
         for _ in range(args.warmup):
             step()
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(args.iters):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -173,7 +204,7 @@ def run_variant(variant: str, mode: dict, args, flops: float, ceiling: float, pr
         step_flops = flops * (3 if mode["kind"] == "train" else 1)
         achieved = step_flops / (ms * 1e-3) / 1e12
         row.update(median_ms=ms, min_ms=times[0], images_per_s=B / ms * 1e3,
-                   peak_gib=torch.cuda.max_memory_allocated() / 2**30, first_loss=first_loss,
+                   peak_gib=torch.cuda.max_memory_allocated() / 2**30, first_loss=first_loss, last_loss=loss.item(),
                    tflops=achieved, mfu_peak=achieved / PEAK_TFLOPS, mfu_ceiling=achieved / ceiling)
         if profile_dir is not None:
             row["profile"] = _profile(step, profile_dir / f"profile_{args.current_mode}_{variant}.txt")
@@ -252,18 +283,22 @@ def main():
         print(f"\n{name}: {mode['config']}, batch {mode['batch']}, latent {mode['latent']}x{mode['latent']}, "
               f"{step_kind}, bf16 autocast, {gpu}; forward {flops / mode['batch'] / 1e12:.2f} TFLOP an image")
         print(f"{'variant':<20} {'ms':>8} {'img/s':>8} {'peak GiB':>9} {'1st step s':>10} {'MFU 989':>8} "
-              f"{'MFU ceil':>8} {'loss':>8}")
+              f"{'MFU ceil':>8} {'loss':>8} {'last loss':>9}")
         for r in rows:
             if "error" in r:
                 print(f"{r['variant']:<20} {r['error'][:80]}")
                 continue
             print(f"{r['variant']:<20} {r['median_ms']:>8.1f} {r['images_per_s']:>8.1f} {r['peak_gib']:>9.1f} "
-                  f"{r['first_step_s']:>10.1f} {r['mfu_peak']:>8.1%} {r['mfu_ceiling']:>8.1%} {r['first_loss']:>8.4f}")
+                  f"{r['first_step_s']:>10.1f} {r['mfu_peak']:>8.1%} {r['mfu_ceiling']:>8.1%} {r['first_loss']:>8.4f} "
+                  f"{r['last_loss']:>9.4f}")
         by = {r["variant"]: r for r in rows if "error" not in r}
         speedup = None
         if "ours" in by and "diffusers-compiled" in by:
             speedup = by["diffusers-compiled"]["median_ms"] / by["ours"]["median_ms"]
             print(f"ours eager vs diffusers compiled blocks: {speedup:.2f}x")
+        if "ours-graphed" in by and "diffusers-compiled" in by:
+            print(f"ours eager + CUDA graph vs diffusers compiled blocks: "
+                  f"{by['diffusers-compiled']['median_ms'] / by['ours-graphed']['median_ms']:.2f}x")
         record = dict(mode=name, **mode, device=gpu, torch=torch.__version__, text_tokens=TEXT_TOKENS,
                       forward_flops=flops, matmul_ceiling_tflops=ceiling, peak_tflops=PEAK_TFLOPS, rows=rows,
                       speedup_ours_eager_vs_diffusers_compiled=speedup, date=time.strftime("%Y-%m-%d"),

@@ -34,9 +34,9 @@ from kernels.launch import Launcher, cdiv, device_index, on_current_device, sm_c
 # BLOCK_W columns x BLOCK_C channels a program; BANDS_PER_SM: enough row bands that the grid has about this
 # many programs an SM (a band costs two halo rows, so fewer, longer bands where the grid is already full).
 CONFIG = {
-    "fwd": {"BLOCK_W": 32, "BLOCK_C": 32, "num_warps": 4, "PROGRAMS_PER_SM": 4},
-    "bwd_conv": {"BLOCK_W": 32, "BLOCK_C": 32, "num_warps": 4, "PROGRAMS_PER_SM": 4},
-    "bwd_input": {"BLOCK_W": 32, "BLOCK_C": 32, "num_warps": 4, "PROGRAMS_PER_SM": 4},
+    "fwd": {"BLOCK_W": 32, "BLOCK_C": 32, "num_warps": 4, "num_stages": 3, "PROGRAMS_PER_SM": 4},
+    "bwd_conv": {"BLOCK_W": 32, "BLOCK_C": 32, "num_warps": 4, "num_stages": 3, "PROGRAMS_PER_SM": 4},
+    "bwd_input": {"BLOCK_W": 32, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1, "PROGRAMS_PER_SM": 4},
 }
 
 
@@ -51,12 +51,14 @@ def _row(ptr, b, r, j, c, jmask, cmask, lo, hi, H, W, C2, DJ: tl.constexpr):
 
 
 @triton.jit
-def _mix(l0, l1, l2, w_ptr, c, cmask, KI: tl.constexpr):
-    """Kernel row KI of the depthwise 3x3 applied to three horizontal shifts l0, l1, l2 (columns j-1, j, j+1)."""
-    w = w_ptr + c * 9 + KI * 3
+def _mix(l0, l1, l2, wt_ptr, c, cmask, C2, KI: tl.constexpr):
+    """Kernel row KI of the depthwise 3x3 applied to three horizontal shifts l0, l1, l2 (columns j-1, j, j+1).
+    wt is the weight transposed to (9, C2): a tap's weights for a block of channels are one contiguous load
+    (the (C2, 9) layout made each a 36-byte-strided gather, the kernels' largest cost)."""
+    w = wt_ptr + KI * 3 * C2 + c
     w0 = tl.load(w, mask=cmask, other=0.0).to(tl.float32)
-    w1 = tl.load(w + 1, mask=cmask, other=0.0).to(tl.float32)
-    w2 = tl.load(w + 2, mask=cmask, other=0.0).to(tl.float32)
+    w1 = tl.load(w + C2, mask=cmask, other=0.0).to(tl.float32)
+    w2 = tl.load(w + 2 * C2, mask=cmask, other=0.0).to(tl.float32)
     return l0 * w0[None, :] + l1 * w1[None, :] + l2 * w2[None, :]
 
 
@@ -80,9 +82,9 @@ def _conv_rows(s_ptr, w_ptr, b, r, j, c, jmask, cmask, H, W, C2, acc_p, acc_c):
     l1 = _row(s_ptr, b, r, j, c, jmask, cmask, 0, H, H, W, C2, 0)
     l2 = _row(s_ptr, b, r, j, c, jmask, cmask, 0, H, H, W, C2, 1)
     # an input row r feeds output row r - di through kernel row di + 1
-    done = acc_p + _mix(l0, l1, l2, w_ptr, c, cmask, 2)
-    cur = acc_c + _mix(l0, l1, l2, w_ptr, c, cmask, 1)
-    nxt = _mix(l0, l1, l2, w_ptr, c, cmask, 0)
+    done = acc_p + _mix(l0, l1, l2, w_ptr, c, cmask, C2, 2)
+    cur = acc_c + _mix(l0, l1, l2, w_ptr, c, cmask, C2, 1)
+    nxt = _mix(l0, l1, l2, w_ptr, c, cmask, C2, 0)
     return done, cur, nxt
 
 
@@ -102,7 +104,7 @@ def _fwd(s_ptr, w_ptr, bias_ptr, out_ptr, H, W, HID, n_wseg, band,
     cg = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     for r in range(r0 - 1, r1 + 1):
         da, ca, na = _conv_rows(s_ptr, w_ptr, b, r, j, c, jmask, cmask, H, W, C2, pa, ca)
-        dg, cg, ng = _conv_rows(s_ptr + HID, w_ptr + HID * 9, b, r, j, c, jmask, cmask, H, W, C2, pg, cg)
+        dg, cg, ng = _conv_rows(s_ptr + HID, w_ptr + HID, b, r, j, c, jmask, cmask, H, W, C2, pg, cg)
         a = da + bias_a[None, :]
         g = dg + bias_g[None, :]
         out = a * g * tl.sigmoid(g)
@@ -132,7 +134,7 @@ def _bwd_conv(dout_ptr, s_ptr, w_ptr, bias_ptr, dc_ptr, part_ptr, H, W, HID, n_w
     db_g = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     for r in range(r0 - 1, r1 + 1):
         da, ca, na = _conv_rows(s_ptr, w_ptr, b, r, j, c, jmask, cmask, H, W, C2, pa, ca)
-        dg, cg, ng = _conv_rows(s_ptr + HID, w_ptr + HID * 9, b, r, j, c, jmask, cmask, H, W, C2, pg, cg)
+        dg, cg, ng = _conv_rows(s_ptr + HID, w_ptr + HID, b, r, j, c, jmask, cmask, H, W, C2, pg, cg)
         a = da + bias_a[None, :]
         g = dg + bias_g[None, :]
         ro = r - 1
@@ -164,20 +166,29 @@ def _bwd_input(dc_ptr, u_ptr, s_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, 
     cmask = c < C2
     b, j, r0, r1 = _strip(H, W, n_wseg, band, BLOCK_W)
     jmask = j < W
-    zero = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    dp, dcur = zero, zero  # ds of rows r-1, r
-    sp, scur = zero, zero  # s of rows r-1, r (zero outside the band)
+    dp = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # ds of rows r-1, r
+    dcur = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    sp = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # s of rows r-1, r (zero outside the band)
+    scur = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     # dweight per tap, summed over the strip's tokens elementwise (nine register tiles), reduced at the end
-    w0, w1, w2, w3, w4, w5, w6, w7, w8 = zero, zero, zero, zero, zero, zero, zero, zero, zero
+    w0 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    w1 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    w2 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    w3 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    w4 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    w5 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    w6 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    w7 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    w8 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     for r in range(r0 - 1, r1 + 1):
         lm = _row(dc_ptr, b, r, j, c, jmask, cmask, 0, H, H, W, C2, 1)  # dc[r, j + 1]: dj = -1
         l0 = _row(dc_ptr, b, r, j, c, jmask, cmask, 0, H, H, W, C2, 0)
         lp = _row(dc_ptr, b, r, j, c, jmask, cmask, 0, H, H, W, C2, -1)  # dc[r, j - 1]: dj = +1
         snext = _row(s_ptr, b, r + 1, j, c, jmask, cmask, r0, r1, H, W, C2, 0)
         # kernel row 0 (di = -1) -> ds row r - 1, row 1 -> r, row 2 -> r + 1
-        done = dp + _mix(lm, l0, lp, w_ptr, c, cmask, 0)
-        dcur = dcur + _mix(lm, l0, lp, w_ptr, c, cmask, 1)
-        dnext = _mix(lm, l0, lp, w_ptr, c, cmask, 2)
+        done = dp + _mix(lm, l0, lp, w_ptr, c, cmask, C2, 0)
+        dcur = dcur + _mix(lm, l0, lp, w_ptr, c, cmask, C2, 1)
+        dnext = _mix(lm, l0, lp, w_ptr, c, cmask, C2, 2)
         w0 += lm * sp
         w1 += l0 * sp
         w2 += lp * sp
@@ -222,7 +233,13 @@ def _plan(B: int, H: int, W: int, channels: int, cfg: dict, device: int) -> dict
     band = cdiv(H, min(H, max(1, want)))
     strips = B * n_wseg * cdiv(H, band)
     return dict(grid=(c_blocks, strips), strips=strips, scalars=(n_wseg, band),
-                consts=(block_w, cfg["BLOCK_C"]), options=(("num_warps", cfg["num_warps"]),))
+                consts=(block_w, cfg["BLOCK_C"]),
+                options=(("num_warps", cfg["num_warps"]), ("num_stages", cfg["num_stages"])))
+
+
+def _taps_major(weight: torch.Tensor) -> torch.Tensor:
+    """(C2, 1, 3, 3) -> (9, C2) contiguous, the layout the kernels read (a few microseconds)."""
+    return weight.reshape(weight.shape[0], 9).t().contiguous()
 
 
 @torch.library.custom_op("sana::depthwise_glu", mutates_args=())
@@ -231,14 +248,14 @@ def _depthwise_glu_op(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     """-> out (B, N, hid) and s = silu(u), which backward reads (saved rather than recomputed)."""
     if not supported_device(u):
         raise ValueError("depthwise GLU: the Triton kernel needs a CUDA tensor (or the CPU under TRITON_INTERPRET=1)")
-    weight, bias = weight.contiguous(), bias.contiguous()
+    wt, bias = _taps_major(weight), bias.contiguous()
     B, N, C2 = u.shape
     HID = C2 // 2
     out = u.new_empty((B, N, HID))
     s = F.silu(u.contiguous())  # once an element (the kernel reads it at three taps), rounded like the reference
     if out.numel():
         plan = _plan(B, H, W, HID, CONFIG["fwd"], device_index(u))
-        _fwd_launch(plan["grid"], device_index(u), (s, weight, bias, out), (H, W, HID, *plan["scalars"]),
+        _fwd_launch(plan["grid"], device_index(u), (s, wt, bias, out), (H, W, HID, *plan["scalars"]),
                     plan["consts"], plan["options"])
     return out, s
 
@@ -253,7 +270,7 @@ def _depthwise_glu_backward_op(dout: torch.Tensor, u: torch.Tensor, s: torch.Ten
                                bias: torch.Tensor, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> du (like u), dweight (2*hid, 1, 3, 3) and dbias (2*hid) in float32."""
     dout, u, s = dout.contiguous(), u.contiguous(), s.contiguous()
-    weight, bias = weight.contiguous(), bias.contiguous()
+    wt, bias = _taps_major(weight), bias.contiguous()
     B, N, C2 = u.shape
     HID = C2 // 2
     dev = device_index(u)
@@ -264,9 +281,9 @@ def _depthwise_glu_backward_op(dout: torch.Tensor, u: torch.Tensor, s: torch.Ten
     dweight = u.new_zeros((inp["strips"], 9, C2), dtype=torch.float32)
     if u.numel():
         dc = torch.empty_like(u)
-        _bwd_conv_launch(conv["grid"], dev, (dout, s, weight, bias, dc, dbias), (H, W, HID, *conv["scalars"]),
+        _bwd_conv_launch(conv["grid"], dev, (dout, s, wt, bias, dc, dbias), (H, W, HID, *conv["scalars"]),
                          conv["consts"], conv["options"])
-        _bwd_input_launch(inp["grid"], dev, (dc, u, s, weight, du, dweight), (H, W, C2, *inp["scalars"]),
+        _bwd_input_launch(inp["grid"], dev, (dc, u, s, wt, du, dweight), (H, W, C2, *inp["scalars"]),
                           inp["consts"], inp["options"])
     return du, dweight.sum(0).t().reshape(C2, 1, 3, 3).contiguous(), dbias.sum(0)
 

@@ -1,0 +1,194 @@
+"""Mix-FFN's fused depthwise GLU (kernels.triton_mixffn) against its HBM roofline and PyTorch, on the GPU.
+
+    python bench/bench_mixffn.py [--shape B,H,W,hid] [--sweep] [--out bench/results]
+
+Times, with CUDA events (median of --iters), the forward op (silu pass + kernel), the backward op (two
+kernels + partial-sum reductions) and each kernel alone, at Sana-0.6B's batch-16 shape by default; the bytes
+each must move (read s, u, dout, dc once; write out, dc, du once) over the measured copy bandwidth give the
+roofline. The PyTorch reference (channels-first conv2d, cuDNN) is timed beside it. --sweep tries tile
+configurations per kernel and prints the best; CONFIG in kernels/triton_mixffn.py is set from it by hand.
+Writes mixffn_<gpu>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from triton.runtime.errors import OutOfResources  # noqa: E402
+
+from kernels import triton_mixffn as tm  # noqa: E402
+from kernels.launch import device_index  # noqa: E402
+from kernels.mixffn import depthwise_glu_reference  # noqa: E402
+
+
+def _time(fn, iters: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def _kernels(u, s, w, bias, dout, dc_in, H, W):
+    """Each kernel alone, as the ops launch it: name -> (callable, bytes it must move, what it wrote)."""
+    B, N, C2 = u.shape
+    HID = C2 // 2
+    dev = device_index(u)
+    wt = tm._taps_major(w)
+    n = u.numel() * u.element_size()
+    got = dict(out=u.new_empty((B, N, HID)), dc=torch.empty_like(u), du=torch.empty_like(u))
+
+    def fwd():
+        p = tm._plan(B, H, W, HID, tm.CONFIG["fwd"], dev)
+        tm._fwd_launch(p["grid"], dev, (s, wt, bias, got["out"]), (H, W, HID, *p["scalars"]), p["consts"],
+                       p["options"])
+
+    def bwd_conv():
+        p = tm._plan(B, H, W, HID, tm.CONFIG["bwd_conv"], dev)
+        got["dbias"] = u.new_empty((p["strips"], C2), dtype=torch.float32)
+        tm._bwd_conv_launch(p["grid"], dev, (dout, s, wt, bias, got["dc"], got["dbias"]),
+                            (H, W, HID, *p["scalars"]), p["consts"], p["options"])
+
+    def bwd_input():  # reads the reference dc, so that its check does not depend on bwd_conv
+        p = tm._plan(B, H, W, C2, tm.CONFIG["bwd_input"], dev)
+        got["dweight"] = u.new_empty((p["strips"], 9, C2), dtype=torch.float32)
+        tm._bwd_input_launch(p["grid"], dev, (dc_in, u, s, wt, got["du"], got["dweight"]),
+                             (H, W, C2, *p["scalars"]), p["consts"], p["options"])
+
+    return {"fwd": (fwd, n + n // 2), "bwd_conv": (bwd_conv, n + n // 2 + n), "bwd_input": (bwd_input, 4 * n)}, got
+
+
+def _reference(u, w, bias, dout, H, W):
+    """What each kernel must write, in float32 through PyTorch's conv2d (channels-first)."""
+    B, N, C2 = u.shape
+    uf = u.float().transpose(1, 2).reshape(B, C2, H, W).requires_grad_()
+    wf = w.detach().clone().requires_grad_()
+    conv = F.conv2d(F.silu(uf), wf, bias, padding=1, groups=C2)
+    a, g = conv.chunk(2, dim=1)
+    out = a * F.silu(g)
+    d = dout.float().transpose(1, 2).reshape(out.shape)
+    dc = torch.autograd.grad(out, conv, d, retain_graph=True)[0]
+    dc_tok = dc.flatten(2).transpose(1, 2).to(u.dtype)  # what bwd_input reads
+    du, dw = torch.autograd.grad(conv, (uf, wf), dc_tok.float().transpose(1, 2).reshape(dc.shape))
+    tok = lambda x: x.flatten(2).transpose(1, 2)  # noqa: E731
+    return dict(out=tok(out), dc=tok(dc), du=tok(du), dweight=dw.reshape(C2, 9).t(), dbias=dc.sum((0, 2, 3))), dc_tok
+
+
+def _errors(got, ref) -> dict:
+    """Relative error of what each kernel wrote (partial sums reduced) against the float32 reference."""
+    have = dict(out=got["out"], dc=got.get("dc"), du=got.get("du"),
+                dweight=got["dweight"].sum(0) if "dweight" in got else None,
+                dbias=got["dbias"].sum(0) if "dbias" in got else None)
+    return {k: ((v.float() - ref[k]).norm() / ref[k].norm()).item() for k, v in have.items() if v is not None}
+
+
+KERNEL_OUTPUTS = {"fwd": ("out",), "bwd_conv": ("dc", "dbias"), "bwd_input": ("du", "dweight")}
+TOLERANCE = 2e-2  # bf16 storage of out/dc/du
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="16,32,32,2880", help="B,H,W,hid (Sana-0.6B at 1024 px, batch 16)")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--sweep", action="store_true", help="try tile configurations per kernel")
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_mixffn needs a CUDA GPU")
+    B, H, W, hid = map(int, args.shape.split(","))
+    torch.manual_seed(0)
+    dev = "cuda"
+    u = torch.randn(B, H * W, 2 * hid, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(2 * hid, 1, 3, 3, device=dev) / 3
+    bias = torch.randn(2 * hid, device=dev)
+    dout = torch.randn(B, H * W, hid, device=dev, dtype=torch.bfloat16)
+    s = F.silu(u)
+    copy_src = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
+    copy_dst = torch.empty_like(copy_src)
+    copy_ms = _time(lambda: copy_dst.copy_(copy_src), args.iters)
+    bw = 2 * copy_src.numel() / (copy_ms * 1e-3)  # bytes/s, read + write
+    gpu = torch.cuda.get_device_name()
+    print(f"{gpu}: u {tuple(u.shape)} bf16 ({u.numel() * 2 / 2**20:.0f} MiB); copy bandwidth {bw / 1e12:.2f} TB/s")
+    result = dict(gpu=gpu, shape=dict(B=B, H=H, W=W, hid=hid), copy_tb_s=bw / 1e12, config=dict(tm.CONFIG))
+
+    ref, dc_in = _reference(u, w, bias, dout, H, W)
+    kernels, got = _kernels(u, s, w, bias, dout, dc_in, H, W)
+    rows = {}
+    for name, (fn, nbytes) in kernels.items():
+        ms = _time(fn, args.iters)
+        errs = {k: v for k, v in _errors(got, ref).items() if k in KERNEL_OUTPUTS[name]}
+        rows[name] = dict(ms=ms, roofline_ms=nbytes / bw * 1e3, of_roofline=nbytes / bw * 1e3 / ms, rel_err=errs)
+    silu_ms = _time(lambda: F.silu(u), args.iters)
+    rows["silu (torch)"] = dict(ms=silu_ms, roofline_ms=u.numel() * 4 / bw * 1e3)
+
+    def op_fwd():
+        return torch.ops.sana.depthwise_glu(u, w, bias, H, W)
+
+    def op_bwd():
+        return torch.ops.sana.depthwise_glu_backward(dout, u, s, w, bias, H, W)
+
+    rows["op forward"] = dict(ms=_time(op_fwd, args.iters))
+    rows["op backward"] = dict(ms=_time(op_bwd, args.iters))
+    ur, wr, br = (t.detach().requires_grad_() for t in (u, w, bias))
+
+    def ref_fwd_bwd():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            depthwise_glu_reference(ur, wr, br, (H, W)).backward(dout)
+
+    rows["torch reference fwd+bwd"] = dict(ms=_time(ref_fwd_bwd, args.iters))
+    rows["ours fwd+bwd"] = dict(ms=rows["op forward"]["ms"] + rows["op backward"]["ms"])
+    result["timings"] = rows
+    print(f"{'':<26} {'ms':>8} {'roofline ms':>12} {'of roofline':>12}  relative error vs float32")
+    for name, r in rows.items():
+        roof = f"{r['roofline_ms']:>12.3f}" if "roofline_ms" in r else " " * 12
+        frac = f"{r['of_roofline']:>12.0%}" if "of_roofline" in r else " " * 12
+        err = " ".join(f"{k} {v:.1e}" for k, v in r.get("rel_err", {}).items())
+        print(f"{name:<26} {r['ms']:>8.3f} {roof} {frac}  {err}")
+    wrong = [n for n, r in rows.items() if any(v > TOLERANCE for v in r.get("rel_err", {}).values())]
+    if wrong:
+        print(f"WRONG RESULTS (relative error > {TOLERANCE}) from: {wrong}")
+
+    if args.sweep:
+        grid = {"BLOCK_W": (16, 32), "BLOCK_C": (32, 64), "num_warps": (4, 8), "num_stages": (1, 3)}
+        sweep = {}
+        for name in kernels:
+            keep = dict(tm.CONFIG[name])
+            sweep[name] = {}
+            for combo in itertools.product(*grid.values()):
+                key = "{}x{}w{}s{}".format(*combo)
+                tm.CONFIG[name] = dict(keep, **dict(zip(grid, combo)))
+                try:
+                    ms = _time(kernels[name][0], 10)
+                except (OutOfResources, RuntimeError) as e:  # a config the compiler refuses (registers, shared memory)
+                    sweep[name][key] = dict(error=type(e).__name__)
+                    continue
+                errs = {k: v for k, v in _errors(got, ref).items() if k in KERNEL_OUTPUTS[name]}
+                sweep[name][key] = dict(ms=ms, rel_err=errs, ok=all(v <= TOLERANCE for v in errs.values()))
+            tm.CONFIG[name] = keep
+            good = [(v["ms"], k) for k, v in sweep[name].items() if v.get("ok")]
+            print(f"sweep {name}: best {min(good)[1] if good else None} {min(good)[0] if good else 0:.3f} ms; "
+                  + ", ".join(f"{k} {v['ms']:.3f}{'' if v['ok'] else ' WRONG'}" if "ms" in v else f"{k} {v['error']}"
+                              for k, v in sweep[name].items()))
+        result["sweep"] = sweep
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "h200" if "H200" in gpu else "h100" if "H100" in gpu else gpu.split()[-1].lower()
+    (out / f"mixffn_{tag}.json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {out / f'mixffn_{tag}.json'}")
+
+
+if __name__ == "__main__":
+    main()
