@@ -31,11 +31,13 @@ import triton.language as tl
 
 from kernels.launch import Launcher, cdiv, device_index, on_current_device, sm_count, supported_device
 
-# BLOCK_W columns x BLOCK_C channels a program; BANDS_PER_SM: enough row bands that the grid has about this
+# BLOCK_W columns x BLOCK_C channels a program; PROGRAMS_PER_SM: enough row bands that the grid has about this
 # many programs an SM (a band costs two halo rows, so fewer, longer bands where the grid is already full).
+# The best of a checked sweep on the H200 at Sana-0.6B's batch-16 shape (`python bench/bench_mixffn.py --sweep`,
+# bench/results/mixffn_h200.json): forward 0.27 ms, backward 0.38 + 0.52 ms a block.
 CONFIG = {
-    "fwd": {"BLOCK_W": 32, "BLOCK_C": 32, "num_warps": 4, "num_stages": 3, "PROGRAMS_PER_SM": 4},
-    "bwd_conv": {"BLOCK_W": 32, "BLOCK_C": 32, "num_warps": 4, "num_stages": 3, "PROGRAMS_PER_SM": 4},
+    "fwd": {"BLOCK_W": 16, "BLOCK_C": 32, "num_warps": 4, "num_stages": 3, "PROGRAMS_PER_SM": 4},
+    "bwd_conv": {"BLOCK_W": 32, "BLOCK_C": 64, "num_warps": 4, "num_stages": 1, "PROGRAMS_PER_SM": 4},
     "bwd_input": {"BLOCK_W": 32, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1, "PROGRAMS_PER_SM": 4},
 }
 
