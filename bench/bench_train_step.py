@@ -8,8 +8,9 @@ Variants (the same weights, copied through to_diffusers_state_dict, and the same
   diffusers-compiled  the same with torch.compile of each transformer block (diffusers' regional compilation)
   ours                LinearDiT eager: fused Triton block ops and linear attention (the default on CUDA)
   ours-compiled       the same with torch.compile of each block
-  ours-graphed        ours eager, the whole step captured once as a CUDA graph and replayed (no host overhead;
-                      needs fixed shapes; first step = 3 warm-up steps + capture)
+  ours-graphed        ours eager with the DiT's forward and backward replayed as CUDA graphs: training.graphs,
+                      what the trainer runs with model.cuda_graphs=true (optimizer and clipping stay eager;
+                      first step = capture); inference: the forward captured once and replayed
   ours-reference      LinearDiT eager on its PyTorch reference path (SANA_{BLOCK,ATTENTION}_BACKEND=torch)
 Training step = rectified-flow MSE loss (sana_core.flow.flow_loss, fixed noise and t) forward + backward +
 gradient clipping + fused AdamW, bf16 autocast; inference = one forward under no_grad, bf16 autocast. Text:
@@ -35,6 +36,7 @@ from torch import nn  # noqa: E402
 
 from sana_core.dit import DIT_CONFIGS, LinearDiT, to_diffusers_state_dict  # noqa: E402
 from sana_core.flow import FlowConfig, flow_loss  # noqa: E402
+from training.graphs import GraphedModel  # noqa: E402
 
 PEAK_TFLOPS = 989.0  # dense bf16, H100/H200 SXM
 MODES = {
@@ -130,39 +132,34 @@ def _step_fn(model, inp: dict, kind: str, graphed: bool = False):
         def step():
             with torch.no_grad(), torch.autocast(**amp):
                 return model(inp["x0"], inp["t"], inp["y"], inp["y_mask"]).float().square().mean()
-        return _graph(step, None) if graphed else step
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graphed)
+        return _graph(step) if graphed else step
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     flow = FlowConfig(shift=3.0)
+    forward = GraphedModel(model) if graphed else model  # what the trainer runs with model.cuda_graphs=true
 
     def step():
         with torch.autocast(**amp):
-            loss, _ = flow_loss(model, inp["x0"], inp["y"], inp["y_mask"], flow, noise=inp["noise"], t=inp["t"])
+            loss, _ = flow_loss(forward, inp["x0"], inp["y"], inp["y_mask"], flow, noise=inp["noise"], t=inp["t"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if not graphed:
-            opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         return loss.detach()
-    return _graph(step, opt) if graphed else step
+    return step
 
 
-def _graph(step, opt):
-    """The whole step captured as one CUDA graph and replayed (PyTorch's whole-network capture recipe: one
-    warm-up step on a side stream, which also creates AdamW's state; gradients are then allocated by the
-    captured backward, so each replay overwrites them). The inputs are the same tensors every step, as a
-    training loop's static input buffers would be. The warm-up step counts as the first step: the same update
-    count as the eager variants, so their losses stay comparable."""
+def _graph(step):
+    """An inference forward captured once as a CUDA graph and replayed (warm-up on a side stream first); the
+    inputs are the same tensors every call."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         first = step()
     torch.cuda.current_stream().wait_stream(side)
-    if opt is not None:
-        opt.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = step()
-    calls = [first]  # the first call returns the warm-up step's loss; replays run the captured step
+    calls = [first]  # the first call returns the warm-up's result; replays run the captured forward
 
     def replay():
         if calls:

@@ -39,6 +39,9 @@ class ModelConfig:
     # prompt independently of its batch, so a hit equals a recomputation; it only saves time on small data.
     text_cache: int = 0
     gradient_checkpointing: bool = False
+    # Replay the DiT's forward and backward as CUDA graphs, one per input shape (training/graphs.py): removes
+    # the host's launch overhead, which bounded Sana-0.6B's eager step on the H200. One process, CUDA only.
+    cuda_graphs: bool = False
 
 
 @dataclass

@@ -22,7 +22,7 @@ from sana_core.errors import SanaError
 from sana_core.flow import flow_loss
 from training import checkpoint as ckpt
 from training import distributed as D
-from training import finetune, rundir
+from training import finetune, graphs, rundir
 from training.config import TrainConfig
 from training.data import DataHealth, SkipWarner, build_loader, check_latent_channels, find_shards
 from training.ema import EMA
@@ -86,8 +86,10 @@ class Trainer:
         self.num_params = sum(p.numel() for p in model.parameters())
         self.trainable_params = finetune.trainable(model)
         self.strategy = D.strategy_for(cfg.dist, info)
+        graphs.check(cfg.model.cuda_graphs, info.device, self.strategy, cfg.model.gradient_checkpointing)
         self.model = D.wrap(model, self.strategy, info, bf16=self.bf16, cfg=cfg.dist)
         self.raw = D.unwrap(self.model)
+        self.forward = graphs.GraphedModel(self.model) if cfg.model.cuda_graphs else self.model
         self.ema = EMA(self.raw, cfg.ema.decay) if cfg.ema.enabled else None
         self.opt = build_optimizer(self.model, cfg.optim)
         self.sched = build_scheduler(self.opt, cfg.optim, cfg.max_steps)
@@ -220,8 +222,10 @@ class Trainer:
             y, mask = self.encode(batch["captions"])
             last = a == len(micro) - 1
             with contextlib.nullcontext() if last else D.no_grad_sync(self.model, self.strategy):
-                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    loss, per_sample = flow_loss(self.model, x0, y.to(dev), mask.to(dev), self.cfg.flow,
+                # A CUDA-graph capture must not cache autocast's weight casts (they would be stale on replay).
+                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.bf16,
+                                    cache_enabled=not self.cfg.model.cuda_graphs):
+                    loss, per_sample = flow_loss(self.forward, x0, y.to(dev), mask.to(dev), self.cfg.flow,
                                                  generator=self.gens[a])
                 (loss / len(micro)).backward()
             losses.append(loss.detach().float())
