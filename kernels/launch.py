@@ -100,3 +100,73 @@ class Launcher:
                 self.kernels.clear()
             self.stream = _driver.active.get_current_stream
             self.kernels[key] = kernel
+
+
+class KernelOp:
+    """A kernel's host function as a torch.library custom op, and the same function called directly in eager mode.
+
+    torch.compile traces the op (schema, fake implementation, registered autograd: no graph break). Eager calls
+    skip the dispatcher's Python layers, which cost about as much host time as the rest of the call (a modulate
+    forward + backward with its launches stubbed: ~250 us through the op, ~150 us direct, on this project's CPU
+    runner): `fn` runs directly when nothing needs a gradient, else through one autograd.Function that uses the
+    op's own setup_context and backward. The Linear DiT's eager step is host-bound on an H200 (two thousand
+    launches a step), so this is time the GPU waits for.
+
+        op = KernelOp("sana::name", fn)              # fn(*args) -> Tensor | tuple[Tensor, ...]
+        op.register_fake(fake)
+        op.register_autograd(backward, setup_context=setup)   # backward calls bwd_op.within(ctx)(...)
+        out = op(*args)
+    """
+
+    via_dispatcher = False  # True: eager calls go through the op as well (bench/bench_host_overhead.py compares)
+
+    def __init__(self, name: str, fn):
+        self.fn = fn
+        self.op = torch.library.custom_op(name, mutates_args=())(fn)
+        self.backward = self.setup = None
+
+    def register_fake(self, fake):
+        self.op.register_fake(fake)
+        return fake
+
+    def register_autograd(self, backward, setup_context) -> None:
+        self.op.register_autograd(backward, setup_context=setup_context)
+        self.backward, self.setup = backward, setup_context
+
+    def __call__(self, *args):
+        # Tracing (dynamo, or make_fx/AOT with fake or functional tensor subclasses) goes through the op.
+        if (self.via_dispatcher or torch.compiler.is_compiling()
+                or any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN for a in args)):
+            return self.op(*args)
+        if self.backward is not None and torch.is_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return _Eager.apply(self, *args)
+        return self.fn(*args)
+
+    def within(self, ctx):
+        """What a registered backward calls for this (backward) op: the function itself under the eager
+        autograd.Function, the op when the backward is being traced."""
+        return self.fn if getattr(ctx, "sana_eager", False) else self.op
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+class _Eager(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kop: KernelOp, *args):
+        out = kop.fn(*args)
+        kop.setup(ctx, args, out)
+        ctx.kop, ctx.sana_eager = kop, True
+        # Outputs nobody differentiates (statistics, saved activations) get None, not a zero tensor of their size.
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *ctx.kop.backward(ctx, *grads))
+
+
+def kernel_op(name: str):
+    """Decorator form of KernelOp: @kernel_op("sana::name") over the host function."""
+    return lambda fn: KernelOp(name, fn)

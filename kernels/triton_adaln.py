@@ -19,7 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Launcher, cdiv, device_index, on_current_device, sm_count, supported_device
+from kernels.launch import (
+    Launcher,
+    cdiv,
+    device_index,
+    kernel_op,
+    on_current_device,
+    sm_count,
+    supported_device,
+)
 
 ELEMENTS = 8192  # elements of a (rows, channels) tile: 32 float32 registers a thread at 8 warps
 PROGRAMS_PER_SM = 4  # for the backward reductions over tokens: enough programs to fill the GPU
@@ -161,7 +169,7 @@ def _reduce_rows(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return d.reshape(like.shape).to(like.dtype)
 
 
-@torch.library.custom_op("sana::modulate", mutates_args=())
+@kernel_op("sana::modulate")
 def _modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x = _check(x, "modulate x")
@@ -185,7 +193,7 @@ def _(x, shift, scale, eps):
     return x.new_empty(x.shape), mean, torch.empty_like(mean)
 
 
-@torch.library.custom_op("sana::modulate_backward", mutates_args=())
+@kernel_op("sana::modulate_backward")
 def _modulate_backward_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
                           rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-> dx (like x), partial sums (B, chunks, 2, C) float32 of dshift ([:, :, 0]) and dscale ([:, :, 1])."""
@@ -217,14 +225,14 @@ def _modulate_setup(ctx, inputs, output):
 
 def _modulate_backward(ctx, dy, _dmean, _drstd):
     x, shift, scale, mean, rstd = ctx.saved_tensors
-    dx, part = torch.ops.sana.modulate_backward(dy, x, scale, mean, rstd)
+    dx, part = _modulate_backward_op.within(ctx)(dy, x, scale, mean, rstd)
     return dx, _reduce_rows(part[:, :, 0], shift), _reduce_rows(part[:, :, 1], scale), None
 
 
 _modulate_op.register_autograd(_modulate_backward, setup_context=_modulate_setup)
 
 
-@torch.library.custom_op("sana::gated_residual", mutates_args=())
+@kernel_op("sana::gated_residual")
 def _gated_residual_op(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     x, branch = _check(x, "gated residual x"), branch.contiguous()
     if branch.shape != x.shape:
@@ -244,7 +252,7 @@ def _(x, gate, branch):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("sana::gated_residual_backward", mutates_args=())
+@kernel_op("sana::gated_residual_backward")
 def _gated_residual_backward_op(dy: torch.Tensor, gate: torch.Tensor,
                                 branch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-> dbranch (like branch), partial sums (B, chunks, C) float32 of dgate."""
@@ -276,7 +284,7 @@ def _gated_residual_setup(ctx, inputs, output):
 
 def _gated_residual_backward(ctx, dy):
     gate, branch = ctx.saved_tensors
-    dbranch, part = torch.ops.sana.gated_residual_backward(dy, gate, branch)
+    dbranch, part = _gated_residual_backward_op.within(ctx)(dy, gate, branch)
     return dy.to(ctx.x_dtype), _reduce_rows(part, gate), dbranch
 
 
@@ -291,8 +299,8 @@ def _guarded(fn, x, *args):
 
 
 def modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    return _guarded(torch.ops.sana.modulate, x, shift, scale, float(eps))[0]
+    return _guarded(_modulate_op, x, shift, scale, float(eps))[0]
 
 
 def gated_residual_triton(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    return _guarded(torch.ops.sana.gated_residual, x, gate, branch)
+    return _guarded(_gated_residual_op, x, gate, branch)

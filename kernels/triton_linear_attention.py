@@ -39,7 +39,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Launcher, cdiv, device_index, on_current_device, sm_count, supported_device
+from kernels.launch import (
+    Launcher,
+    cdiv,
+    device_index,
+    kernel_op,
+    on_current_device,
+    sm_count,
+    supported_device,
+)
 from kernels.linear_attention import check_packed
 
 HEAD_DIMS = (16, 32, 64)
@@ -308,7 +316,7 @@ def _on_device(t: torch.Tensor):
 
 # The ops take any strides (torch.compile may hand them other layouts than eager does) and make unit stride
 # along D where it is missing; their outputs are fresh tensors (a custom op's outputs must not alias inputs).
-@torch.library.custom_op("sana::linear_attention", mutates_args=())
+@kernel_op("sana::linear_attention")
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> out (B, N, H, D) contiguous, stats (B*H, D*D + D) float32 (KV and ksum per (b, h), see _forward)."""
@@ -322,7 +330,7 @@ def _(q, k, v, eps):
     return q.new_empty((B, N, H, D)), _zero_stats(q, B, H, D)
 
 
-@torch.library.custom_op("sana::linear_attention_backward", mutates_args=())
+@kernel_op("sana::linear_attention_backward")
 def _attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stats: torch.Tensor,
                            do: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dq, dk, dv, each (B, N, H, D) contiguous."""
@@ -338,7 +346,7 @@ def _(q, k, v, stats, do, eps):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-@torch.library.custom_op("sana::linear_attention_packed", mutates_args=())
+@kernel_op("sana::linear_attention_packed")
 def _packed_op(qkv: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """qkv (B, N, 3, H, D) -> out (B, N, H, D) contiguous, stats as sana::linear_attention's."""
     with _on_device(qkv):
@@ -351,7 +359,7 @@ def _(qkv, eps):
     return qkv.new_empty((B, N, H, D)), _zero_stats(qkv, B, H, D)
 
 
-@torch.library.custom_op("sana::linear_attention_packed_backward", mutates_args=())
+@kernel_op("sana::linear_attention_packed_backward")
 def _packed_backward_op(qkv: torch.Tensor, stats: torch.Tensor, do: torch.Tensor, eps: float) -> torch.Tensor:
     """-> dqkv (B, N, 3, H, D) contiguous: the kernels write dq, dk, dv through its unbind(2) views."""
     qkv = _unit_last(qkv)
@@ -374,12 +382,12 @@ def _setup(ctx, inputs, output):
 
 def _attention_backward(ctx, do, _dstats):
     q, k, v, stats = ctx.saved_tensors
-    return (*torch.ops.sana.linear_attention_backward(q, k, v, stats, do, ctx.eps), None)
+    return (*_attention_backward_op.within(ctx)(q, k, v, stats, do, ctx.eps), None)
 
 
 def _packed_backward(ctx, do, _dstats):
     qkv, stats = ctx.saved_tensors
-    return torch.ops.sana.linear_attention_packed_backward(qkv, stats, do, ctx.eps), None
+    return _packed_backward_op.within(ctx)(qkv, stats, do, ctx.eps), None
 
 
 _attention_op.register_autograd(_attention_backward, setup_context=_setup)
@@ -411,7 +419,7 @@ def triton_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e
     """q, k, v (B, N, H, D), any strides -> out (B, N, H, D) contiguous."""
     _check(q, k, v)
     if _needs_graph(q, k, v):
-        return torch.ops.sana.linear_attention(q, k, v, float(eps))[0]
+        return _attention_op(q, k, v, float(eps))[0]
     with _on_device(q):
         return _forward(_unit_last(q), _unit_last(k), _unit_last(v), eps)[0]
 
@@ -422,6 +430,6 @@ def triton_linear_attention_packed(qkv: torch.Tensor, eps: float = 1e-15) -> tor
     check_packed(qkv)
     _check(*qkv.unbind(2))
     if _needs_graph(qkv):
-        return torch.ops.sana.linear_attention_packed(qkv, float(eps))[0]
+        return _packed_op(qkv, float(eps))[0]
     with _on_device(qkv):
         return _forward(*_unit_last(qkv).unbind(2), eps)[0]

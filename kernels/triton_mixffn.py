@@ -29,7 +29,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.launch import Launcher, cdiv, device_index, on_current_device, sm_count, supported_device
+from kernels.launch import (
+    Launcher,
+    cdiv,
+    device_index,
+    kernel_op,
+    on_current_device,
+    sm_count,
+    supported_device,
+)
 
 # BLOCK_W columns x BLOCK_C channels a program; PROGRAMS_PER_SM: enough row bands that the grid has about this
 # many programs an SM (a band costs two halo rows, so fewer, longer bands where the grid is already full).
@@ -244,7 +252,7 @@ def _taps_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], 9).t().contiguous()
 
 
-@torch.library.custom_op("sana::depthwise_glu", mutates_args=())
+@kernel_op("sana::depthwise_glu")
 def _depthwise_glu_op(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, H: int,
                       W: int) -> tuple[torch.Tensor, torch.Tensor]:
     """-> out (B, N, hid) and s = silu(u), which backward reads (saved rather than recomputed)."""
@@ -267,7 +275,7 @@ def _(u, weight, bias, H, W):
     return u.new_empty((*u.shape[:-1], u.shape[-1] // 2)), torch.empty_like(u, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("sana::depthwise_glu_backward", mutates_args=())
+@kernel_op("sana::depthwise_glu_backward")
 def _depthwise_glu_backward_op(dout: torch.Tensor, u: torch.Tensor, s: torch.Tensor, weight: torch.Tensor,
                                bias: torch.Tensor, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> du (like u), dweight (2*hid, 1, 3, 3) and dbias (2*hid) in float32."""
@@ -305,7 +313,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dout, _ds):  # s is an internal output: nothing flows back through it
     u, s, weight, bias = ctx.saved_tensors
-    du, dweight, dbias = torch.ops.sana.depthwise_glu_backward(dout, u, s, weight, bias, *ctx.hw)
+    du, dweight, dbias = _depthwise_glu_backward_op.within(ctx)(dout, u, s, weight, bias, *ctx.hw)
     return du, dweight.to(weight.dtype), dbias.to(bias.dtype), None, None
 
 
@@ -317,4 +325,4 @@ def depthwise_glu_triton(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if not on_current_device(u):  # Triton launches on the current device's stream
         with torch.cuda.device(u.device):
             return depthwise_glu_triton(u, weight, bias, hw)
-    return torch.ops.sana.depthwise_glu(u, weight, bias, int(hw[0]), int(hw[1]))[0]
+    return _depthwise_glu_op(u, weight, bias, int(hw[0]), int(hw[1]))[0]
