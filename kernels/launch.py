@@ -106,10 +106,10 @@ class KernelOp:
     """A kernel's host function as a torch.library custom op, and the same function called directly in eager mode.
 
     torch.compile traces the op (schema, fake implementation, registered autograd: no graph break). Eager calls
-    skip the dispatcher's Python layers, which cost about as much host time as the rest of the call (a modulate
-    forward + backward with its launches stubbed: ~250 us through the op, ~150 us direct, on this project's CPU
-    runner): `fn` runs directly when nothing needs a gradient, else through one autograd.Function that uses the
-    op's own setup_context and backward. The Linear DiT's eager step is host-bound on an H200 (two thousand
+    skip the dispatcher's Python layers (a 28-block DiT forward + backward with its launches stubbed: 77-107 ms
+    of host time through the ops, 60-69 ms direct, bench/bench_host_overhead.py on the 2-core CPU runner):
+    `fn` runs directly when nothing needs a gradient, else through one autograd.Function that uses the op's own
+    setup_context and backward. The Linear DiT's eager step is host-bound on an H200 (two thousand
     launches a step), so this is time the GPU waits for.
 
         op = KernelOp("sana::name", fn)              # fn(*args) -> Tensor | tuple[Tensor, ...]
