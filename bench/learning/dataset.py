@@ -168,9 +168,11 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), int(mtime), 0o644
+    # mtime 0 like curation.writer's shards: the same seed writes the same bytes (the build time made two builds
+    # differ whenever they straddled a second)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
     tar.addfile(info, io.BytesIO(data))
 
 
@@ -216,8 +218,8 @@ def build_dataset(root: str | Path, n: int = 4096, grid: int = 8, seed: int = 0,
                 key = sample_key(source)
                 latent = render(a, grid, rng).astype(np.float16)
                 rec = _record(a, key, source, grid, latent, rng, sloppy_rate, omit)
-                _add(tar, f"{key}.json", json.dumps(rec).encode(), t0)
-                _add(tar, f"{key}.latent.npy", _npy_bytes(latent), t0)
+                _add(tar, f"{key}.json", json.dumps(rec).encode())
+                _add(tar, f"{key}.latent.npy", _npy_bytes(latent))
                 for col, v in (("key", key), ("shard", name), ("source", source), ("sha256", rec["sha256"]),
                                ("width", rec["width"]), ("height", rec["height"]), ("bucket_h", rec["bucket"][0]),
                                ("bucket_w", rec["bucket"][1]), ("vlms", list(rec["captions"])),
