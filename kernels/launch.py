@@ -109,7 +109,7 @@ class KernelOp:
     skip the dispatcher's Python layers (a 28-block DiT forward + backward with its launches stubbed: 77-107 ms
     of host time through the ops, 60-69 ms direct, bench/bench_host_overhead.py on the 2-core CPU runner):
     `fn` runs directly when nothing needs a gradient, else through one autograd.Function that uses the op's own
-    setup_context and backward. The Linear DiT's eager step is host-bound on an H200 (two thousand
+    setup_context and backward. The Linear DiT's eager step is host-bound on an H200 (thousands of
     launches a step), so this is time the GPU waits for.
 
         op = KernelOp("sana::name", fn)              # fn(*args) -> Tensor | tuple[Tensor, ...]

@@ -1,9 +1,9 @@
 """The DiT's forward and backward replayed as CUDA graphs (model.cuda_graphs), one pair per input shape.
 
-Why: Sana-0.6B's eager step launches about two thousand kernels; on the H200 the host side of those launches
-(Python, autograd, the dispatcher) took 194-226 ms a step against 168 ms of GPU work at batch 16
-(bench/bench_train_step.py, `ours` vs `ours-graphed`), so the GPU waited on the CPU. A graph replays the whole
-forward or backward with one launch.
+Why: Sana-0.6B's eager step launches thousands of kernels; at batch 16 on four H200 machines the eager step took
+173-226 ms while the same step with graphs took 168-173 ms (bench/bench_train_step.py, `ours` vs
+`ours-graphed`; the GPU time is the same), so the GPU waited on the host. A graph replays the whole forward or
+backward with one launch.
 
 How: torch.cuda.make_graphed_callables, PyTorch's own capture of a module's forward and backward (warm-up on a
 side stream, static input buffers, a graph-private memory pool; gradients still accumulate into .grad outside

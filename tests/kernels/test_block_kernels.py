@@ -123,12 +123,10 @@ def test_depthwise_glu_matches_float64(shape, dtype):
 def test_depthwise_glu_shapes_cover_strips_and_bands():
     """The kernels split an image into column strips and row bands (each with halo rows); the shapes above
     must exercise both splits, or a seam bug would go unseen."""
-    from kernels.launch import sm_count
     from kernels.triton_mixffn import CONFIG, _plan
 
     dev = 0 if ON_GPU else -1
     plans = [(_plan(B, H, W, hid, CONFIG[k], dev), B, H, W) for B, H, W, hid in GLU_SHAPES for k in CONFIG]
-    assert sm_count(dev) > 0
     assert any(p["scalars"][0] > 1 for p, *_ in plans), "no shape has two column strips"
     assert any(p["scalars"][1] < H for p, B, H, W in plans), "no shape has two row bands"
 
