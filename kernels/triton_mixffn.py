@@ -44,32 +44,42 @@ from kernels.launch import (
 # The best of a checked sweep on the H200 at Sana-0.6B's batch-16 shape (`python bench/bench_mixffn.py --sweep`,
 # bench/results/mixffn_h200.json): forward 0.27 ms, backward 0.38 + 0.52 ms a block.
 CONFIG = {
-    "fwd": {"BLOCK_W": 16, "BLOCK_C": 32, "num_warps": 4, "num_stages": 3, "PROGRAMS_PER_SM": 4},
-    "bwd_conv": {"BLOCK_W": 32, "BLOCK_C": 64, "num_warps": 4, "num_stages": 1, "PROGRAMS_PER_SM": 4},
-    "bwd_input": {"BLOCK_W": 32, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1, "PROGRAMS_PER_SM": 4},
+    "fwd": {"BLOCK_W": 16, "BLOCK_C": 32, "num_warps": 4, "num_stages": 3, "PROGRAMS_PER_SM": 4, "PREFETCH": 1},
+    "bwd_conv": {"BLOCK_W": 32, "BLOCK_C": 64, "num_warps": 4, "num_stages": 1, "PROGRAMS_PER_SM": 4, "PREFETCH": 1},
+    "bwd_input": {"BLOCK_W": 32, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1, "PROGRAMS_PER_SM": 4, "PREFETCH": 1},
 }
 
 
 @triton.jit
-def _row(ptr, b, r, j, c, jmask, cmask, lo, hi, H, W, C2, DJ: tl.constexpr):
-    """Row r of image b at columns j + DJ, channels c (of C2 a token), in float32; zero outside rows [lo, hi)
-    and outside the image."""
+def _load(ptr, b, r, j, c, jmask, cmask, lo, hi, H, W, stride, DJ: tl.constexpr):
+    """Row r of image b at columns j + DJ, channels c (`stride` channels a token), in the tensor's dtype; zero
+    outside rows [lo, hi) and outside the image."""
     jj = j + DJ
     ok = jmask & (jj >= 0) & (jj < W) & (r >= lo) & (r < hi)
     tok = (b * H + r) * W + jj  # b is int64: no overflow at large batches
-    return tl.load(ptr + tok[:, None] * C2 + c[None, :], mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    return tl.load(ptr + tok[:, None] * stride + c[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
+
+
+@triton.jit
+def _rows3(ptr, b, r, j, c, jmask, cmask, H, W, stride):
+    """Row r at the three horizontal shifts a kernel row reads (columns j-1, j, j+1), zero outside the image:
+    the loads of one window step, issued an iteration ahead when prefetching."""
+    return (_load(ptr, b, r, j, c, jmask, cmask, 0, H, H, W, stride, -1),
+            _load(ptr, b, r, j, c, jmask, cmask, 0, H, H, W, stride, 0),
+            _load(ptr, b, r, j, c, jmask, cmask, 0, H, H, W, stride, 1))
 
 
 @triton.jit
 def _mix(l0, l1, l2, wt_ptr, c, cmask, C2, KI: tl.constexpr):
-    """Kernel row KI of the depthwise 3x3 applied to three horizontal shifts l0, l1, l2 (columns j-1, j, j+1).
-    wt is the weight transposed to (9, C2): a tap's weights for a block of channels are one contiguous load
-    (the (C2, 9) layout made each a 36-byte-strided gather, the kernels' largest cost)."""
+    """Kernel row KI of the depthwise 3x3 applied to three horizontal shifts l0, l1, l2 (columns j-1, j, j+1),
+    in float32. wt is the weight transposed to (9, C2): a tap's weights for a block of channels are one
+    contiguous load (the (C2, 9) layout made each a 36-byte-strided gather, the kernels' largest cost)."""
     w = wt_ptr + KI * 3 * C2 + c
     w0 = tl.load(w, mask=cmask, other=0.0).to(tl.float32)
     w1 = tl.load(w + C2, mask=cmask, other=0.0).to(tl.float32)
     w2 = tl.load(w + 2 * C2, mask=cmask, other=0.0).to(tl.float32)
-    return l0 * w0[None, :] + l1 * w1[None, :] + l2 * w2[None, :]
+    return (l0.to(tl.float32) * w0[None, :] + l1.to(tl.float32) * w1[None, :]
+            + l2.to(tl.float32) * w2[None, :])
 
 
 @triton.jit
@@ -86,11 +96,8 @@ def _strip(H, W, n_wseg, band, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
-def _conv_rows(s_ptr, w_ptr, b, r, j, c, jmask, cmask, H, W, C2, acc_p, acc_c):
-    """Feed input row r of s (channels c) into the window: (row r-1 complete, row r, row r+1 started)."""
-    l0 = _row(s_ptr, b, r, j, c, jmask, cmask, 0, H, H, W, C2, -1)
-    l1 = _row(s_ptr, b, r, j, c, jmask, cmask, 0, H, H, W, C2, 0)
-    l2 = _row(s_ptr, b, r, j, c, jmask, cmask, 0, H, H, W, C2, 1)
+def _feed(l0, l1, l2, w_ptr, c, cmask, C2, acc_p, acc_c):
+    """Feed input row r (three shifts) into the window: -> (row r-1 complete, row r, row r+1 started)."""
     # an input row r feeds output row r - di through kernel row di + 1
     done = acc_p + _mix(l0, l1, l2, w_ptr, c, cmask, C2, 2)
     cur = acc_c + _mix(l0, l1, l2, w_ptr, c, cmask, C2, 1)
@@ -99,35 +106,13 @@ def _conv_rows(s_ptr, w_ptr, b, r, j, c, jmask, cmask, H, W, C2, acc_p, acc_c):
 
 
 @triton.jit
-def _fwd(s_ptr, w_ptr, bias_ptr, out_ptr, H, W, HID, n_wseg, band,
-         BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < HID
-    b, j, r0, r1 = _strip(H, W, n_wseg, band, BLOCK_W)
-    jmask = j < W
-    C2 = 2 * HID
-    bias_a = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    bias_g = tl.load(bias_ptr + HID + c, mask=cmask, other=0.0).to(tl.float32)
-    pa = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    ca = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    pg = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    cg = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    for r in range(r0 - 1, r1 + 1):
-        da, ca, na = _conv_rows(s_ptr, w_ptr, b, r, j, c, jmask, cmask, H, W, C2, pa, ca)
-        dg, cg, ng = _conv_rows(s_ptr + HID, w_ptr + HID, b, r, j, c, jmask, cmask, H, W, C2, pg, cg)
-        a = da + bias_a[None, :]
-        g = dg + bias_g[None, :]
-        out = a * g * tl.sigmoid(g)
-        ro = r - 1
-        tok = (b * H + ro) * W + j
-        mask = (jmask & (ro >= r0))[:, None] & cmask[None, :]
-        tl.store(out_ptr + tok[:, None] * HID + c[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
-        pa, ca, pg, cg = ca, na, cg, ng
-
-
-@triton.jit
-def _bwd_conv(dout_ptr, s_ptr, w_ptr, bias_ptr, dc_ptr, part_ptr, H, W, HID, n_wseg, band,
-              BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_wseg, band,
+              BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BACKWARD: tl.constexpr, PREFETCH: tl.constexpr):
+    """a = conv(s_a) + bias_a, g = conv(s_g) + bias_g over this program's rows, then
+    forward (BACKWARD False): out = a * silu(g), (B*N, HID);
+    backward: dc = (da, dg) from dout into out (B*N, 2*HID), and this program's partial dbias row.
+    PREFETCH: the next row's loads are issued before this row's arithmetic and stores (a program's row steps
+    otherwise each wait out a full memory latency: the kernel is latency-bound, not bandwidth-bound)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < HID
     b, j, r0, r1 = _strip(H, W, n_wseg, band, BLOCK_W)
@@ -142,36 +127,58 @@ def _bwd_conv(dout_ptr, s_ptr, w_ptr, bias_ptr, dc_ptr, part_ptr, H, W, HID, n_w
     # dbias: summed over the strip's tokens elementwise, reduced over its columns once at the end
     db_a = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     db_g = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    xa0, xa1, xa2 = _rows3(s_ptr, b, r0 - 1, j, c, jmask, cmask, H, W, C2)
+    xg0, xg1, xg2 = _rows3(s_ptr + HID, b, r0 - 1, j, c, jmask, cmask, H, W, C2)
+    if BACKWARD:
+        d = _load(dout_ptr, b, r0 - 2, j, c, jmask, cmask, r0, r1, H, W, HID, 0)  # zeros: row r0 - 2 is not ours
     for r in range(r0 - 1, r1 + 1):
-        da, ca, na = _conv_rows(s_ptr, w_ptr, b, r, j, c, jmask, cmask, H, W, C2, pa, ca)
-        dg, cg, ng = _conv_rows(s_ptr + HID, w_ptr + HID, b, r, j, c, jmask, cmask, H, W, C2, pg, cg)
+        if PREFETCH:
+            ya0, ya1, ya2 = _rows3(s_ptr, b, r + 1, j, c, jmask, cmask, H, W, C2)
+            yg0, yg1, yg2 = _rows3(s_ptr + HID, b, r + 1, j, c, jmask, cmask, H, W, C2)
+            if BACKWARD:
+                dn = _load(dout_ptr, b, r, j, c, jmask, cmask, r0, r1, H, W, HID, 0)
+        da, ca, na = _feed(xa0, xa1, xa2, w_ptr, c, cmask, C2, pa, ca)
+        dg, cg, ng = _feed(xg0, xg1, xg2, w_ptr + HID, c, cmask, C2, pg, cg)
         a = da + bias_a[None, :]
         g = dg + bias_g[None, :]
-        ro = r - 1
+        sg = tl.sigmoid(g)
+        ro = r - 1  # the output row completed by input row r
         tok = (b * H + ro) * W + j
         mask = (jmask & (ro >= r0))[:, None] & cmask[None, :]
-        d = tl.load(dout_ptr + tok[:, None] * HID + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        sg = tl.sigmoid(g)
-        grad_a = d * g * sg  # zero where the row is not this program's (d = 0 there)
-        grad_g = d * a * sg * (1.0 + g * (1.0 - sg))
-        offs = tok[:, None] * C2 + c[None, :]
-        tl.store(dc_ptr + offs, grad_a.to(dc_ptr.dtype.element_ty), mask=mask)
-        tl.store(dc_ptr + HID + offs, grad_g.to(dc_ptr.dtype.element_ty), mask=mask)
-        db_a += grad_a
-        db_g += grad_g
+        if BACKWARD:
+            df = d.to(tl.float32)  # zero where the row is not this program's
+            grad_a = df * g * sg
+            grad_g = df * a * sg * (1.0 + g * (1.0 - sg))
+            offs = tok[:, None] * C2 + c[None, :]
+            tl.store(out_ptr + offs, grad_a.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + HID + offs, grad_g.to(out_ptr.dtype.element_ty), mask=mask)
+            db_a += grad_a
+            db_g += grad_g
+        else:
+            tl.store(out_ptr + tok[:, None] * HID + c[None, :], (a * g * sg).to(out_ptr.dtype.element_ty),
+                     mask=mask)
+        if not PREFETCH:
+            ya0, ya1, ya2 = _rows3(s_ptr, b, r + 1, j, c, jmask, cmask, H, W, C2)
+            yg0, yg1, yg2 = _rows3(s_ptr + HID, b, r + 1, j, c, jmask, cmask, H, W, C2)
+            if BACKWARD:
+                dn = _load(dout_ptr, b, r, j, c, jmask, cmask, r0, r1, H, W, HID, 0)
+        xa0, xa1, xa2, xg0, xg1, xg2 = ya0, ya1, ya2, yg0, yg1, yg2
+        if BACKWARD:
+            d = dn
         pa, ca, pg, cg = ca, na, cg, ng
-    part = part_ptr + tl.program_id(1).to(tl.int64) * C2
-    tl.store(part + c, tl.sum(db_a, axis=0), mask=cmask)
-    tl.store(part + HID + c, tl.sum(db_g, axis=0), mask=cmask)
+    if BACKWARD:
+        part = part_ptr + tl.program_id(1).to(tl.int64) * C2
+        tl.store(part + c, tl.sum(db_a, axis=0), mask=cmask)
+        tl.store(part + HID + c, tl.sum(db_g, axis=0), mask=cmask)
 
 
 @triton.jit
 def _bwd_input(dc_ptr, u_ptr, s_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, band,
-               BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+               BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr):
     """The transposed conv: s[q] receives dc[q - off_k] * w[k] for the nine offsets off_k = (di, dj), so a
     loaded row r of dc (at columns j - dj) feeds ds at rows r + di; w[k] receives dc[q - off_k] * s[q], the
     same loads against the window of s rows r-1, r, r+1 (only this program's rows, so that every pair is
-    counted by exactly one program)."""
+    counted by exactly one program). PREFETCH as in _conv_glu."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C2
     b, j, r0, r1 = _strip(H, W, n_wseg, band, BLOCK_W)
@@ -190,11 +197,18 @@ def _bwd_input(dc_ptr, u_ptr, s_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, 
     w6 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     w7 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     w8 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    # the loads of a step r: dc row r (lm = dc[r, j + 1] is dj = -1, lp = dc[r, j - 1] is dj = +1), s row r + 1
+    # and u row r - 1, both only within the band
+    xp, x0, xm = _rows3(dc_ptr, b, r0 - 1, j, c, jmask, cmask, H, W, C2)
+    xs = _load(s_ptr, b, r0, j, c, jmask, cmask, r0, r1, H, W, C2, 0)
+    xu = _load(u_ptr, b, r0 - 2, j, c, jmask, cmask, r0, r1, H, W, C2, 0)  # zeros
     for r in range(r0 - 1, r1 + 1):
-        lm = _row(dc_ptr, b, r, j, c, jmask, cmask, 0, H, H, W, C2, 1)  # dc[r, j + 1]: dj = -1
-        l0 = _row(dc_ptr, b, r, j, c, jmask, cmask, 0, H, H, W, C2, 0)
-        lp = _row(dc_ptr, b, r, j, c, jmask, cmask, 0, H, H, W, C2, -1)  # dc[r, j - 1]: dj = +1
-        snext = _row(s_ptr, b, r + 1, j, c, jmask, cmask, r0, r1, H, W, C2, 0)
+        if PREFETCH:
+            yp, y0, ym = _rows3(dc_ptr, b, r + 1, j, c, jmask, cmask, H, W, C2)
+            ys = _load(s_ptr, b, r + 2, j, c, jmask, cmask, r0, r1, H, W, C2, 0)
+            yu = _load(u_ptr, b, r, j, c, jmask, cmask, r0, r1, H, W, C2, 0)
+        lm, l0, lp = xm.to(tl.float32), x0.to(tl.float32), xp.to(tl.float32)
+        snext = xs.to(tl.float32)
         # kernel row 0 (di = -1) -> ds row r - 1, row 1 -> r, row 2 -> r + 1
         done = dp + _mix(lm, l0, lp, w_ptr, c, cmask, C2, 0)
         dcur = dcur + _mix(lm, l0, lp, w_ptr, c, cmask, C2, 1)
@@ -212,9 +226,14 @@ def _bwd_input(dc_ptr, u_ptr, s_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, 
         tok = (b * H + ro) * W + j
         mask = (jmask & (ro >= r0))[:, None] & cmask[None, :]
         offs = tok[:, None] * C2 + c[None, :]
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = xu.to(tl.float32)
         su = tl.sigmoid(u)
         tl.store(du_ptr + offs, (done * su * (1.0 + u * (1.0 - su))).to(du_ptr.dtype.element_ty), mask=mask)
+        if not PREFETCH:
+            yp, y0, ym = _rows3(dc_ptr, b, r + 1, j, c, jmask, cmask, H, W, C2)
+            ys = _load(s_ptr, b, r + 2, j, c, jmask, cmask, r0, r1, H, W, C2, 0)
+            yu = _load(u_ptr, b, r, j, c, jmask, cmask, r0, r1, H, W, C2, 0)
+        xp, x0, xm, xs, xu = yp, y0, ym, ys, yu
         dp, dcur = dcur, dnext
         sp, scur = scur, snext
     part = part_ptr + tl.program_id(1).to(tl.int64) * 9 * C2 + c
@@ -229,8 +248,7 @@ def _bwd_input(dc_ptr, u_ptr, s_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, 
     tl.store(part + 8 * C2, tl.sum(w8, axis=0), mask=cmask)
 
 
-_fwd_launch = Launcher(_fwd)
-_bwd_conv_launch = Launcher(_bwd_conv)
+_conv_glu_launch = Launcher(_conv_glu)
 _bwd_input_launch = Launcher(_bwd_input)
 
 
@@ -243,7 +261,7 @@ def _plan(B: int, H: int, W: int, channels: int, cfg: dict, device: int) -> dict
     band = cdiv(H, min(H, max(1, want)))
     strips = B * n_wseg * cdiv(H, band)
     return dict(grid=(c_blocks, strips), strips=strips, scalars=(n_wseg, band),
-                consts=(block_w, cfg["BLOCK_C"]),
+                consts=(block_w, cfg["BLOCK_C"]), prefetch=bool(cfg["PREFETCH"]),
                 options=(("num_warps", cfg["num_warps"]), ("num_stages", cfg["num_stages"])))
 
 
@@ -265,8 +283,9 @@ def _depthwise_glu_op(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     s = F.silu(u.contiguous())  # once an element (the kernel reads it at three taps), rounded like the reference
     if out.numel():
         plan = _plan(B, H, W, HID, CONFIG["fwd"], device_index(u))
-        _fwd_launch(plan["grid"], device_index(u), (s, wt, bias, out), (H, W, HID, *plan["scalars"]),
-                    plan["consts"], plan["options"])
+        # dout and the partial sums are backward's (never touched here)
+        _conv_glu_launch(plan["grid"], device_index(u), (s, wt, bias, s, out, s), (H, W, HID, *plan["scalars"]),
+                         (*plan["consts"], False, plan["prefetch"]), plan["options"])
     return out, s
 
 
@@ -291,10 +310,10 @@ def _depthwise_glu_backward_op(dout: torch.Tensor, u: torch.Tensor, s: torch.Ten
     dweight = u.new_zeros((inp["strips"], 9, C2), dtype=torch.float32)
     if u.numel():
         dc = torch.empty_like(u)
-        _bwd_conv_launch(conv["grid"], dev, (dout, s, wt, bias, dc, dbias), (H, W, HID, *conv["scalars"]),
-                         conv["consts"], conv["options"])
+        _conv_glu_launch(conv["grid"], dev, (s, wt, bias, dout, dc, dbias), (H, W, HID, *conv["scalars"]),
+                         (*conv["consts"], True, conv["prefetch"]), conv["options"])
         _bwd_input_launch(inp["grid"], dev, (dc, u, s, wt, du, dweight), (H, W, C2, *inp["scalars"]),
-                          inp["consts"], inp["options"])
+                          (*inp["consts"], inp["prefetch"]), inp["options"])
     return du, dweight.sum(0).t().reshape(C2, 1, 3, 3).contiguous(), dbias.sum(0)
 
 
