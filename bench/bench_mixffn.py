@@ -170,17 +170,22 @@ def main():
             for combo in itertools.product(*grid.values()):
                 key = "{}x{}w{}p{}".format(*combo)
                 tm.CONFIG[name] = dict(keep, **dict(zip(grid, combo)))
+                launcher = tm._bwd_input_launch if name == "bwd_input" else tm._conv_glu_launch
+                launcher.kernels.clear()
                 try:
                     ms = _time(kernels[name][0], 10)
                 except (OutOfResources, RuntimeError) as e:  # a config the compiler refuses (registers, shared memory)
                     sweep[name][key] = dict(error=type(e).__name__)
                     continue
                 errs = {k: v for k, v in _errors(got, ref).items() if k in KERNEL_OUTPUTS[name]}
-                sweep[name][key] = dict(ms=ms, rel_err=errs, ok=all(v <= TOLERANCE for v in errs.values()))
+                compiled = next(iter(launcher.kernels.values()), None)  # what ran: its registers and spills
+                sweep[name][key] = dict(ms=ms, rel_err=errs, ok=all(v <= TOLERANCE for v in errs.values()),
+                                        regs=getattr(compiled, "n_regs", None), spills=getattr(compiled, "n_spills", None))
             tm.CONFIG[name] = keep
             good = [(v["ms"], k) for k, v in sweep[name].items() if v.get("ok")]
             print(f"sweep {name}: best {min(good)[1] if good else None} {min(good)[0] if good else 0:.3f} ms; "
-                  + ", ".join(f"{k} {v['ms']:.3f}{'' if v['ok'] else ' WRONG'}" if "ms" in v else f"{k} {v['error']}"
+                  + ", ".join(f"{k} {v['ms']:.3f} (r{v['regs']}/s{v['spills']}){'' if v['ok'] else ' WRONG'}"
+                              if "ms" in v else f"{k} {v['error']}"
                               for k, v in sweep[name].items()))
         result["sweep"] = sweep
     out = Path(args.out)

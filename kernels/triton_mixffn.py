@@ -51,35 +51,52 @@ CONFIG = {
 
 
 @triton.jit
-def _load(ptr, b, r, j, c, jmask, cmask, lo, hi, H, W, stride, DJ: tl.constexpr):
-    """Row r of image b at columns j + DJ, channels c (`stride` channels a token), in the tensor's dtype; zero
-    outside rows [lo, hi) and outside the image."""
-    jj = j + DJ
-    ok = jmask & (jj >= 0) & (jj < W) & (r >= lo) & (r < hi)
-    tok = (b * H + r) * W + jj  # b is int64: no overflow at large batches
-    return tl.load(ptr + tok[:, None] * stride + c[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
+def _tile(j, c, jmask, cmask, W, stride):
+    """Offsets within an image row of a (BLOCK_W, BLOCK_C) tile (`stride` channels a token), computed once a
+    program, and the masks of its three horizontal shifts (columns j-1, j, j+1; zero outside the image).
+    Every load is then a row pointer (one scalar an iteration) plus these: per-element 64-bit index arithmetic
+    at each load was most of the kernels' instructions."""
+    offs = j[:, None] * stride + c[None, :]
+    cm = cmask[None, :]
+    return (offs, (jmask & (j >= 1))[:, None] & cm, jmask[:, None] & cm, (jmask & (j + 1 < W))[:, None] & cm)
 
 
 @triton.jit
-def _rows3(ptr, b, r, j, c, jmask, cmask, H, W, stride):
-    """Row r at the three horizontal shifts a kernel row reads (columns j-1, j, j+1), zero outside the image:
-    the loads of one window step, issued an iteration ahead when prefetching."""
-    return (_load(ptr, b, r, j, c, jmask, cmask, 0, H, H, W, stride, -1),
-            _load(ptr, b, r, j, c, jmask, cmask, 0, H, H, W, stride, 0),
-            _load(ptr, b, r, j, c, jmask, cmask, 0, H, H, W, stride, 1))
+def _rowp(ptr, b, r, H, W, stride):
+    """Pointer to the first channel of row r of image b (int64: no overflow at large batches)."""
+    return ptr + ((b * H + r) * W).to(tl.int64) * stride
 
 
 @triton.jit
-def _mix(l0, l1, l2, wt_ptr, c, cmask, C2, KI: tl.constexpr):
-    """Kernel row KI of the depthwise 3x3 applied to three horizontal shifts l0, l1, l2 (columns j-1, j, j+1),
-    in float32. wt is the weight transposed to (9, C2): a tap's weights for a block of channels are one
-    contiguous load (the (C2, 9) layout made each a 36-byte-strided gather, the kernels' largest cost)."""
-    w = wt_ptr + KI * 3 * C2 + c
-    w0 = tl.load(w, mask=cmask, other=0.0).to(tl.float32)
-    w1 = tl.load(w + C2, mask=cmask, other=0.0).to(tl.float32)
-    w2 = tl.load(w + 2 * C2, mask=cmask, other=0.0).to(tl.float32)
-    return (l0.to(tl.float32) * w0[None, :] + l1.to(tl.float32) * w1[None, :]
-            + l2.to(tl.float32) * w2[None, :])
+def _rows3(ptr, b, r, ok, offs, m_l, m_c, m_r, H, W, stride):
+    """Row r at the three horizontal shifts a kernel row reads, zero where not `ok` (a row outside the image or
+    band) or outside the image: the loads of one window step, in the tensor's dtype."""
+    p = _rowp(ptr, b, r, H, W, stride) + offs
+    return (tl.load(p - stride, mask=m_l & ok, other=0.0), tl.load(p, mask=m_c & ok, other=0.0),
+            tl.load(p + stride, mask=m_r & ok, other=0.0))
+
+
+@triton.jit
+def _taps(wt_ptr, c, cmask, C2):
+    """The nine taps' weights of channels c, float32. wt is the weight transposed to (9, C2): a tap's weights
+    for a block of channels are one contiguous load (the (C2, 9) layout made each a 36-byte-strided gather)."""
+    w = wt_ptr + c
+    return (tl.load(w, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + C2, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + 2 * C2, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + 3 * C2, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + 4 * C2, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + 5 * C2, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + 6 * C2, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + 7 * C2, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + 8 * C2, mask=cmask, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _mix(l0, l1, l2, k0, k1, k2):
+    """One kernel row (taps k0, k1, k2) applied to three horizontal shifts l0, l1, l2 (columns j-1, j, j+1)."""
+    return (l0.to(tl.float32) * k0[None, :] + l1.to(tl.float32) * k1[None, :]
+            + l2.to(tl.float32) * k2[None, :])
 
 
 @triton.jit
@@ -96,13 +113,10 @@ def _strip(H, W, n_wseg, band, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
-def _feed(l0, l1, l2, w_ptr, c, cmask, C2, acc_p, acc_c):
-    """Feed input row r (three shifts) into the window: -> (row r-1 complete, row r, row r+1 started)."""
-    # an input row r feeds output row r - di through kernel row di + 1
-    done = acc_p + _mix(l0, l1, l2, w_ptr, c, cmask, C2, 2)
-    cur = acc_c + _mix(l0, l1, l2, w_ptr, c, cmask, C2, 1)
-    nxt = _mix(l0, l1, l2, w_ptr, c, cmask, C2, 0)
-    return done, cur, nxt
+def _feed(l0, l1, l2, k0, k1, k2, k3, k4, k5, k6, k7, k8, acc_p, acc_c):
+    """Feed input row r (three shifts) into the window: -> (row r-1 complete, row r, row r+1 started); an input
+    row r feeds output row r - di through kernel row di + 1."""
+    return (acc_p + _mix(l0, l1, l2, k6, k7, k8), acc_c + _mix(l0, l1, l2, k3, k4, k5), _mix(l0, l1, l2, k0, k1, k2))
 
 
 @triton.jit
@@ -111,13 +125,16 @@ def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_
     """a = conv(s_a) + bias_a, g = conv(s_g) + bias_g over this program's rows, then
     forward (BACKWARD False): out = a * silu(g), (B*N, HID);
     backward: dc = (da, dg) from dout into out (B*N, 2*HID), and this program's partial dbias row.
-    PREFETCH: the next row's loads are issued before this row's arithmetic and stores (a program's row steps
-    otherwise each wait out a full memory latency: the kernel is latency-bound, not bandwidth-bound)."""
+    PREFETCH: the next row's loads are issued before this row's arithmetic and stores."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < HID
     b, j, r0, r1 = _strip(H, W, n_wseg, band, BLOCK_W)
     jmask = j < W
     C2 = 2 * HID
+    offs, m_l, m_c, m_r = _tile(j, c, jmask, cmask, W, C2)  # s and dc: 2*HID channels a token
+    offs_o = j[:, None] * HID + c[None, :]  # out and dout: HID
+    a0, a1, a2, a3, a4, a5, a6, a7, a8 = _taps(w_ptr, c, cmask, C2)
+    g0, g1, g2, g3, g4, g5, g6, g7, g8 = _taps(w_ptr + HID, c, cmask, C2)
     bias_a = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     bias_g = tl.load(bias_ptr + HID + c, mask=cmask, other=0.0).to(tl.float32)
     pa = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
@@ -127,41 +144,39 @@ def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_
     # dbias: summed over the strip's tokens elementwise, reduced over its columns once at the end
     db_a = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     db_g = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    xa0, xa1, xa2 = _rows3(s_ptr, b, r0 - 1, j, c, jmask, cmask, H, W, C2)
-    xg0, xg1, xg2 = _rows3(s_ptr + HID, b, r0 - 1, j, c, jmask, cmask, H, W, C2)
+    xa0, xa1, xa2 = _rows3(s_ptr, b, r0 - 1, r0 >= 1, offs, m_l, m_c, m_r, H, W, C2)
+    xg0, xg1, xg2 = _rows3(s_ptr + HID, b, r0 - 1, r0 >= 1, offs, m_l, m_c, m_r, H, W, C2)
     if BACKWARD:
-        d = _load(dout_ptr, b, r0 - 2, j, c, jmask, cmask, r0, r1, H, W, HID, 0)  # zeros: row r0 - 2 is not ours
+        d = tl.zeros((BLOCK_W, BLOCK_C), dtype=dout_ptr.dtype.element_ty)  # row r0 - 2 is not this program's
     for r in range(r0 - 1, r1 + 1):
         if PREFETCH:
-            ya0, ya1, ya2 = _rows3(s_ptr, b, r + 1, j, c, jmask, cmask, H, W, C2)
-            yg0, yg1, yg2 = _rows3(s_ptr + HID, b, r + 1, j, c, jmask, cmask, H, W, C2)
+            ya0, ya1, ya2 = _rows3(s_ptr, b, r + 1, r + 1 < H, offs, m_l, m_c, m_r, H, W, C2)
+            yg0, yg1, yg2 = _rows3(s_ptr + HID, b, r + 1, r + 1 < H, offs, m_l, m_c, m_r, H, W, C2)
             if BACKWARD:
-                dn = _load(dout_ptr, b, r, j, c, jmask, cmask, r0, r1, H, W, HID, 0)
-        da, ca, na = _feed(xa0, xa1, xa2, w_ptr, c, cmask, C2, pa, ca)
-        dg, cg, ng = _feed(xg0, xg1, xg2, w_ptr + HID, c, cmask, C2, pg, cg)
+                dn = tl.load(_rowp(dout_ptr, b, r, H, W, HID) + offs_o, mask=m_c & (r >= r0) & (r < r1), other=0.0)
+        da, ca, na = _feed(xa0, xa1, xa2, a0, a1, a2, a3, a4, a5, a6, a7, a8, pa, ca)
+        dg, cg, ng = _feed(xg0, xg1, xg2, g0, g1, g2, g3, g4, g5, g6, g7, g8, pg, cg)
         a = da + bias_a[None, :]
         g = dg + bias_g[None, :]
         sg = tl.sigmoid(g)
         ro = r - 1  # the output row completed by input row r
-        tok = (b * H + ro) * W + j
-        mask = (jmask & (ro >= r0))[:, None] & cmask[None, :]
+        mask = m_c & (ro >= r0)
         if BACKWARD:
             df = d.to(tl.float32)  # zero where the row is not this program's
             grad_a = df * g * sg
             grad_g = df * a * sg * (1.0 + g * (1.0 - sg))
-            offs = tok[:, None] * C2 + c[None, :]
-            tl.store(out_ptr + offs, grad_a.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.store(out_ptr + HID + offs, grad_g.to(out_ptr.dtype.element_ty), mask=mask)
+            p = _rowp(out_ptr, b, ro, H, W, C2) + offs
+            tl.store(p, grad_a.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(p + HID, grad_g.to(out_ptr.dtype.element_ty), mask=mask)
             db_a += grad_a
             db_g += grad_g
         else:
-            tl.store(out_ptr + tok[:, None] * HID + c[None, :], (a * g * sg).to(out_ptr.dtype.element_ty),
-                     mask=mask)
+            tl.store(_rowp(out_ptr, b, ro, H, W, HID) + offs_o, (a * g * sg).to(out_ptr.dtype.element_ty), mask=mask)
         if not PREFETCH:
-            ya0, ya1, ya2 = _rows3(s_ptr, b, r + 1, j, c, jmask, cmask, H, W, C2)
-            yg0, yg1, yg2 = _rows3(s_ptr + HID, b, r + 1, j, c, jmask, cmask, H, W, C2)
+            ya0, ya1, ya2 = _rows3(s_ptr, b, r + 1, r + 1 < H, offs, m_l, m_c, m_r, H, W, C2)
+            yg0, yg1, yg2 = _rows3(s_ptr + HID, b, r + 1, r + 1 < H, offs, m_l, m_c, m_r, H, W, C2)
             if BACKWARD:
-                dn = _load(dout_ptr, b, r, j, c, jmask, cmask, r0, r1, H, W, HID, 0)
+                dn = tl.load(_rowp(dout_ptr, b, r, H, W, HID) + offs_o, mask=m_c & (r >= r0) & (r < r1), other=0.0)
         xa0, xa1, xa2, xg0, xg1, xg2 = ya0, ya1, ya2, yg0, yg1, yg2
         if BACKWARD:
             d = dn
@@ -183,6 +198,8 @@ def _bwd_input(dc_ptr, u_ptr, s_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, 
     cmask = c < C2
     b, j, r0, r1 = _strip(H, W, n_wseg, band, BLOCK_W)
     jmask = j < W
+    offs, m_l, m_c, m_r = _tile(j, c, jmask, cmask, W, C2)
+    k0, k1, k2, k3, k4, k5, k6, k7, k8 = _taps(w_ptr, c, cmask, C2)
     dp = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # ds of rows r-1, r
     dcur = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     sp = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # s of rows r-1, r (zero outside the band)
@@ -199,20 +216,20 @@ def _bwd_input(dc_ptr, u_ptr, s_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, 
     w8 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     # the loads of a step r: dc row r (lm = dc[r, j + 1] is dj = -1, lp = dc[r, j - 1] is dj = +1), s row r + 1
     # and u row r - 1, both only within the band
-    xp, x0, xm = _rows3(dc_ptr, b, r0 - 1, j, c, jmask, cmask, H, W, C2)
-    xs = _load(s_ptr, b, r0, j, c, jmask, cmask, r0, r1, H, W, C2, 0)
-    xu = _load(u_ptr, b, r0 - 2, j, c, jmask, cmask, r0, r1, H, W, C2, 0)  # zeros
+    xp, x0, xm = _rows3(dc_ptr, b, r0 - 1, r0 >= 1, offs, m_l, m_c, m_r, H, W, C2)
+    xs = tl.load(_rowp(s_ptr, b, r0, H, W, C2) + offs, mask=m_c, other=0.0)
+    xu = tl.zeros((BLOCK_W, BLOCK_C), dtype=u_ptr.dtype.element_ty)  # row r0 - 2 is not this program's
     for r in range(r0 - 1, r1 + 1):
         if PREFETCH:
-            yp, y0, ym = _rows3(dc_ptr, b, r + 1, j, c, jmask, cmask, H, W, C2)
-            ys = _load(s_ptr, b, r + 2, j, c, jmask, cmask, r0, r1, H, W, C2, 0)
-            yu = _load(u_ptr, b, r, j, c, jmask, cmask, r0, r1, H, W, C2, 0)
+            yp, y0, ym = _rows3(dc_ptr, b, r + 1, r + 1 < H, offs, m_l, m_c, m_r, H, W, C2)
+            ys = tl.load(_rowp(s_ptr, b, r + 2, H, W, C2) + offs, mask=m_c & (r + 2 < r1), other=0.0)
+            yu = tl.load(_rowp(u_ptr, b, r, H, W, C2) + offs, mask=m_c & (r >= r0) & (r < r1), other=0.0)
         lm, l0, lp = xm.to(tl.float32), x0.to(tl.float32), xp.to(tl.float32)
         snext = xs.to(tl.float32)
         # kernel row 0 (di = -1) -> ds row r - 1, row 1 -> r, row 2 -> r + 1
-        done = dp + _mix(lm, l0, lp, w_ptr, c, cmask, C2, 0)
-        dcur = dcur + _mix(lm, l0, lp, w_ptr, c, cmask, C2, 1)
-        dnext = _mix(lm, l0, lp, w_ptr, c, cmask, C2, 2)
+        done = dp + _mix(lm, l0, lp, k0, k1, k2)
+        dcur = dcur + _mix(lm, l0, lp, k3, k4, k5)
+        dnext = _mix(lm, l0, lp, k6, k7, k8)
         w0 += lm * sp
         w1 += l0 * sp
         w2 += lp * sp
@@ -222,17 +239,14 @@ def _bwd_input(dc_ptr, u_ptr, s_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, 
         w6 += lm * snext
         w7 += l0 * snext
         w8 += lp * snext
-        ro = r - 1
-        tok = (b * H + ro) * W + j
-        mask = (jmask & (ro >= r0))[:, None] & cmask[None, :]
-        offs = tok[:, None] * C2 + c[None, :]
         u = xu.to(tl.float32)
         su = tl.sigmoid(u)
-        tl.store(du_ptr + offs, (done * su * (1.0 + u * (1.0 - su))).to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(_rowp(du_ptr, b, r - 1, H, W, C2) + offs,
+                 (done * su * (1.0 + u * (1.0 - su))).to(du_ptr.dtype.element_ty), mask=m_c & (r - 1 >= r0))
         if not PREFETCH:
-            yp, y0, ym = _rows3(dc_ptr, b, r + 1, j, c, jmask, cmask, H, W, C2)
-            ys = _load(s_ptr, b, r + 2, j, c, jmask, cmask, r0, r1, H, W, C2, 0)
-            yu = _load(u_ptr, b, r, j, c, jmask, cmask, r0, r1, H, W, C2, 0)
+            yp, y0, ym = _rows3(dc_ptr, b, r + 1, r + 1 < H, offs, m_l, m_c, m_r, H, W, C2)
+            ys = tl.load(_rowp(s_ptr, b, r + 2, H, W, C2) + offs, mask=m_c & (r + 2 < r1), other=0.0)
+            yu = tl.load(_rowp(u_ptr, b, r, H, W, C2) + offs, mask=m_c & (r >= r0) & (r < r1), other=0.0)
         xp, x0, xm, xs, xu = yp, y0, ym, ys, yu
         dp, dcur = dcur, dnext
         sp, scur = scur, snext
