@@ -54,19 +54,19 @@ def _kernels(u, s, w, bias, dout, dc_in, H, W):
     def fwd():
         p = tm._plan(B, H, W, HID, tm.CONFIG["fwd"], dev)
         tm._conv_glu_launch(p["grid"], dev, (s, wt, bias, s, got["out"], s), (H, W, HID, *p["scalars"]),
-                            (*p["consts"], False, p["prefetch"]), p["options"])
+                            (*p["consts"], False, *p["flags"]), p["options"])
 
     def bwd_conv():
         p = tm._plan(B, H, W, HID, tm.CONFIG["bwd_conv"], dev)
         got["dbias"] = u.new_empty((p["strips"], C2), dtype=torch.float32)
         tm._conv_glu_launch(p["grid"], dev, (s, wt, bias, dout, got["dc"], got["dbias"]),
-                            (H, W, HID, *p["scalars"]), (*p["consts"], True, p["prefetch"]), p["options"])
+                            (H, W, HID, *p["scalars"]), (*p["consts"], True, *p["flags"]), p["options"])
 
     def bwd_input():  # reads the reference dc, so that its check does not depend on bwd_conv
         p = tm._plan(B, H, W, C2, tm.CONFIG["bwd_input"], dev)
         got["dweight"] = u.new_empty((p["strips"], 9, C2), dtype=torch.float32)
         tm._bwd_input_launch(p["grid"], dev, (dc_in, u, s, wt, got["du"], got["dweight"]),
-                             (H, W, C2, *p["scalars"]), (*p["consts"], p["prefetch"]), p["options"])
+                             (H, W, C2, *p["scalars"]), (*p["consts"], *p["flags"]), p["options"])
 
     return {"fwd": (fwd, n + n // 2), "bwd_conv": (bwd_conv, n + n // 2 + n), "bwd_input": (bwd_input, 4 * n)}, got
 
@@ -162,13 +162,13 @@ def main():
         print(f"WRONG RESULTS (relative error > {TOLERANCE}) from: {wrong}")
 
     if args.sweep:
-        grid = {"BLOCK_W": (16, 32), "BLOCK_C": (32, 64, 128), "num_warps": (4, 8), "PREFETCH": (0, 1)}
+        grid = {"BLOCK_W": (16, 32), "BLOCK_C": (32, 64), "num_warps": (4, 8), "PREFETCH": (0, 1), "HOIST": (0, 1)}
         sweep = {}
         for name in kernels:
             keep = dict(tm.CONFIG[name])
             sweep[name] = {}
             for combo in itertools.product(*grid.values()):
-                key = "{}x{}w{}p{}".format(*combo)
+                key = "{}x{}w{}p{}h{}".format(*combo)
                 tm.CONFIG[name] = dict(keep, **dict(zip(grid, combo)))
                 launcher = tm._bwd_input_launch if name == "bwd_input" else tm._conv_glu_launch
                 launcher.kernels.clear()

@@ -44,9 +44,9 @@ from kernels.launch import (
 # The best of a checked sweep on the H200 at Sana-0.6B's batch-16 shape (`python bench/bench_mixffn.py --sweep`,
 # bench/results/mixffn_h200.json): forward 0.27 ms, backward 0.38 + 0.52 ms a block.
 CONFIG = {
-    "fwd": {"BLOCK_W": 16, "BLOCK_C": 32, "num_warps": 4, "num_stages": 3, "PROGRAMS_PER_SM": 4, "PREFETCH": 1},
-    "bwd_conv": {"BLOCK_W": 32, "BLOCK_C": 64, "num_warps": 4, "num_stages": 1, "PROGRAMS_PER_SM": 4, "PREFETCH": 1},
-    "bwd_input": {"BLOCK_W": 32, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1, "PROGRAMS_PER_SM": 4, "PREFETCH": 1},
+    "fwd": {"BLOCK_W": 16, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "PROGRAMS_PER_SM": 4, "PREFETCH": 1, "HOIST": 1},
+    "bwd_conv": {"BLOCK_W": 16, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1, "PROGRAMS_PER_SM": 4, "PREFETCH": 0, "HOIST": 1},
+    "bwd_input": {"BLOCK_W": 16, "BLOCK_C": 64, "num_warps": 4, "num_stages": 1, "PROGRAMS_PER_SM": 4, "PREFETCH": 1, "HOIST": 1},
 }
 
 
@@ -121,11 +121,14 @@ def _feed(l0, l1, l2, k0, k1, k2, k3, k4, k5, k6, k7, k8, acc_p, acc_c):
 
 @triton.jit
 def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_wseg, band,
-              BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BACKWARD: tl.constexpr, PREFETCH: tl.constexpr):
+              BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BACKWARD: tl.constexpr, PREFETCH: tl.constexpr,
+              HOIST: tl.constexpr):
     """a = conv(s_a) + bias_a, g = conv(s_g) + bias_g over this program's rows, then
     forward (BACKWARD False): out = a * silu(g), (B*N, HID);
     backward: dc = (da, dg) from dout into out (B*N, 2*HID), and this program's partial dbias row.
-    PREFETCH: the next row's loads are issued before this row's arithmetic and stores."""
+    PREFETCH: the next row's loads are issued before this row's arithmetic and stores. HOIST: the 18 tap weights
+    are loaded once a program (in registers: a thread holds 8 channels of a token, so 144 registers) rather
+    than from L1 each row; which pays depends on the tile (registers decide how many programs an SM holds)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < HID
     b, j, r0, r1 = _strip(H, W, n_wseg, band, BLOCK_W)
@@ -133,8 +136,9 @@ def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_
     C2 = 2 * HID
     offs, m_l, m_c, m_r = _tile(j, c, jmask, cmask, W, C2)  # s and dc: 2*HID channels a token
     offs_o = j[:, None] * HID + c[None, :]  # out and dout: HID
-    a0, a1, a2, a3, a4, a5, a6, a7, a8 = _taps(w_ptr, c, cmask, C2)
-    g0, g1, g2, g3, g4, g5, g6, g7, g8 = _taps(w_ptr + HID, c, cmask, C2)
+    if HOIST:
+        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _taps(w_ptr, c, cmask, C2)
+        g0, g1, g2, g3, g4, g5, g6, g7, g8 = _taps(w_ptr + HID, c, cmask, C2)
     bias_a = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     bias_g = tl.load(bias_ptr + HID + c, mask=cmask, other=0.0).to(tl.float32)
     pa = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
@@ -154,6 +158,9 @@ def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_
             yg0, yg1, yg2 = _rows3(s_ptr + HID, b, r + 1, r + 1 < H, offs, m_l, m_c, m_r, H, W, C2)
             if BACKWARD:
                 dn = tl.load(_rowp(dout_ptr, b, r, H, W, HID) + offs_o, mask=m_c & (r >= r0) & (r < r1), other=0.0)
+        if not HOIST:
+            a0, a1, a2, a3, a4, a5, a6, a7, a8 = _taps(w_ptr, c, cmask, C2)
+            g0, g1, g2, g3, g4, g5, g6, g7, g8 = _taps(w_ptr + HID, c, cmask, C2)
         da, ca, na = _feed(xa0, xa1, xa2, a0, a1, a2, a3, a4, a5, a6, a7, a8, pa, ca)
         dg, cg, ng = _feed(xg0, xg1, xg2, g0, g1, g2, g3, g4, g5, g6, g7, g8, pg, cg)
         a = da + bias_a[None, :]
@@ -189,17 +196,18 @@ def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_
 
 @triton.jit
 def _bwd_input(dc_ptr, u_ptr, s_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, band,
-               BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr):
+               BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr, HOIST: tl.constexpr):
     """The transposed conv: s[q] receives dc[q - off_k] * w[k] for the nine offsets off_k = (di, dj), so a
     loaded row r of dc (at columns j - dj) feeds ds at rows r + di; w[k] receives dc[q - off_k] * s[q], the
     same loads against the window of s rows r-1, r, r+1 (only this program's rows, so that every pair is
-    counted by exactly one program). PREFETCH as in _conv_glu."""
+    counted by exactly one program). PREFETCH and HOIST as in _conv_glu."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C2
     b, j, r0, r1 = _strip(H, W, n_wseg, band, BLOCK_W)
     jmask = j < W
     offs, m_l, m_c, m_r = _tile(j, c, jmask, cmask, W, C2)
-    k0, k1, k2, k3, k4, k5, k6, k7, k8 = _taps(w_ptr, c, cmask, C2)
+    if HOIST:
+        k0, k1, k2, k3, k4, k5, k6, k7, k8 = _taps(w_ptr, c, cmask, C2)
     dp = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # ds of rows r-1, r
     dcur = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     sp = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # s of rows r-1, r (zero outside the band)
@@ -224,6 +232,8 @@ def _bwd_input(dc_ptr, u_ptr, s_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, 
             yp, y0, ym = _rows3(dc_ptr, b, r + 1, r + 1 < H, offs, m_l, m_c, m_r, H, W, C2)
             ys = tl.load(_rowp(s_ptr, b, r + 2, H, W, C2) + offs, mask=m_c & (r + 2 < r1), other=0.0)
             yu = tl.load(_rowp(u_ptr, b, r, H, W, C2) + offs, mask=m_c & (r >= r0) & (r < r1), other=0.0)
+        if not HOIST:
+            k0, k1, k2, k3, k4, k5, k6, k7, k8 = _taps(w_ptr, c, cmask, C2)
         lm, l0, lp = xm.to(tl.float32), x0.to(tl.float32), xp.to(tl.float32)
         snext = xs.to(tl.float32)
         # kernel row 0 (di = -1) -> ds row r - 1, row 1 -> r, row 2 -> r + 1
@@ -275,7 +285,7 @@ def _plan(B: int, H: int, W: int, channels: int, cfg: dict, device: int) -> dict
     band = cdiv(H, min(H, max(1, want)))
     strips = B * n_wseg * cdiv(H, band)
     return dict(grid=(c_blocks, strips), strips=strips, scalars=(n_wseg, band),
-                consts=(block_w, cfg["BLOCK_C"]), prefetch=bool(cfg["PREFETCH"]),
+                consts=(block_w, cfg["BLOCK_C"]), flags=(bool(cfg["PREFETCH"]), bool(cfg["HOIST"])),
                 options=(("num_warps", cfg["num_warps"]), ("num_stages", cfg["num_stages"])))
 
 
@@ -299,7 +309,7 @@ def _depthwise_glu_op(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         plan = _plan(B, H, W, HID, CONFIG["fwd"], device_index(u))
         # dout and the partial sums are backward's (never touched here)
         _conv_glu_launch(plan["grid"], device_index(u), (s, wt, bias, s, out, s), (H, W, HID, *plan["scalars"]),
-                         (*plan["consts"], False, plan["prefetch"]), plan["options"])
+                         (*plan["consts"], False, *plan["flags"]), plan["options"])
     return out, s
 
 
@@ -325,9 +335,9 @@ def _depthwise_glu_backward_op(dout: torch.Tensor, u: torch.Tensor, s: torch.Ten
     if u.numel():
         dc = torch.empty_like(u)
         _conv_glu_launch(conv["grid"], dev, (s, wt, bias, dout, dc, dbias), (H, W, HID, *conv["scalars"]),
-                         (*conv["consts"], True, conv["prefetch"]), conv["options"])
+                         (*conv["consts"], True, *conv["flags"]), conv["options"])
         _bwd_input_launch(inp["grid"], dev, (dc, u, s, wt, du, dweight), (H, W, C2, *inp["scalars"]),
-                          (*inp["consts"], inp["prefetch"]), inp["options"])
+                          (*inp["consts"], *inp["flags"]), inp["options"])
     return du, dweight.sum(0).t().reshape(C2, 1, 3, 3).contiguous(), dbias.sum(0)
 
 
