@@ -51,17 +51,16 @@ def _kernels(u, s, w, bias, dout, dc_in, H, W):
     n = u.numel() * u.element_size()
     got = dict(out=u.new_empty((B, N, HID)), dc=torch.empty_like(u), du=torch.empty_like(u))
 
-    def fwd():  # as the op runs it in training (s written for backward): the SiLU fused in, or its pass first
-        tm._forward_launch(u, wt, bias, got["out"], H, W, save=True)
-
-    def fwd_inference():  # no s to write (nothing asks for a gradient)
-        tm._forward_launch(u, wt, bias, got["out"], H, W, save=False)
+    def fwd():
+        p = tm._plan(B, H, W, HID, tm.CONFIG["fwd"], dev)
+        tm._conv_glu_launch(p["grid"], dev, (s, wt, bias, s, got["out"], s), (H, W, HID, *p["scalars"]),
+                            (*p["consts"], False, *p["flags"]), p["options"])
 
     def bwd_conv():
         p = tm._plan(B, H, W, HID, tm.CONFIG["bwd_conv"], dev)
         got["dbias"] = u.new_empty((p["strips"], C2), dtype=torch.float32)
         tm._conv_glu_launch(p["grid"], dev, (s, wt, bias, dout, got["dc"], got["dbias"]),
-                            (H, W, HID, *p["scalars"]), (*p["consts"], True, *p["flags"], False, False), p["options"])
+                            (H, W, HID, *p["scalars"]), (*p["consts"], True, *p["flags"]), p["options"])
 
     def bwd_input():  # reads the reference dc, so that its check does not depend on bwd_conv
         p = tm._plan(B, H, W, C2, tm.CONFIG["bwd_input"], dev)
@@ -69,9 +68,7 @@ def _kernels(u, s, w, bias, dout, dc_in, H, W):
         tm._bwd_input_launch(p["grid"], dev, (dc_in, u, s, wt, got["du"], got["dweight"]),
                              (H, W, C2, *p["scalars"]), (*p["consts"], *p["flags"]), p["options"])
 
-    # forward: read u, write s and out (inference: no s when the SiLU is fused)
-    return {"fwd": (fwd, 2 * n + n // 2), "fwd_inference": (fwd_inference, n + n // 2),
-            "bwd_conv": (bwd_conv, n + n // 2 + n), "bwd_input": (bwd_input, 4 * n)}, got
+    return {"fwd": (fwd, n + n // 2), "bwd_conv": (bwd_conv, n + n // 2 + n), "bwd_input": (bwd_input, 4 * n)}, got
 
 
 def _reference(u, w, bias, dout, H, W):
@@ -98,7 +95,7 @@ def _errors(got, ref) -> dict:
     return {k: ((v.float() - ref[k]).norm() / ref[k].norm()).item() for k, v in have.items() if v is not None}
 
 
-KERNEL_OUTPUTS = {"fwd": ("out",), "fwd_inference": ("out",), "bwd_conv": ("dc", "dbias"), "bwd_input": ("du", "dweight")}
+KERNEL_OUTPUTS = {"fwd": ("out",), "bwd_conv": ("dc", "dbias"), "bwd_input": ("du", "dweight")}
 TOLERANCE = 2e-2  # bf16 storage of out/dc/du
 
 
@@ -107,9 +104,6 @@ def main():
     p.add_argument("--shape", default="16,32,32,2880", help="B,H,W,hid (Sana-0.6B at 1024 px, batch 16)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--sweep", action="store_true", help="try tile configurations per kernel")
-    p.add_argument("--sweep-kernels", default="fwd,bwd_conv,bwd_input", help="which kernels --sweep tries")
-    p.add_argument("--sweep-grid", default=None,
-                   help='JSON overriding swept values, e.g. \'{"BLOCK_W": [16], "num_warps": [4]}\'')
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -141,7 +135,7 @@ def main():
     rows["silu (torch)"] = dict(ms=silu_ms, roofline_ms=u.numel() * 4 / bw * 1e3)
 
     def op_fwd():
-        return torch.ops.sana.depthwise_glu(u, w, bias, H, W, True)
+        return torch.ops.sana.depthwise_glu(u, w, bias, H, W)
 
     def op_bwd():
         return torch.ops.sana.depthwise_glu_backward(dout, u, s, w, bias, H, W)
@@ -168,16 +162,13 @@ def main():
         print(f"WRONG RESULTS (relative error > {TOLERANCE}) from: {wrong}")
 
     if args.sweep:
-        tiles = {"BLOCK_W": (16, 32), "BLOCK_C": (32, 64), "num_warps": (4, 8), "PREFETCH": (0, 1), "HOIST": (0, 1)}
-        override = json.loads(args.sweep_grid) if args.sweep_grid else {}
+        grid = {"BLOCK_W": (16, 32), "BLOCK_C": (32, 64), "num_warps": (4, 8), "PREFETCH": (0, 1), "HOIST": (0, 1)}
         sweep = {}
-        for name in args.sweep_kernels.split(","):
-            grid = dict(tiles, SILU=(0, 1)) if name == "fwd" else dict(tiles)
-            grid.update({k: tuple(v) for k, v in override.items() if k in grid})
+        for name in kernels:
             keep = dict(tm.CONFIG[name])
             sweep[name] = {}
             for combo in itertools.product(*grid.values()):
-                key = "{}x{}w{}p{}h{}".format(*combo) + (f"s{combo[5]}" if name == "fwd" else "")
+                key = "{}x{}w{}p{}h{}".format(*combo)
                 tm.CONFIG[name] = dict(keep, **dict(zip(grid, combo)))
                 launcher = tm._bwd_input_launch if name == "bwd_input" else tm._conv_glu_launch
                 launcher.kernels.clear()
@@ -190,8 +181,6 @@ def main():
                 compiled = next(iter(launcher.kernels.values()), None)  # what ran: its registers and spills
                 sweep[name][key] = dict(ms=ms, rel_err=errs, ok=all(v <= TOLERANCE for v in errs.values()),
                                         regs=getattr(compiled, "n_regs", None), spills=getattr(compiled, "n_spills", None))
-                if name == "fwd":  # the same configuration without s to write
-                    sweep[name][key]["inference_ms"] = _time(kernels["fwd_inference"][0], 10)
             tm.CONFIG[name] = keep
             good = [(v["ms"], k) for k, v in sweep[name].items() if v.get("ok")]
             print(f"sweep {name}: best {min(good)[1] if good else None} {min(good)[0] if good else 0:.3f} ms; "

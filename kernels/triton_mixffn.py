@@ -44,8 +44,7 @@ from kernels.launch import (
 # The best of a checked sweep on the H200 at Sana-0.6B's batch-16 shape (`python bench/bench_mixffn.py --sweep`,
 # bench/results/mixffn_h200.json): forward 0.27 ms, backward 0.38 + 0.52 ms a block.
 CONFIG = {
-    "fwd": {"BLOCK_W": 16, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "PROGRAMS_PER_SM": 4, "PREFETCH": 1, "HOIST": 1,
-            "SILU": 0},
+    "fwd": {"BLOCK_W": 16, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "PROGRAMS_PER_SM": 4, "PREFETCH": 1, "HOIST": 1},
     "bwd_conv": {"BLOCK_W": 16, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1, "PROGRAMS_PER_SM": 4, "PREFETCH": 0, "HOIST": 1},
     "bwd_input": {"BLOCK_W": 16, "BLOCK_C": 64, "num_warps": 4, "num_stages": 1, "PROGRAMS_PER_SM": 4, "PREFETCH": 1, "HOIST": 1},
 }
@@ -121,24 +120,12 @@ def _feed(l0, l1, l2, k0, k1, k2, k3, k4, k5, k6, k7, k8, acc_p, acc_c):
 
 
 @triton.jit
-def _act(x, SILU: tl.constexpr):
-    """A loaded tile as the conv reads it: silu(x) in float32 when the kernel reads u, else x (already s)."""
-    if SILU:
-        x = x.to(tl.float32)
-        x = x * tl.sigmoid(x)
-    return x
-
-
-@triton.jit
-def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, aux_ptr, H, W, HID, n_wseg, band,
+def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_wseg, band,
               BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BACKWARD: tl.constexpr, PREFETCH: tl.constexpr,
-              HOIST: tl.constexpr, SILU: tl.constexpr, STORE_S: tl.constexpr):
+              HOIST: tl.constexpr):
     """a = conv(s_a) + bias_a, g = conv(s_g) + bias_g over this program's rows, then
     forward (BACKWARD False): out = a * silu(g), (B*N, HID);
-    backward: dc = (da, dg) from dout into out (B*N, 2*HID), and this program's partial dbias row into aux.
-    SILU (forward only): s_ptr holds u and s = silu(u) is computed as loaded (three SiLUs an element, one a
-    shift, instead of a separate elementwise pass over u); STORE_S: s of this program's rows is written to aux
-    for backward (not when nothing needs a gradient).
+    backward: dc = (da, dg) from dout into out (B*N, 2*HID), and this program's partial dbias row.
     PREFETCH: the next row's loads are issued before this row's arithmetic and stores. HOIST: the 18 tap weights
     are loaded once a program (in registers: a thread holds 8 channels of a token, so 144 registers) rather
     than from L1 each row; which pays depends on the tile (registers decide how many programs an SM holds)."""
@@ -174,14 +161,8 @@ def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, aux_ptr, H, W, HID, n_w
         if not HOIST:
             a0, a1, a2, a3, a4, a5, a6, a7, a8 = _taps(w_ptr, c, cmask, C2)
             g0, g1, g2, g3, g4, g5, g6, g7, g8 = _taps(w_ptr + HID, c, cmask, C2)
-        sa0, sa1, sa2 = _act(xa0, SILU), _act(xa1, SILU), _act(xa2, SILU)
-        sg0, sg1, sg2 = _act(xg0, SILU), _act(xg1, SILU), _act(xg2, SILU)
-        if STORE_S:  # row r's centre tile is its s, written by the program whose band holds row r
-            p = _rowp(aux_ptr, b, r, H, W, C2) + offs
-            tl.store(p, sa1.to(aux_ptr.dtype.element_ty), mask=m_c & (r >= r0) & (r < r1))
-            tl.store(p + HID, sg1.to(aux_ptr.dtype.element_ty), mask=m_c & (r >= r0) & (r < r1))
-        da, ca, na = _feed(sa0, sa1, sa2, a0, a1, a2, a3, a4, a5, a6, a7, a8, pa, ca)
-        dg, cg, ng = _feed(sg0, sg1, sg2, g0, g1, g2, g3, g4, g5, g6, g7, g8, pg, cg)
+        da, ca, na = _feed(xa0, xa1, xa2, a0, a1, a2, a3, a4, a5, a6, a7, a8, pa, ca)
+        dg, cg, ng = _feed(xg0, xg1, xg2, g0, g1, g2, g3, g4, g5, g6, g7, g8, pg, cg)
         a = da + bias_a[None, :]
         g = dg + bias_g[None, :]
         sg = tl.sigmoid(g)
@@ -208,7 +189,7 @@ def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, aux_ptr, H, W, HID, n_w
             d = dn
         pa, ca, pg, cg = ca, na, cg, ng
     if BACKWARD:
-        part = aux_ptr + tl.program_id(1).to(tl.int64) * C2
+        part = part_ptr + tl.program_id(1).to(tl.int64) * C2
         tl.store(part + c, tl.sum(db_a, axis=0), mask=cmask)
         tl.store(part + HID + c, tl.sum(db_g, axis=0), mask=cmask)
 
@@ -313,45 +294,28 @@ def _taps_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], 9).t().contiguous()
 
 
-def _forward_launch(u: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, H: int, W: int,
-                    save: bool) -> torch.Tensor:
-    """The forward kernel, with SiLU fused (CONFIG["fwd"]["SILU"]) or after PyTorch's pass -> s (empty unless
-    save; PyTorch's s is returned either way when it was computed)."""
-    B, N, C2 = u.shape
-    dev, cfg = device_index(u), CONFIG["fwd"]
-    plan = _plan(B, H, W, C2 // 2, cfg, dev)
-    if cfg["SILU"]:
-        s = torch.empty_like(u) if save else u.new_empty((0,))
-        tensors = (u, wt, bias, u, out, s if save else u)  # dout is backward's (never touched here)
-    else:
-        s = F.silu(u)  # once an element (the kernel reads it at three taps), rounded like the reference
-        tensors = (s, wt, bias, s, out, s)
-    _conv_glu_launch(plan["grid"], dev, tensors, (H, W, C2 // 2, *plan["scalars"]),
-                     (*plan["consts"], False, *plan["flags"], bool(cfg["SILU"]), bool(cfg["SILU"]) and save),
-                     plan["options"])
-    return s
-
-
 @kernel_op("sana::depthwise_glu")
-def _depthwise_glu_op(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, H: int, W: int,
-                      save: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> out (B, N, hid) and s = silu(u), which backward reads (saved rather than recomputed), when `save`
-    (else an empty tensor: inference writes no s)."""
+def _depthwise_glu_op(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, H: int,
+                      W: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> out (B, N, hid) and s = silu(u), which backward reads (saved rather than recomputed)."""
     if not supported_device(u):
         raise ValueError("depthwise GLU: the Triton kernel needs a CUDA tensor (or the CPU under TRITON_INTERPRET=1)")
-    wt, bias, u = _taps_major(weight), bias.contiguous(), u.contiguous()
+    wt, bias = _taps_major(weight), bias.contiguous()
     B, N, C2 = u.shape
-    out = u.new_empty((B, N, C2 // 2))
-    if not out.numel():
-        return out, (u.new_empty(u.shape) if save else u.new_empty((0,)))
-    s = _forward_launch(u, wt, bias, out, H, W, save)
-    return out, (s if save else u.new_empty((0,)))
+    HID = C2 // 2
+    out = u.new_empty((B, N, HID))
+    s = F.silu(u.contiguous())  # once an element (the kernel reads it at three taps), rounded like the reference
+    if out.numel():
+        plan = _plan(B, H, W, HID, CONFIG["fwd"], device_index(u))
+        # dout and the partial sums are backward's (never touched here)
+        _conv_glu_launch(plan["grid"], device_index(u), (s, wt, bias, s, out, s), (H, W, HID, *plan["scalars"]),
+                         (*plan["consts"], False, *plan["flags"]), plan["options"])
+    return out, s
 
 
 @_depthwise_glu_op.register_fake
-def _(u, weight, bias, H, W, save):
-    s = torch.empty_like(u, memory_format=torch.contiguous_format) if save else u.new_empty((0,))
-    return u.new_empty((*u.shape[:-1], u.shape[-1] // 2)), s
+def _(u, weight, bias, H, W):
+    return u.new_empty((*u.shape[:-1], u.shape[-1] // 2)), torch.empty_like(u, memory_format=torch.contiguous_format)
 
 
 @kernel_op("sana::depthwise_glu_backward")
@@ -371,7 +335,7 @@ def _depthwise_glu_backward_op(dout: torch.Tensor, u: torch.Tensor, s: torch.Ten
     if u.numel():
         dc = torch.empty_like(u)
         _conv_glu_launch(conv["grid"], dev, (s, wt, bias, dout, dc, dbias), (H, W, HID, *conv["scalars"]),
-                         (*conv["consts"], True, *conv["flags"], False, False), conv["options"])
+                         (*conv["consts"], True, *conv["flags"]), conv["options"])
         _bwd_input_launch(inp["grid"], dev, (dc, u, s, wt, du, dweight), (H, W, C2, *inp["scalars"]),
                           (*inp["consts"], *inp["flags"]), inp["options"])
     return du, dweight.sum(0).t().reshape(C2, 1, 3, 3).contiguous(), dbias.sum(0)
@@ -385,17 +349,15 @@ def _(dout, u, s, weight, bias, H, W):
 
 
 def _setup(ctx, inputs, output):
-    u, weight, bias, H, W, _save = inputs
+    u, weight, bias, H, W = inputs
     ctx.hw = (H, W)
     ctx.save_for_backward(u, output[1], weight, bias)
 
 
 def _backward(ctx, dout, _ds):  # s is an internal output: nothing flows back through it
     u, s, weight, bias = ctx.saved_tensors
-    if s.numel() != u.numel():
-        raise RuntimeError("depthwise GLU: backward through a forward that was run with save=False (no s kept)")
     du, dweight, dbias = _depthwise_glu_backward_op.within(ctx)(dout, u, s, weight, bias, *ctx.hw)
-    return du, dweight.to(weight.dtype), dbias.to(bias.dtype), None, None, None
+    return du, dweight.to(weight.dtype), dbias.to(bias.dtype), None, None
 
 
 _depthwise_glu_op.register_autograd(_backward, setup_context=_setup)
@@ -406,6 +368,4 @@ def depthwise_glu_triton(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if not on_current_device(u):  # Triton launches on the current device's stream
         with torch.cuda.device(u.device):
             return depthwise_glu_triton(u, weight, bias, hw)
-    # s is saved for backward only when a gradient will be asked for (inference writes out alone)
-    save = torch.is_grad_enabled() and (u.requires_grad or weight.requires_grad or bias.requires_grad)
-    return _depthwise_glu_op(u, weight, bias, int(hw[0]), int(hw[1]), save)[0]
+    return _depthwise_glu_op(u, weight, bias, int(hw[0]), int(hw[1]))[0]

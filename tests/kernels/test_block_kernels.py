@@ -120,25 +120,6 @@ def test_depthwise_glu_matches_float64(shape, dtype):
     _check(fast, ref, [u, weight, bias], dtype)
 
 
-@pytest.mark.parametrize("silu_fused", (0, 1))
-def test_depthwise_glu_forward_with_and_without_saving_s(silu_fused, monkeypatch):
-    """Both forward kernels (SiLU fused into the conv's loads, or PyTorch's SiLU pass first) give the reference
-    output; s for backward is silu(u) where a gradient is wanted, and nothing is written without one."""
-    from kernels import triton_mixffn
-
-    monkeypatch.setitem(triton_mixffn.CONFIG, "fwd", dict(triton_mixffn.CONFIG["fwd"], SILU=silu_fused))
-    B, H, W, hid = 2, 5, 37, 16  # two column strips, several row bands
-    u = torch.randn(B, H * W, 2 * hid, device=DEVICE)
-    weight, bias = torch.randn(2 * hid, 1, 3, 3, device=DEVICE) / 3, torch.randn(2 * hid, device=DEVICE)
-    ref = depthwise_glu_reference(u.double(), weight.double(), bias.double(), (H, W))
-    out, s = triton_mixffn._depthwise_glu_op(u, weight, bias, H, W, True)
-    out_inf, s_inf = triton_mixffn._depthwise_glu_op(u, weight, bias, H, W, False)
-    assert _rel(out, ref) <= 1e-5 and torch.equal(out, out_inf)
-    assert _rel(s, torch.nn.functional.silu(u.double())) <= 1e-6 and s_inf.numel() == 0
-    with torch.no_grad():  # the model's inference path asks for no s
-        assert torch.equal(depthwise_glu(u, weight, bias, (H, W), backend="triton"), out)
-
-
 def test_depthwise_glu_shapes_cover_strips_and_bands():
     """The kernels split an image into column strips and row bands (each with halo rows); the shapes above
     must exercise both splits, or a seam bug would go unseen."""
@@ -181,9 +162,7 @@ def test_custom_ops_pass_opcheck():
         torch.library.opcheck(torch.ops.sana.gated_residual, (xin, gate, _leaf(torch.randn(B, H * W, C, device=DEVICE))))
     u = _leaf(torch.randn(B, H * W, 2 * C, device=DEVICE))
     weight, bias = _leaf(torch.randn(2 * C, 1, 3, 3, device=DEVICE)), _leaf(torch.randn(2 * C, device=DEVICE))
-    torch.library.opcheck(torch.ops.sana.depthwise_glu, (u, weight, bias, H, W, True))
-    # save=False is the inference call (no s kept, so no backward): checked without gradients
-    torch.library.opcheck(torch.ops.sana.depthwise_glu, (u.detach(), weight.detach(), bias.detach(), H, W, False))
+    torch.library.opcheck(torch.ops.sana.depthwise_glu, (u, weight, bias, H, W))
 
 
 def test_compiles_without_graph_breaks():
@@ -238,7 +217,7 @@ def test_eager_calls_match_the_dispatched_ops():
     branch = _leaf(torch.randn(B, H * W, C, device=DEVICE))
     cases = [(triton_adaln._modulate_op, torch.ops.sana.modulate, (x, rows, EPS), (x, rows)),
              (triton_adaln._gated_residual_op, torch.ops.sana.gated_residual, (x, rows, branch), (x, rows, branch)),
-             (triton_mixffn._depthwise_glu_op, torch.ops.sana.depthwise_glu, (u, weight, bias, H, W, True),
+             (triton_mixffn._depthwise_glu_op, torch.ops.sana.depthwise_glu, (u, weight, bias, H, W),
               (u, weight, bias))]
     views = {triton_adaln._modulate_op: lambda x, rows, eps: (x, rows[:, 0:1], rows[:, 1:2], eps),
              triton_adaln._gated_residual_op: lambda x, rows, br: (x, rows[:, 2:3], br)}
