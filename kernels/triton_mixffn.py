@@ -5,13 +5,18 @@ u is (B*N, 2*hid) row-major, N = H*W tokens in grid order: a token's channels ar
 a (BLOCK_W columns x BLOCK_C channels) strip of one image and walks down a band of its rows, one image row
 an iteration, keeping the three output rows that the loaded input row feeds in registers (a sliding window
 over rows): each input row is read once from HBM, its three horizontal shifts (j-1, j, j+1) are three loads
-of which two hit L1. The first version loaded a tile at all nine taps (nine shifted reads of every element,
-L1/L2-bound: 0.28 ms forward and 1.1 ms backward a block at Sana-0.6B's batch-16 shape on the H200).
+of which two hit L1. A tile's offsets and shift masks are computed once a program, so that a load is a row
+pointer plus them: per-element 64-bit index arithmetic at every load was most of the instructions (forward
+0.27 -> 0.20 ms, backward 0.36 + 0.49 -> 0.28 + 0.42 ms a block at Sana-0.6B's batch-16 shape on the H200).
+The first version loaded a tile at all nine taps (nine shifted reads of every element: 0.28 ms forward and
+1.1 ms backward a block).
 Outside the image the taps read zero (zero padding; silu(0) = 0, so padding before or after the SiLU is the
 same).
 
 s = silu(u) is computed once by PyTorch (one elementwise pass, rounded to u's dtype like the reference)
-rather than at each of the taps that read it (three SiLUs an element would make the forward compute-bound),
+rather than at each of the three shifted loads that read it (measured on the H200 in 6e70ef5, since reverted:
+0.46-0.59 ms for the fused forward against 0.31-0.34 ms for the pass plus this kernel,
+bench/results/mixffn_h200_silu_fused.json),
 and saved for backward with u (memory for speed: one more activation of the expansion's size a block).
 
     forward    s -> out = a * silu(g),  a = conv(s_a) + bias_a, g = conv(s_g) + bias_g
@@ -40,13 +45,19 @@ from kernels.launch import (
 )
 
 # BLOCK_W columns x BLOCK_C channels a program; PROGRAMS_PER_SM: enough row bands that the grid has about this
-# many programs an SM (a band costs two halo rows, so fewer, longer bands where the grid is already full).
-# The best of a checked sweep on the H200 at Sana-0.6B's batch-16 shape (`python bench/bench_mixffn.py --sweep`,
-# bench/results/mixffn_h200.json): forward 0.27 ms, backward 0.38 + 0.52 ms a block.
+# many programs an SM (a band costs two halo rows, so fewer, longer bands where the grid is already full);
+# PREFETCH, HOIST: see _conv_glu. The best of a checked sweep on the H200 at Sana-0.6B's batch-16 shape
+# (`python bench/bench_mixffn.py --sweep`, bench/results/mixffn_h200.json, which also lists each configuration's
+# registers and spills: the kernels are bound by registers, 128-255 a thread): forward 0.20 ms, backward
+# 0.28 + 0.42 ms a block (HBM rooflines 0.07, 0.12, 0.19). num_stages 1 or 3 made no difference in earlier
+# sweeps (no tl.dot to pipeline); these are the values the sweep ran with.
 CONFIG = {
-    "fwd": {"BLOCK_W": 16, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "PROGRAMS_PER_SM": 4, "PREFETCH": 1, "HOIST": 1},
-    "bwd_conv": {"BLOCK_W": 16, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1, "PROGRAMS_PER_SM": 4, "PREFETCH": 0, "HOIST": 1},
-    "bwd_input": {"BLOCK_W": 16, "BLOCK_C": 64, "num_warps": 4, "num_stages": 1, "PROGRAMS_PER_SM": 4, "PREFETCH": 1, "HOIST": 1},
+    "fwd": {"BLOCK_W": 16, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "PROGRAMS_PER_SM": 4,
+            "PREFETCH": 1, "HOIST": 1},
+    "bwd_conv": {"BLOCK_W": 16, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1, "PROGRAMS_PER_SM": 4,
+                 "PREFETCH": 0, "HOIST": 1},
+    "bwd_input": {"BLOCK_W": 16, "BLOCK_C": 64, "num_warps": 4, "num_stages": 1, "PROGRAMS_PER_SM": 4,
+                  "PREFETCH": 1, "HOIST": 1},
 }
 
 
