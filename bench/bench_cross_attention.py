@@ -15,27 +15,17 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from bench.timing import median_cuda_ms  # noqa: E402
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "math": SDPBackend.MATH}
 TOLERANCE = 2e-2
-
-
-def _time(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def main():
@@ -80,8 +70,8 @@ def main():
         errs = {n: ((x.float() - r).norm() / r.norm()).item()
                 for n, x, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads))}
         with torch.no_grad():
-            fwd_ms = _time(fwd, args.iters)
-        rows[name] = dict(fwd_ms=fwd_ms, fwd_bwd_ms=_time(fwd_bwd, args.iters), rel_err=errs,
+            fwd_ms = median_cuda_ms(fwd, args.iters)
+        rows[name] = dict(fwd_ms=fwd_ms, fwd_bwd_ms=median_cuda_ms(fwd_bwd, args.iters), rel_err=errs,
                           ok=all(e <= TOLERANCE for e in errs.values()))
     print(f"{gpu}: q (B={B}, heads={h}, N={N}, d={d}), {L} caption tokens, bf16")
     print(f"{'backend':<10} {'fwd ms':>8} {'fwd+bwd ms':>11}  relative error vs float32")

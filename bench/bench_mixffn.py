@@ -23,23 +23,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
 
+from bench.timing import median_cuda_ms  # noqa: E402
 from kernels import triton_mixffn as tm  # noqa: E402
 from kernels.launch import device_index  # noqa: E402
 from kernels.mixffn import depthwise_glu_reference  # noqa: E402
-
-
-def _time(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def _kernels(u, s, w, bias, dout, dc_in, H, W):
@@ -118,7 +105,7 @@ def main():
     s = F.silu(u)
     copy_src = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
     copy_dst = torch.empty_like(copy_src)
-    copy_ms = _time(lambda: copy_dst.copy_(copy_src), args.iters)
+    copy_ms = median_cuda_ms(lambda: copy_dst.copy_(copy_src), args.iters)
     bw = 2 * copy_src.numel() / (copy_ms * 1e-3)  # bytes/s, read + write
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}: u {tuple(u.shape)} bf16 ({u.numel() * 2 / 2**20:.0f} MiB); copy bandwidth {bw / 1e12:.2f} TB/s")
@@ -128,10 +115,10 @@ def main():
     kernels, got = _kernels(u, s, w, bias, dout, dc_in, H, W)
     rows = {}
     for name, (fn, nbytes) in kernels.items():
-        ms = _time(fn, args.iters)
+        ms = median_cuda_ms(fn, args.iters)
         errs = {k: v for k, v in _errors(got, ref).items() if k in KERNEL_OUTPUTS[name]}
         rows[name] = dict(ms=ms, roofline_ms=nbytes / bw * 1e3, of_roofline=nbytes / bw * 1e3 / ms, rel_err=errs)
-    silu_ms = _time(lambda: F.silu(u), args.iters)
+    silu_ms = median_cuda_ms(lambda: F.silu(u), args.iters)
     rows["silu (torch)"] = dict(ms=silu_ms, roofline_ms=u.numel() * 4 / bw * 1e3)
 
     def op_fwd():
@@ -140,15 +127,15 @@ def main():
     def op_bwd():
         return torch.ops.sana.depthwise_glu_backward(dout, u, s, w, bias, H, W)
 
-    rows["op forward"] = dict(ms=_time(op_fwd, args.iters))
-    rows["op backward"] = dict(ms=_time(op_bwd, args.iters))
+    rows["op forward"] = dict(ms=median_cuda_ms(op_fwd, args.iters))
+    rows["op backward"] = dict(ms=median_cuda_ms(op_bwd, args.iters))
     ur, wr, br = (t.detach().requires_grad_() for t in (u, w, bias))
 
     def ref_fwd_bwd():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             depthwise_glu_reference(ur, wr, br, (H, W)).backward(dout)
 
-    rows["torch reference fwd+bwd"] = dict(ms=_time(ref_fwd_bwd, args.iters))
+    rows["torch reference fwd+bwd"] = dict(ms=median_cuda_ms(ref_fwd_bwd, args.iters))
     rows["ours fwd+bwd"] = dict(ms=rows["op forward"]["ms"] + rows["op backward"]["ms"])
     result["timings"] = rows
     print(f"{'':<26} {'ms':>8} {'roofline ms':>12} {'of roofline':>12}  relative error vs float32")
@@ -173,7 +160,7 @@ def main():
                 launcher = tm._bwd_input_launch if name == "bwd_input" else tm._conv_glu_launch
                 launcher.kernels.clear()
                 try:
-                    ms = _time(kernels[name][0], 10)
+                    ms = median_cuda_ms(kernels[name][0], 10)
                 except (OutOfResources, RuntimeError) as e:  # a config the compiler refuses (registers, shared memory)
                     sweep[name][key] = dict(error=type(e).__name__)
                     continue
