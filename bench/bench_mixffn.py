@@ -149,13 +149,13 @@ def main():
         print(f"WRONG RESULTS (relative error > {TOLERANCE}) from: {wrong}")
 
     if args.sweep:
-        grid = {"BLOCK_W": (16, 32), "BLOCK_C": (32, 64), "num_warps": (4, 8), "PREFETCH": (0, 1), "HOIST": (0, 1)}
+        grid = {"BLOCK_W": (16, 32), "BLOCK_C": (32, 64), "num_warps": (4, 8), "PREFETCH": (0, 1)}
         sweep = {}
         for name in kernels:
             keep = dict(tm.CONFIG[name])
             sweep[name] = {}
             for combo in itertools.product(*grid.values()):
-                key = "{}x{}w{}p{}h{}".format(*combo)
+                key = "{}x{}w{}p{}".format(*combo)
                 tm.CONFIG[name] = dict(keep, **dict(zip(grid, combo)))
                 launcher = tm._bwd_input_launch if name == "bwd_input" else tm._conv_glu_launch
                 launcher.kernels.clear()

@@ -46,18 +46,18 @@ from kernels.launch import (
 
 # BLOCK_W columns x BLOCK_C channels a program; PROGRAMS_PER_SM: enough row bands that the grid has about this
 # many programs an SM (a band costs two halo rows, so fewer, longer bands where the grid is already full);
-# PREFETCH, HOIST: see _conv_glu. The best of a checked sweep on the H200 at Sana-0.6B's batch-16 shape
+# PREFETCH: see _conv_glu. The best of a checked sweep on the H200 at Sana-0.6B's batch-16 shape
 # (`python bench/bench_mixffn.py --sweep`, bench/results/mixffn_h200.json, which also lists each configuration's
 # registers and spills: the kernels are bound by registers, 128-255 a thread): forward 0.20 ms, backward
 # 0.28 + 0.42 ms a block (HBM rooflines 0.07, 0.12, 0.19). num_stages 1 or 3 made no difference in earlier
 # sweeps (no tl.dot to pipeline); these are the values the sweep ran with.
 CONFIG = {
     "fwd": {"BLOCK_W": 16, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "PROGRAMS_PER_SM": 4,
-            "PREFETCH": 1, "HOIST": 1},
+            "PREFETCH": 1},
     "bwd_conv": {"BLOCK_W": 16, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1, "PROGRAMS_PER_SM": 4,
-                 "PREFETCH": 0, "HOIST": 1},
+                 "PREFETCH": 0},
     "bwd_input": {"BLOCK_W": 16, "BLOCK_C": 64, "num_warps": 4, "num_stages": 1, "PROGRAMS_PER_SM": 4,
-                  "PREFETCH": 1, "HOIST": 1},
+                  "PREFETCH": 1},
 }
 
 
@@ -132,14 +132,14 @@ def _feed(l0, l1, l2, k0, k1, k2, k3, k4, k5, k6, k7, k8, acc_p, acc_c):
 
 @triton.jit
 def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_wseg, band,
-              BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BACKWARD: tl.constexpr, PREFETCH: tl.constexpr,
-              HOIST: tl.constexpr):
+              BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BACKWARD: tl.constexpr, PREFETCH: tl.constexpr):
     """a = conv(s_a) + bias_a, g = conv(s_g) + bias_g over this program's rows, then
     forward (BACKWARD False): out = a * silu(g), (B*N, HID);
     backward: dc = (da, dg) from dout into out (B*N, 2*HID), and this program's partial dbias row.
-    PREFETCH: the next row's loads are issued before this row's arithmetic and stores. HOIST: the 18 tap weights
-    are loaded once a program (in registers: a thread holds 8 channels of a token, so 144 registers) rather
-    than from L1 each row; which pays depends on the tile (registers decide how many programs an SM holds)."""
+    PREFETCH: the next row's loads are issued before this row's arithmetic and stores (which pays depends on the
+    tile: registers decide how many programs an SM holds). The 18 tap weights are loaded once a program (144
+    registers a thread, which holds 8 channels of a token); loading them from L1 each row was slower at every
+    swept tile (the "h0" entries of bench/results/mixffn_h200.json, swept with a HOIST flag in 86db365)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < HID
     b, j, r0, r1 = _strip(H, W, n_wseg, band, BLOCK_W)
@@ -147,9 +147,8 @@ def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_
     C2 = 2 * HID
     offs, m_l, m_c, m_r = _tile(j, c, jmask, cmask, W, C2)  # s and dc: 2*HID channels a token
     offs_o = j[:, None] * HID + c[None, :]  # out and dout: HID
-    if HOIST:
-        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _taps(w_ptr, c, cmask, C2)
-        g0, g1, g2, g3, g4, g5, g6, g7, g8 = _taps(w_ptr + HID, c, cmask, C2)
+    a0, a1, a2, a3, a4, a5, a6, a7, a8 = _taps(w_ptr, c, cmask, C2)
+    g0, g1, g2, g3, g4, g5, g6, g7, g8 = _taps(w_ptr + HID, c, cmask, C2)
     bias_a = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     bias_g = tl.load(bias_ptr + HID + c, mask=cmask, other=0.0).to(tl.float32)
     pa = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
@@ -169,9 +168,6 @@ def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_
             yg0, yg1, yg2 = _rows3(s_ptr + HID, b, r + 1, r + 1 < H, offs, m_l, m_c, m_r, H, W, C2)
             if BACKWARD:
                 dn = tl.load(_rowp(dout_ptr, b, r, H, W, HID) + offs_o, mask=m_c & (r >= r0) & (r < r1), other=0.0)
-        if not HOIST:
-            a0, a1, a2, a3, a4, a5, a6, a7, a8 = _taps(w_ptr, c, cmask, C2)
-            g0, g1, g2, g3, g4, g5, g6, g7, g8 = _taps(w_ptr + HID, c, cmask, C2)
         da, ca, na = _feed(xa0, xa1, xa2, a0, a1, a2, a3, a4, a5, a6, a7, a8, pa, ca)
         dg, cg, ng = _feed(xg0, xg1, xg2, g0, g1, g2, g3, g4, g5, g6, g7, g8, pg, cg)
         a = da + bias_a[None, :]
@@ -207,18 +203,17 @@ def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_
 
 @triton.jit
 def _bwd_input(dc_ptr, u_ptr, s_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, band,
-               BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr, HOIST: tl.constexpr):
+               BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr):
     """The transposed conv: s[q] receives dc[q - off_k] * w[k] for the nine offsets off_k = (di, dj), so a
     loaded row r of dc (at columns j - dj) feeds ds at rows r + di; w[k] receives dc[q - off_k] * s[q], the
     same loads against the window of s rows r-1, r, r+1 (only this program's rows, so that every pair is
-    counted by exactly one program). PREFETCH and HOIST as in _conv_glu."""
+    counted by exactly one program). PREFETCH and the weights as in _conv_glu."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C2
     b, j, r0, r1 = _strip(H, W, n_wseg, band, BLOCK_W)
     jmask = j < W
     offs, m_l, m_c, m_r = _tile(j, c, jmask, cmask, W, C2)
-    if HOIST:
-        k0, k1, k2, k3, k4, k5, k6, k7, k8 = _taps(w_ptr, c, cmask, C2)
+    k0, k1, k2, k3, k4, k5, k6, k7, k8 = _taps(w_ptr, c, cmask, C2)
     dp = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # ds of rows r-1, r
     dcur = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     sp = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # s of rows r-1, r (zero outside the band)
@@ -243,8 +238,6 @@ def _bwd_input(dc_ptr, u_ptr, s_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, 
             yp, y0, ym = _rows3(dc_ptr, b, r + 1, r + 1 < H, offs, m_l, m_c, m_r, H, W, C2)
             ys = tl.load(_rowp(s_ptr, b, r + 2, H, W, C2) + offs, mask=m_c & (r + 2 < r1), other=0.0)
             yu = tl.load(_rowp(u_ptr, b, r, H, W, C2) + offs, mask=m_c & (r >= r0) & (r < r1), other=0.0)
-        if not HOIST:
-            k0, k1, k2, k3, k4, k5, k6, k7, k8 = _taps(w_ptr, c, cmask, C2)
         lm, l0, lp = xm.to(tl.float32), x0.to(tl.float32), xp.to(tl.float32)
         snext = xs.to(tl.float32)
         # kernel row 0 (di = -1) -> ds row r - 1, row 1 -> r, row 2 -> r + 1
@@ -296,7 +289,7 @@ def _plan(B: int, H: int, W: int, channels: int, cfg: dict, device: int) -> dict
     band = cdiv(H, min(H, max(1, want)))
     strips = B * n_wseg * cdiv(H, band)
     return dict(grid=(c_blocks, strips), strips=strips, scalars=(n_wseg, band),
-                consts=(block_w, cfg["BLOCK_C"]), flags=(bool(cfg["PREFETCH"]), bool(cfg["HOIST"])),
+                consts=(block_w, cfg["BLOCK_C"]), flags=(bool(cfg["PREFETCH"]),),
                 options=(("num_warps", cfg["num_warps"]), ("num_stages", cfg["num_stages"])))
 
 
