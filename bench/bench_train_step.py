@@ -237,7 +237,7 @@ def _profile(step, path: Path) -> dict:
         # attention first: cuDNN's SDPA kernels are named ..._sdpa_sm90_flash_... and would count as GEMMs
         cat = ("attention (sdpa)" if any(k in n for k in ("sdpa", "flash", "fmha", "attention", "efficient")) else
                "gemm" if any(k in n for k in ("gemm", "cutlass", "sm90", "nvjet", "matmul")) else
-               "triton block ops" if any(k in n for k in ("_modulate", "_residual", "_fwd", "_bwd_conv", "_bwd_input"))
+               "triton block ops" if any(k in n for k in ("_modulate", "_residual", "_conv_glu", "_bwd_input"))
                else "triton linear attention" if any(k in n for k in ("_kv_kernel", "_out_kernel", "_dq_kernel",
                                                                        "_dkv_kernel")) else
                "copy/transpose" if any(k in n for k in ("copy", "transpose", "cat")) else
