@@ -25,7 +25,6 @@ from triton.runtime.errors import OutOfResources  # noqa: E402
 
 from bench.timing import median_cuda_ms  # noqa: E402
 from kernels import triton_mixffn as tm  # noqa: E402
-from kernels.launch import device_index  # noqa: E402
 from kernels.mixffn import depthwise_glu_reference  # noqa: E402
 
 
@@ -33,27 +32,18 @@ def _kernels(u, s, w, bias, dout, dc_in, H, W):
     """Each kernel alone, as the ops launch it: name -> (callable, bytes it must move, what it wrote)."""
     B, N, C2 = u.shape
     HID = C2 // 2
-    dev = device_index(u)
     wt = tm._taps_major(w)
     n = u.numel() * u.element_size()
     got = dict(out=u.new_empty((B, N, HID)), dc=torch.empty_like(u), du=torch.empty_like(u))
 
     def fwd():
-        p = tm._plan(B, H, W, HID, tm.CONFIG["fwd"], dev)
-        tm._conv_glu_launch(p["grid"], dev, (s, wt, bias, s, got["out"], s), (H, W, HID, *p["scalars"]),
-                            (*p["consts"], False, *p["flags"]), p["options"])
+        tm._launch_forward(s, wt, bias, got["out"], H, W)
 
     def bwd_conv():
-        p = tm._plan(B, H, W, HID, tm.CONFIG["bwd_conv"], dev)
-        got["dbias"] = u.new_empty((p["strips"], C2), dtype=torch.float32)
-        tm._conv_glu_launch(p["grid"], dev, (s, wt, bias, dout, got["dc"], got["dbias"]),
-                            (H, W, HID, *p["scalars"]), (*p["consts"], True, *p["flags"]), p["options"])
+        got["dbias"] = tm._launch_backward_conv(s, wt, bias, dout, got["dc"], H, W)
 
     def bwd_input():  # reads the reference dc, so that its check does not depend on bwd_conv
-        p = tm._plan(B, H, W, C2, tm.CONFIG["bwd_input"], dev)
-        got["dweight"] = u.new_empty((p["strips"], 9, C2), dtype=torch.float32)
-        tm._bwd_input_launch(p["grid"], dev, (dc_in, u, s, wt, got["du"], got["dweight"]),
-                             (H, W, C2, *p["scalars"]), (*p["consts"], *p["flags"]), p["options"])
+        got["dweight"] = tm._launch_backward_input(dc_in, u, s, wt, got["du"], H, W)
 
     return {"fwd": (fwd, n + n // 2), "bwd_conv": (bwd_conv, n + n // 2 + n), "bwd_input": (bwd_input, 4 * n)}, got
 

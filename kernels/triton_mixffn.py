@@ -131,6 +131,21 @@ def _feed(l0, l1, l2, k0, k1, k2, k3, k4, k5, k6, k7, k8, acc_p, acc_c):
 
 
 @triton.jit
+def _conv_next(s_ptr, dout_ptr, b, r, r0, r1, offs, offs_o, m_l, m_c, m_r, H, W, HID,
+               BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BACKWARD: tl.constexpr):
+    """_conv_glu's loads for step r + 1: row r + 1 of s (both halves, three shifts each) and, in backward, row r
+    of dout (the output row that step completes; zero outside the band)."""
+    C2 = 2 * HID
+    a0, a1, a2 = _rows3(s_ptr, b, r + 1, r + 1 < H, offs, m_l, m_c, m_r, H, W, C2)
+    g0, g1, g2 = _rows3(s_ptr + HID, b, r + 1, r + 1 < H, offs, m_l, m_c, m_r, H, W, C2)
+    if BACKWARD:
+        d = tl.load(_rowp(dout_ptr, b, r, H, W, HID) + offs_o, mask=m_c & (r >= r0) & (r < r1), other=0.0)
+    else:
+        d = tl.zeros((BLOCK_W, BLOCK_C), dtype=dout_ptr.dtype.element_ty)  # unused
+    return a0, a1, a2, g0, g1, g2, d
+
+
+@triton.jit
 def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_wseg, band,
               BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BACKWARD: tl.constexpr, PREFETCH: tl.constexpr):
     """a = conv(s_a) + bias_a, g = conv(s_g) + bias_g over this program's rows, then
@@ -164,10 +179,8 @@ def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_
         d = tl.zeros((BLOCK_W, BLOCK_C), dtype=dout_ptr.dtype.element_ty)  # row r0 - 2 is not this program's
     for r in range(r0 - 1, r1 + 1):
         if PREFETCH:
-            ya0, ya1, ya2 = _rows3(s_ptr, b, r + 1, r + 1 < H, offs, m_l, m_c, m_r, H, W, C2)
-            yg0, yg1, yg2 = _rows3(s_ptr + HID, b, r + 1, r + 1 < H, offs, m_l, m_c, m_r, H, W, C2)
-            if BACKWARD:
-                dn = tl.load(_rowp(dout_ptr, b, r, H, W, HID) + offs_o, mask=m_c & (r >= r0) & (r < r1), other=0.0)
+            ya0, ya1, ya2, yg0, yg1, yg2, dn = _conv_next(s_ptr, dout_ptr, b, r, r0, r1, offs, offs_o, m_l, m_c, m_r,
+                                                          H, W, HID, BLOCK_W, BLOCK_C, BACKWARD)
         da, ca, na = _feed(xa0, xa1, xa2, a0, a1, a2, a3, a4, a5, a6, a7, a8, pa, ca)
         dg, cg, ng = _feed(xg0, xg1, xg2, g0, g1, g2, g3, g4, g5, g6, g7, g8, pg, cg)
         a = da + bias_a[None, :]
@@ -187,10 +200,8 @@ def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_
         else:
             tl.store(_rowp(out_ptr, b, ro, H, W, HID) + offs_o, (a * g * sg).to(out_ptr.dtype.element_ty), mask=mask)
         if not PREFETCH:
-            ya0, ya1, ya2 = _rows3(s_ptr, b, r + 1, r + 1 < H, offs, m_l, m_c, m_r, H, W, C2)
-            yg0, yg1, yg2 = _rows3(s_ptr + HID, b, r + 1, r + 1 < H, offs, m_l, m_c, m_r, H, W, C2)
-            if BACKWARD:
-                dn = tl.load(_rowp(dout_ptr, b, r, H, W, HID) + offs_o, mask=m_c & (r >= r0) & (r < r1), other=0.0)
+            ya0, ya1, ya2, yg0, yg1, yg2, dn = _conv_next(s_ptr, dout_ptr, b, r, r0, r1, offs, offs_o, m_l, m_c, m_r,
+                                                          H, W, HID, BLOCK_W, BLOCK_C, BACKWARD)
         xa0, xa1, xa2, xg0, xg1, xg2 = ya0, ya1, ya2, yg0, yg1, yg2
         if BACKWARD:
             d = dn
@@ -199,6 +210,16 @@ def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_
         part = part_ptr + tl.program_id(1).to(tl.int64) * C2
         tl.store(part + c, tl.sum(db_a, axis=0), mask=cmask)
         tl.store(part + HID + c, tl.sum(db_g, axis=0), mask=cmask)
+
+
+@triton.jit
+def _input_next(dc_ptr, u_ptr, s_ptr, b, r, r0, r1, offs, m_l, m_c, m_r, H, W, C2):
+    """_bwd_input's loads for step r + 1: dc row r + 1 (three shifts, returned as dj = +1, 0, -1), s row r + 2 and
+    u row r, both only within the band."""
+    p, c0, m = _rows3(dc_ptr, b, r + 1, r + 1 < H, offs, m_l, m_c, m_r, H, W, C2)
+    s = tl.load(_rowp(s_ptr, b, r + 2, H, W, C2) + offs, mask=m_c & (r + 2 < r1), other=0.0)
+    u = tl.load(_rowp(u_ptr, b, r, H, W, C2) + offs, mask=m_c & (r >= r0) & (r < r1), other=0.0)
+    return p, c0, m, s, u
 
 
 @triton.jit
@@ -235,9 +256,7 @@ def _bwd_input(dc_ptr, u_ptr, s_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, 
     xu = tl.zeros((BLOCK_W, BLOCK_C), dtype=u_ptr.dtype.element_ty)  # row r0 - 2 is not this program's
     for r in range(r0 - 1, r1 + 1):
         if PREFETCH:
-            yp, y0, ym = _rows3(dc_ptr, b, r + 1, r + 1 < H, offs, m_l, m_c, m_r, H, W, C2)
-            ys = tl.load(_rowp(s_ptr, b, r + 2, H, W, C2) + offs, mask=m_c & (r + 2 < r1), other=0.0)
-            yu = tl.load(_rowp(u_ptr, b, r, H, W, C2) + offs, mask=m_c & (r >= r0) & (r < r1), other=0.0)
+            yp, y0, ym, ys, yu = _input_next(dc_ptr, u_ptr, s_ptr, b, r, r0, r1, offs, m_l, m_c, m_r, H, W, C2)
         lm, l0, lp = xm.to(tl.float32), x0.to(tl.float32), xp.to(tl.float32)
         snext = xs.to(tl.float32)
         # kernel row 0 (di = -1) -> ds row r - 1, row 1 -> r, row 2 -> r + 1
@@ -258,9 +277,7 @@ def _bwd_input(dc_ptr, u_ptr, s_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, 
         tl.store(_rowp(du_ptr, b, r - 1, H, W, C2) + offs,
                  (done * su * (1.0 + u * (1.0 - su))).to(du_ptr.dtype.element_ty), mask=m_c & (r - 1 >= r0))
         if not PREFETCH:
-            yp, y0, ym = _rows3(dc_ptr, b, r + 1, r + 1 < H, offs, m_l, m_c, m_r, H, W, C2)
-            ys = tl.load(_rowp(s_ptr, b, r + 2, H, W, C2) + offs, mask=m_c & (r + 2 < r1), other=0.0)
-            yu = tl.load(_rowp(u_ptr, b, r, H, W, C2) + offs, mask=m_c & (r >= r0) & (r < r1), other=0.0)
+            yp, y0, ym, ys, yu = _input_next(dc_ptr, u_ptr, s_ptr, b, r, r0, r1, offs, m_l, m_c, m_r, H, W, C2)
         xp, x0, xm, xs, xu = yp, y0, ym, ys, yu
         dp, dcur = dcur, dnext
         sp, scur = scur, snext
@@ -298,6 +315,40 @@ def _taps_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], 9).t().contiguous()
 
 
+def _launch_forward(s: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, H: int, W: int):
+    """out = a * silu(g) from s = silu(u) (B, N, 2*hid); wt taps-major."""
+    B, N, C2 = s.shape
+    dev = device_index(s)
+    plan = _plan(B, H, W, C2 // 2, CONFIG["fwd"], dev)
+    # dout and the partial sums are backward's (never touched here)
+    _conv_glu_launch(plan["grid"], dev, (s, wt, bias, s, out, s), (H, W, C2 // 2, *plan["scalars"]),
+                     (*plan["consts"], False, *plan["flags"]), plan["options"])
+
+
+def _launch_backward_conv(s, wt, bias, dout, dc, H: int, W: int) -> torch.Tensor:
+    """dc = (da, dg) into dc (like s) -> the partial dbias rows (strips, 2*hid) in float32."""
+    B, N, C2 = s.shape
+    dev = device_index(s)
+    plan = _plan(B, H, W, C2 // 2, CONFIG["bwd_conv"], dev)
+    dbias = s.new_zeros((plan["strips"], C2), dtype=torch.float32)
+    if s.numel():
+        _conv_glu_launch(plan["grid"], dev, (s, wt, bias, dout, dc, dbias), (H, W, C2 // 2, *plan["scalars"]),
+                         (*plan["consts"], True, *plan["flags"]), plan["options"])
+    return dbias
+
+
+def _launch_backward_input(dc, u, s, wt, du, H: int, W: int) -> torch.Tensor:
+    """du into du (like u) -> the partial dweight rows (strips, 9, 2*hid) in float32."""
+    B, N, C2 = u.shape
+    dev = device_index(u)
+    plan = _plan(B, H, W, C2, CONFIG["bwd_input"], dev)
+    dweight = u.new_zeros((plan["strips"], 9, C2), dtype=torch.float32)
+    if u.numel():
+        _bwd_input_launch(plan["grid"], dev, (dc, u, s, wt, du, dweight), (H, W, C2, *plan["scalars"]),
+                          (*plan["consts"], *plan["flags"]), plan["options"])
+    return dweight
+
+
 @kernel_op("sana::depthwise_glu")
 def _depthwise_glu_op(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, H: int,
                       W: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,10 +361,7 @@ def _depthwise_glu_op(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     out = u.new_empty((B, N, HID))
     s = F.silu(u.contiguous())  # once an element (the kernel reads it at three taps), rounded like the reference
     if out.numel():
-        plan = _plan(B, H, W, HID, CONFIG["fwd"], device_index(u))
-        # dout and the partial sums are backward's (never touched here)
-        _conv_glu_launch(plan["grid"], device_index(u), (s, wt, bias, s, out, s), (H, W, HID, *plan["scalars"]),
-                         (*plan["consts"], False, *plan["flags"]), plan["options"])
+        _launch_forward(s, wt, bias, out, H, W)
     return out, s
 
 
@@ -328,20 +376,10 @@ def _depthwise_glu_backward_op(dout: torch.Tensor, u: torch.Tensor, s: torch.Ten
     """-> du (like u), dweight (2*hid, 1, 3, 3) and dbias (2*hid) in float32."""
     dout, u, s = dout.contiguous(), u.contiguous(), s.contiguous()
     wt, bias = _taps_major(weight), bias.contiguous()
-    B, N, C2 = u.shape
-    HID = C2 // 2
-    dev = device_index(u)
-    du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-    conv = _plan(B, H, W, HID, CONFIG["bwd_conv"], dev)
-    inp = _plan(B, H, W, C2, CONFIG["bwd_input"], dev)
-    dbias = u.new_zeros((conv["strips"], C2), dtype=torch.float32)
-    dweight = u.new_zeros((inp["strips"], 9, C2), dtype=torch.float32)
-    if u.numel():
-        dc = torch.empty_like(u)
-        _conv_glu_launch(conv["grid"], dev, (s, wt, bias, dout, dc, dbias), (H, W, HID, *conv["scalars"]),
-                         (*conv["consts"], True, *conv["flags"]), conv["options"])
-        _bwd_input_launch(inp["grid"], dev, (dc, u, s, wt, du, dweight), (H, W, C2, *inp["scalars"]),
-                          (*inp["consts"], *inp["flags"]), inp["options"])
+    C2 = u.shape[-1]
+    du, dc = torch.empty(u.shape, dtype=u.dtype, device=u.device), torch.empty_like(u)
+    dbias = _launch_backward_conv(s, wt, bias, dout, dc, H, W)
+    dweight = _launch_backward_input(dc, u, s, wt, du, H, W)
     return du, dweight.sum(0).t().reshape(C2, 1, 3, 3).contiguous(), dbias.sum(0)
 
 
