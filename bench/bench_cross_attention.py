@@ -1,6 +1,6 @@
 """The Linear DiT's cross-attention (softmax attention of image tokens to a padded caption) per SDPA backend.
 
-    python bench/bench_cross_attention.py [--shape B,N,L,heads,head_dim] [--sweep] [--out bench/results]
+    python bench/bench_cross_attention.py [--shape B,N,L,heads,head_dim] [--out bench/results]
 
 At Sana-0.6B's batch-16 training shape by default (1024 image tokens, 300 caption tokens of which a seeded
 random number per sample are padding, 16 heads of 72), bf16: times forward and forward + backward of
@@ -8,16 +8,13 @@ F.scaled_dot_product_attention with the additive key-padding bias the model pass
 accepts it (cuDNN, memory-efficient, math; flash takes no mask), and checks each against a float32 math
 reference (output and the three input gradients). Also: flash attention on packed keys (`varlen`: the caption's
 real tokens gathered into one (total, heads, head_dim) tensor on the device, no host sync, the query read in token
-layout), and cuDNN / flash with no mask at all (what a batch without padding would cost). `triton` is ours
-(kernels.triton_cross_attention: q, kv and out in the projections' token layouts, as the model calls it);
---sweep first times each of its three kernels over tile shapes (each configuration checked against the
-reference), then runs the table with the best.
+layout), and cuDNN / flash with no mask at all (what a batch without padding would cost). A Triton kernel of
+ours was measured here too and reverted (823f372: slower than cuDNN; bench/NOTES_block_fastpath.md).
 Prints a table, writes cross_attention_<gpu>.json.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -29,7 +26,6 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from bench.timing import median_cuda_ms  # noqa: E402
-from kernels import triton_cross_attention as tx  # noqa: E402
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "math": SDPBackend.MATH}
@@ -62,16 +58,10 @@ def varlen_cross_attention(q, k, v, mask):
     return varlen_attn(q.reshape(B * N, h, d), kp, vp, cu_q, cu_k, N, L).view(B, N, h, d)
 
 
-def _parse(key: str) -> list[str]:
-    """'m64n32w4s2' -> ['64', '32', '4', '2']"""
-    return key[1:].replace("n", " ").replace("w", " ").replace("s", " ").split()
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="16,1024,300,16,72", help="B,N,L,heads,head_dim (Sana-0.6B, batch 16)")
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--sweep", action="store_true", help="sweep the Triton kernels' tile shapes first")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -135,70 +125,6 @@ def main():
             fwd_ms = median_cuda_ms(fwd, args.iters)
         rows[name] = dict(fwd_ms=fwd_ms, fwd_bwd_ms=median_cuda_ms(fwd_bwd, args.iters), rel_err=errs,
                           ok=all(e <= TOLERANCE for e in errs.values()))
-    # ours, in the token layouts the model holds: q (B, N, C), kv (B, L, 2C), out (B, N, C)
-    C = h * d
-    q_tok = q.transpose(1, 2).reshape(B, N, C).contiguous().requires_grad_()
-    kv_tok = torch.stack((k.transpose(1, 2), v.transpose(1, 2)), 2).reshape(B, L, 2 * C).contiguous().requires_grad_()
-    key_bias = (~mask).float() * -10000.0
-    do_tok = dout.transpose(1, 2).reshape(B, N, C).contiguous()
-
-    def heads_first(t, n):  # (B, n, C) -> (B, h, n, d)
-        return t.view(B, n, h, d).transpose(1, 2)
-
-    def triton_errors(key_bias=key_bias, refs=(ref, *ref_grads)):
-        out = tx.cross_attention_triton(q_tok, kv_tok, key_bias, h)
-        dq, dkv = torch.autograd.grad(out, (q_tok, kv_tok), do_tok)
-        dk, dv = dkv.view(B, L, 2, C).unbind(2)
-        got = (heads_first(out, N), heads_first(dq, N), heads_first(dk, L), heads_first(dv, L))
-        return {n: ((x.float() - r).norm() / r.norm()).item() for n, x, r in zip(("out", "dq", "dk", "dv"), got, refs)}
-
-    if args.sweep:
-        with torch.no_grad():
-            o, lse = tx._cross_attention_op(q_tok, kv_tok, key_bias, h)
-        delta, dq_buf, dkv_buf = torch.empty_like(lse), torch.empty_like(q_tok), torch.empty_like(kv_tok)
-        launches = {
-            "fwd": (tx._fwd_launch, lambda: tx._launch_forward(q_tok, kv_tok, key_bias, o, lse, h)),
-            "dq": (tx._dq_launch, lambda: tx._launch_dq(q_tok, kv_tok, key_bias, o, lse, do_tok, delta, dq_buf, h)),
-            "dkdv": (tx._dkdv_launch, lambda: tx._launch_dkdv(q_tok, kv_tok, key_bias, lse, do_tok, delta, dkv_buf,
-                                                              h)),
-        }
-        grid = {"BLOCK_M": (32, 64, 128), "BLOCK_N": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3)}
-        sweep = {}
-        for name, (launcher, launch) in launches.items():
-            keep, sweep[name] = dict(tx.CONFIG[name]), {}
-            for combo in itertools.product(*grid.values()):
-                if name != "dkdv" and combo[0] == 32:  # a query block of 32 starves the query-major kernels
-                    continue
-                key = "m{}n{}w{}s{}".format(*combo)
-                tx.CONFIG[name] = dict(zip(grid, combo))
-                launcher.kernels.clear()
-                try:
-                    errs = triton_errors()
-                    ms = median_cuda_ms(launch, args.iters)
-                except RuntimeError as e:  # a config the compiler refuses (registers, shared memory)
-                    sweep[name][key] = dict(error=type(e).__name__)
-                    continue
-                compiled = next(iter(launcher.kernels.values()), None)
-                sweep[name][key] = dict(ms=ms, rel_err=errs, ok=all(e <= TOLERANCE for e in errs.values()),
-                                        regs=getattr(compiled, "n_regs", None),
-                                        spills=getattr(compiled, "n_spills", None))
-            good = sorted((v["ms"], k) for k, v in sweep[name].items() if v.get("ok"))
-            tx.CONFIG[name] = dict(zip(grid, map(int, _parse(good[0][1])))) if good else keep
-            print(f"sweep {name}: best {good[0][1] if good else None} {good[0][0] if good else 0:.3f} ms "
-                  f"(was {keep}); next: " + ", ".join(f"{k} {ms:.3f}" for ms, k in good[1:6]))
-        result_sweep = dict(sweep=sweep, best=dict(tx.CONFIG))
-    no_bias = torch.zeros_like(key_bias)
-    for name, kb, refs in (("triton", key_bias, (ref, *ref_grads)), ("triton-nomask", no_bias, (ref_full, *ref_full_grads))):
-        try:
-            errs = triton_errors(kb, refs)
-            with torch.no_grad():
-                fwd_ms = median_cuda_ms(lambda: tx.cross_attention_triton(q_tok, kv_tok, kb, h), args.iters)
-            fwd_bwd_ms = median_cuda_ms(lambda: torch.autograd.grad(tx.cross_attention_triton(q_tok, kv_tok, kb, h),
-                                                                     (q_tok, kv_tok), do_tok), args.iters)
-            rows[name] = dict(fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, rel_err=errs,
-                              ok=all(e <= TOLERANCE for e in errs.values()), config=dict(tx.CONFIG))
-        except RuntimeError as e:
-            rows[name] = dict(error=str(e).splitlines()[0][:200])
     print(f"{gpu}: q (B={B}, heads={h}, N={N}, d={d}), {L} caption tokens, bf16")
     print(f"{'backend':<13} {'fwd ms':>8} {'fwd+bwd ms':>11}  relative error vs float32")
     for name, r in rows.items():
@@ -211,10 +137,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     tag = "h200" if "H200" in gpu else "h100" if "H100" in gpu else gpu.split()[-1].lower()
     path = out / f"cross_attention_{tag}.json"
-    result = dict(gpu=gpu, shape=dict(B=B, N=N, L=L, heads=h, head_dim=d), rows=rows)
-    if args.sweep:
-        result.update(result_sweep)
-    path.write_text(json.dumps(result, indent=1))
+    path.write_text(json.dumps(dict(gpu=gpu, shape=dict(B=B, N=N, L=L, heads=h, head_dim=d), rows=rows), indent=1))
     print(f"wrote {path}")
 
 

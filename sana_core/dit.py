@@ -15,7 +15,7 @@ conv shape diffusers stores; a load_state_dict pre-hook accepts those old 4-D we
 
 One block definition, two back-ends for the glue around the GEMMs, picked per call like
 kernels.linear_attention picks one (SANA_BLOCK_BACKEND, default "auto": Triton on CUDA, PyTorch elsewhere):
-`modulate` (LayerNorm + AdaLN scale/shift), the gated residual, the cross-attention and Mix-FFN's depthwise 3x3 + SiLU gate run as
+`modulate` (LayerNorm + AdaLN scale/shift), the gated residual and Mix-FFN's depthwise 3x3 + SiLU gate run as
 fused kernels in token layout (kernels.adaln, kernels.mixffn), with activations in the residual stream's
 dtype (bf16 under autocast). The PyTorch path is the reference. Every GEMM stays a call of an nn.Linear
 module (self.attn.qkv(x), self.mlp.inverted(x), ...) so that quantisation and LoRA can wrap them.
@@ -26,11 +26,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels import adaln
-from kernels.cross_attention import cross_attention
 from kernels.linear_attention import linear_attention_packed
 from kernels.mixffn import depthwise_glu
 from sana_core.errors import SanaError
@@ -160,8 +160,12 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        # x (B, N, C), y (B, L, C), bias (B, L): heads are column slices of the projections, read in place
-        return self.proj(cross_attention(self.q(x), self.kv(y), bias, self.heads))  # (B, N, C)
+        B, N, C = x.shape
+        h, d = self.heads, C // self.heads
+        q = self.q(x).view(B, N, h, d).transpose(1, 2)
+        k, v = self.kv(y).view(B, y.shape[1], 2, h, d).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
 class MixFFN(nn.Module):
@@ -248,7 +252,7 @@ class LinearDiT(nn.Module):
         # Additive -10000 like diffusers (not -inf): an all-padding row then stays finite.
         if y_mask is None:
             y_mask = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)
-        y_bias = (~y_mask.bool()).float() * -10000.0  # (B, L)
+        y_bias = ((~y_mask.bool()).to(x.dtype) * -10000.0)[:, None, None, :]
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, y, y_bias, t_mod, hw, use_reentrant=False)
