@@ -31,7 +31,7 @@ from sana_core.autoencoder import Autoencoder
 from sana_core.dit import LinearDiT
 from sana_core.errors import SanaError
 from sana_core.samplers import guided, sample
-from sana_core.text_encoder import TextEncoder
+from sana_core.text_encoder import TextEncoder, trim_padding
 
 DECODE_TILE = 2048  # pixels a side decoded in one piece (bf16 f32c32: a few GiB); larger images are tiled
 DECODE_OVERLAP = 128  # pixels two neighbouring tiles share (blended linearly)
@@ -126,7 +126,8 @@ class _GraphedSteps:
 
 class SanaPipeline:
     def __init__(self, dit: LinearDiT, text_encoder: TextEncoder, autoencoder: Autoencoder, shift: float = 3.0,
-                 decode_tile: int = DECODE_TILE, compile: bool = False, cuda_graphs: bool = True):
+                 decode_tile: int = DECODE_TILE, compile: bool = False, cuda_graphs: bool = True,
+                 caption_bucket: int = 64):
         if text_encoder.hidden_size != dit.cfg.caption_channels:
             raise SanaError(f"text encoder hidden size {text_encoder.hidden_size} != DiT caption_channels "
                             f"{dit.cfg.caption_channels}")
@@ -139,6 +140,9 @@ class SanaPipeline:
         self.dit, self.text_encoder, self.autoencoder, self.shift = dit.eval(), text_encoder, autoencoder, shift
         self.decode_tile = decode_tile
         self.cuda_graphs = cuda_graphs
+        # Prompts cut to the longest of the batch (and the negative prompt), rounded up to this: exact (padding
+        # keys have weight 0) and every denoising step's cross-attention shrinks with it (0: pad to max_length).
+        self.caption_bucket = caption_bucket
         if compile:
             compile_blocks(self.dit)
         self.timings: dict[str, float] = {}
@@ -153,9 +157,13 @@ class SanaPipeline:
 
     @torch.inference_mode()
     def encode_prompts(self, prompts: list[str], negative_prompt: str = "") -> tuple[torch.Tensor, ...]:
-        """(y, y_mask, y_null, y_null_mask) on the DiT's device and dtype; the negative prompt as one row."""
-        y, y_mask = self.text_encoder.encode(prompts)
-        y_null, y_null_mask = self.text_encoder.encode([negative_prompt], instruction=False)
+        """(y, y_mask, y_null, y_null_mask) on the DiT's device and dtype; the negative prompt as one row. Both cut
+        to one length: the longest prompt's, rounded up to caption_bucket (trim_padding)."""
+        y, y_mask, used = self.text_encoder.encode_lengths(prompts)
+        y_null, y_null_mask, used_null = self.text_encoder.encode_lengths([negative_prompt], instruction=False)
+        most = max(used + used_null)
+        y, y_mask = trim_padding(y, y_mask, most, self.caption_bucket)
+        y_null, y_null_mask = trim_padding(y_null, y_null_mask, most, self.caption_bucket)
         dev, dtype = self.device, self.dtype
         return y.to(dev, dtype), y_mask.to(dev), y_null.to(dev, dtype), y_null_mask.to(dev)
 

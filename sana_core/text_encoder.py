@@ -82,6 +82,13 @@ class TextEncoder:
     @torch.no_grad()
     def encode(self, prompts: list[str], instruction: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """prompts -> (emb (B, max_length, hidden_size), mask (B, max_length) bool, True = real token)."""
+        emb, mask, _ = self.encode_lengths(prompts, instruction)
+        return emb, mask
+
+    def encode_lengths(self, prompts: list[str],
+                       instruction: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """As encode, and how many leading positions each prompt uses (1 + its last real token's index), read
+        from the tokenizer's mask on the host: what trim_padding needs, without waiting for the device."""
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = [p.lower().strip() for p in prompts]
@@ -93,9 +100,25 @@ class TextEncoder:
             length = self.max_length
         tok = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
                              add_special_tokens=True, return_tensors="pt")
-        ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
+        host_mask = tok.attention_mask
+        ids, mask = tok.input_ids.to(self.device), host_mask.to(self.device)
         emb = self.model(ids, attention_mask=mask).last_hidden_state
         if use_chi:
             keep = [0] + list(range(length - self.max_length + 1, length))  # BOS + the last max_length - 1
-            emb, mask = emb[:, keep], mask[:, keep]
-        return emb, mask.bool()
+            emb, mask, host_mask = emb[:, keep], mask[:, keep], host_mask[:, keep]
+        positions = torch.arange(1, host_mask.shape[1] + 1)
+        used = (host_mask.bool() * positions).amax(1).clamp_min(1).tolist()
+        return emb, mask.bool(), used
+
+
+def trim_padding(emb: torch.Tensor, mask: torch.Tensor, used: int, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the trailing positions that no prompt of the batch uses (`used`: the most any uses), keeping a
+    multiple of `multiple` of them (0: keep all). The DiT's cross-attention gives padding keys weight 0 (an
+    additive -10000, exp of which is 0 in float32), so the output is the same up to rounding, while the
+    cross-attention, its key/value projections and the caption projection shrink with the caption: Sana pads every
+    caption to 300 tokens. The multiple bounds how many shapes a run sees (one CUDA graph each, with
+    model.cuda_graphs)."""
+    if multiple <= 0:
+        return emb, mask
+    keep = min(emb.shape[1], -(-max(used, 1) // multiple) * multiple)
+    return emb[:, :keep], mask[:, :keep]

@@ -58,6 +58,30 @@ def test_matches_diffusers_sana(hw, seed):
         assert _rel(ours(x, t, y, flipped)[-1], a[-1]) > 1e-3
 
 
+def test_trailing_caption_padding_changes_nothing():
+    """Padding keys get weight 0 in the cross-attention (bias -10000: exp underflows to 0), so cutting the
+    positions after a batch's longest caption (what the trainer does, sana_core.text_encoder.trim_padding) gives
+    the same output and gradients up to rounding; and the padding's content does not matter."""
+    torch.manual_seed(0)
+    model = LinearDiT(CFG)
+    x, t, y, y_mask = _inputs(3, 4, 4, L=24)
+    y_mask[:, 10:] = False
+    y_mask[0, :10] = True  # the longest caption: 10 tokens
+    outs = []
+    for keep, pad in ((24, 0.0), (10, 0.0), (16, 0.0), (24, 1e4)):
+        yy = y.clone()
+        yy[:, 10:] = pad  # huge values in the padding: still no weight
+        leaf = yy[:, :keep].clone().requires_grad_()
+        model.zero_grad()
+        out = model(x, t, leaf, y_mask[:, :keep])
+        out.square().mean().backward()
+        outs.append((out.detach(), [p.grad.clone() for p in model.parameters()], leaf.grad[:, :10]))
+    (o0, g0, d0), *rest = outs
+    for o, g, d in rest:
+        assert _rel(o, o0) <= 1e-6 and _rel(d, d0) <= 1e-6
+        assert max(_rel(a, b) for a, b in zip(g, g0) if b.norm() > 0) <= 1e-5
+
+
 def test_export_round_trip_into_diffusers():
     ours = LinearDiT(CFG).eval()
     with torch.no_grad():

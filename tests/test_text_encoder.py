@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sana_core.errors import SanaError
-from sana_core.text_encoder import COMPLEX_HUMAN_INSTRUCTION, TextEncoder
+from sana_core.text_encoder import COMPLEX_HUMAN_INSTRUCTION, TextEncoder, trim_padding
 from sana_core.zoo import caption_corpus
 
 
@@ -16,8 +16,8 @@ def te(zoo):
     return TextEncoder.from_pretrained(zoo.gemma)
 
 
-def _prompts(n):
-    rng = random.Random()  # fresh prompts every run
+def _prompts(n, seed=0):
+    rng = random.Random(seed + 1000 * n)  # seeded: a test draws the same prompts every run
     return [rng.choice(caption_corpus()) for _ in range(n)]
 
 
@@ -34,6 +34,20 @@ def test_shape_mask_and_dropped_instruction(te):
     assert emb_plain.shape == (1, 300, te.hidden_size)
     assert mask_plain.sum().item() == len(te.tokenizer.encode(short.lower()))
     assert not torch.allclose(emb[0, 1], emb_plain[0, 1])  # the instruction conditions the prompt tokens
+
+
+def test_lengths_come_from_the_host_and_trim_drops_only_padding(te):
+    prompts = ["A cat", " ".join(_prompts(2)), ""]
+    emb, mask, used = te.encode_lengths(prompts)
+    assert used == [int(m.nonzero().max()) + 1 for m in mask]  # 1 + the last real token's position
+    _, plain_mask, plain_used = te.encode_lengths(prompts, instruction=False)
+    assert plain_used == [int(m.nonzero().max()) + 1 for m in plain_mask]
+    for multiple in (1, 8, 64, 1000):
+        e, m = trim_padding(emb, mask, max(used), multiple)
+        keep = min(300, -(-max(used) // multiple) * multiple)
+        assert e.shape[1] == m.shape[1] == keep and keep >= max(used)
+        assert torch.equal(e, emb[:, :keep]) and not mask[:, keep:].any()
+    assert trim_padding(emb, mask, max(used), 0)[0].shape[1] == 300  # 0: off
 
 
 def test_matches_diffusers_encode_prompt(te, zoo):

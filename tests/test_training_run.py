@@ -53,6 +53,30 @@ def test_resume_gives_the_same_losses_bit_for_bit(data, tmp_path):
     assert (part / "config.yaml").is_file()
 
 
+def test_captions_cut_to_the_batch_longest_train_the_same(data, tmp_path):
+    """model.caption_bucket cuts each batch's caption padding after its longest caption (rounded up): the losses
+    equal those of full max_length padding up to rounding, with both the text cache and the CFG drop's null
+    embedding in play, and the batches really are shorter."""
+    from training.trainer import Trainer
+
+    full = tmp_path / "full"
+    train(tiny_cfg("max_steps=4", "model.caption_bucket=0", "data.caption_dropout=0.3"), data, full)
+    cut = tmp_path / "cut"
+    train(tiny_cfg("max_steps=4", "model.caption_bucket=4", "data.caption_dropout=0.3"), data, cut)
+    a, b = losses(full), losses(cut)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert math.isclose(a[step], b[step], rel_tol=1e-5), (step, a[step], b[step])
+    trainer = Trainer(tiny_cfg("model.caption_bucket=4"), data, tmp_path / "probe")
+    try:
+        y, mask = trainer.encode(["a cat", "", "a small red house by the sea at night"])
+        assert y.shape[1] % 4 == 0 and y.shape[1] < trainer.cfg.model.max_length
+        assert mask[:, -4:].any() and mask[:, 0].all()  # the longest caption reaches the last kept bucket
+    finally:
+        trainer.close()
+        trainer.release()
+
+
 def test_keep_last_k_checkpoints_came_and_gradient_checkpointing(data, tmp_path):
     s = train(tiny_cfg("max_steps=8", "checkpoint.every=2", "checkpoint.keep_last=2", "data.num_workers=0",
                        "optim.name=came", "model.gradient_checkpointing=true"), data, tmp_path)

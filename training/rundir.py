@@ -31,7 +31,7 @@ RESUME_SAFE = ("optim.lr", "optim.betas", "optim.eps", "optim.weight_decay", "op
                "optim.schedule", "optim.min_lr_ratio", "optim.grad_accum_steps", "max_steps", "track.",
                "checkpoint.", "on_nonfinite", "precision", "ema.decay", "dist.", "data.num_workers",
                "data.pin_memory", "data.on_error", "data.read_retries", "data.retry_wait",
-               "model.gradient_checkpointing", "model.text_cache", "model.cuda_graphs")
+               "model.gradient_checkpointing", "model.text_cache", "model.cuda_graphs", "model.caption_bucket")
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json")
 
 

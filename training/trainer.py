@@ -20,6 +20,7 @@ from tqdm import tqdm
 from sana_core.dit import LinearDiT
 from sana_core.errors import SanaError
 from sana_core.flow import flow_loss
+from sana_core.text_encoder import trim_padding
 from training import checkpoint as ckpt
 from training import distributed as D
 from training import finetune, graphs, rundir
@@ -106,9 +107,10 @@ class Trainer:
         self.text_encoder = load_text_encoder(cfg, info.device, torch.float32)
         with torch.no_grad():
             # Sana / diffusers encode the unconditional prompt without the complex human instruction.
-            self.null_emb, self.null_mask = self.text_encoder.encode([""], instruction=False)
+            self.null_emb, self.null_mask, (self.null_used,) = self.text_encoder.encode_lengths([""],
+                                                                                               instruction=False)
 
-        self.text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, int]] = OrderedDict()
         self.step = 0
         wandb_id, captions_taken = None, {}
         # per slot: worker -> (epoch, index) of its last consumed batch
@@ -189,37 +191,45 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------------------
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> y (B, L, C), mask (B, L): L = the batch's longest caption rounded up to model.caption_bucket
+        (max_length with model.cuda_graphs)."""
         cache, size = self.text_cache, self.cfg.model.text_cache
         with torch.no_grad():
             if size <= 0:
-                y, mask = self.text_encoder.encode(captions)
+                y, mask, used = self.text_encoder.encode_lengths(captions)
             else:
                 misses = [c for c in dict.fromkeys(captions) if c not in cache and c != ""]
                 if misses:
-                    ym, mm = self.text_encoder.encode(misses)
-                    for c, e, m in zip(misses, ym, mm):
-                        cache[c] = (e.clone(), m.clone())
+                    ym, mm, um = self.text_encoder.encode_lengths(misses)
+                    for c, e, m, u in zip(misses, ym, mm, um):
+                        cache[c] = (e.clone(), m.clone(), u)
                 for c in captions:
                     if c in cache:
                         cache.move_to_end(c)
                 while len(cache) > size:
                     cache.popitem(last=False)
-                pairs = [cache[c] if c != "" else (self.null_emb[0], self.null_mask[0]) for c in captions]
-                y, mask = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+                null = (self.null_emb[0], self.null_mask[0], self.null_used)
+                entries = [cache[c] if c != "" else null for c in captions]
+                y, mask = torch.stack([e[0] for e in entries]), torch.stack([e[1] for e in entries])
+                used = [e[2] for e in entries]
         empty = [i for i, c in enumerate(captions) if c == ""]
         if empty:  # classifier-free guidance: dropped captions train on the empty-prompt embedding
             y[empty], mask[empty] = self.null_emb.to(y.dtype), self.null_mask
-        return y, mask
+            used = [self.null_used if c == "" else u for c, u in zip(captions, used)]
+        # With CUDA graphs every caption length would be one more captured graph with its own activation memory.
+        bucket = 0 if self.cfg.model.cuda_graphs else self.cfg.model.caption_bucket
+        return trim_padding(y, mask, max(used), bucket)
 
     def train_step(self, micro: list[dict]) -> dict:
         """One optimizer step over this rank's optim.grad_accum_steps micro-batches. Each loss is scaled by
         1/A, so the accumulated gradient is their mean, and DDP / FSDP2 average over ranks: the step's gradient
         is the mean over all world x A micro-batches, whatever the layout."""
         dev = self.info.device
-        losses, per_samples = [], []
+        losses, per_samples, tokens = [], [], []
         for a, batch in enumerate(micro):
             x0 = batch["latents"].to(dev, non_blocking=True)
             y, mask = self.encode(batch["captions"])
+            tokens.append(y.shape[1])
             last = a == len(micro) - 1
             with contextlib.nullcontext() if last else D.no_grad_sync(self.model, self.strategy):
                 # A CUDA-graph capture must not cache autocast's weight casts (they would be stale on replay).
@@ -237,14 +247,14 @@ class Trainer:
         gn = self._clip()
         if not math.isfinite(gn):
             self.opt.zero_grad(set_to_none=D.grads_set_to_none(self.strategy))
-            return self._nonfinite(micro, per_samples)
+            return {**self._nonfinite(micro, per_samples), "text_tokens": tokens}
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=D.grads_set_to_none(self.strategy))
         if self.ema is not None:
             self.ema.update(self.raw)
         loss = torch.stack(losses).mean()
-        return {"loss": D.all_reduce_mean(loss, self.info).item(), "grad_norm": gn}
+        return {"loss": D.all_reduce_mean(loss, self.info).item(), "grad_norm": gn, "text_tokens": tokens}
 
     def _clip(self) -> float:
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
@@ -289,10 +299,7 @@ class Trainer:
                     self.health.update(batch)
                     self.data_positions[a][batch["worker"]] = (batch["epoch"], batch["index"])
                     self.tracker.count_captions(batch["vlms"], batch["dropped"].tolist())
-                    B, _, h, w = batch["latents"].shape
-                    window_imgs += B
-                    window_flops += B * train_flops_per_image(self.num_params, cfg.model.dit, h, w,
-                                                              cfg.model.max_length)
+                    window_imgs += batch["latents"].shape[0]
                 if self.keys_log is not None:
                     with self.keys_log.open("a") as f:
                         for a, b in enumerate(micro):
@@ -300,6 +307,9 @@ class Trainer:
                                                 "worker": b["worker"], "epoch": b["epoch"], "index": b["index"],
                                                 "keys": b["keys"]}) + "\n")
                 out = self.train_step(micro)
+                for batch, tokens in zip(micro, out.pop("text_tokens")):
+                    B, _, h, w = batch["latents"].shape
+                    window_flops += B * train_flops_per_image(self.num_params, cfg.model.dit, h, w, tokens)
                 self.step += 1
                 if math.isfinite(out["loss"]):
                     losses.append(out["loss"])
@@ -384,7 +394,7 @@ class Trainer:
         if not hasattr(self, "autoencoder"):
             self.autoencoder = Autoencoder.from_pretrained(resolve_model_path(cfg.model.autoencoder), device="cpu")
         te = self.text_encoder
-        pipe = SanaPipeline(dit, te, self.autoencoder)
+        pipe = SanaPipeline(dit, te, self.autoencoder, caption_bucket=cfg.model.caption_bucket)
         images = pipe(list(cfg.track.sample_prompts), height=cfg.track.sample_height, width=cfg.track.sample_width,
                       steps=cfg.track.sample_steps, guidance_scale=cfg.track.guidance_scale, solver="flow_dpm", seed=0,
                       shift=cfg.flow.shift)
