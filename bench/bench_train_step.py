@@ -183,7 +183,7 @@ def run_variant(variant: str, mode: dict, args, flops: float, ceiling: float, pr
         model = _build(variant, cfg)
         inp = _inputs(cfg, B, mode["latent"])
         if variant == "ours-cut":
-            inp["y"], inp["y_mask"] = trim_padding(inp["y"], inp["y_mask"], REAL_TOKENS, CAPTION_BUCKET)
+            inp["y"], inp["y_mask"] = trim_padding(inp["y"], inp["y_mask"], REAL_TOKENS, CAPTION_BUCKET, TEXT_TOKENS)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()  # from here: a CUDA graph's pool is allocated at capture
         t0 = time.perf_counter()

@@ -161,9 +161,9 @@ class SanaPipeline:
         to one length: the longest prompt's, rounded up to caption_bucket (trim_padding)."""
         y, y_mask, used = self.text_encoder.encode_lengths(prompts)
         y_null, y_null_mask, used_null = self.text_encoder.encode_lengths([negative_prompt], instruction=False)
-        most = max(used + used_null)
-        y, y_mask = trim_padding(y, y_mask, most, self.caption_bucket)
-        y_null, y_null_mask = trim_padding(y_null, y_null_mask, most, self.caption_bucket)
+        most, max_length = max(used + used_null), self.text_encoder.max_length
+        y, y_mask = trim_padding(y, y_mask, most, self.caption_bucket, max_length)
+        y_null, y_null_mask = trim_padding(y_null, y_null_mask, most, self.caption_bucket, max_length)
         dev, dtype = self.device, self.dtype
         return y.to(dev, dtype), y_mask.to(dev), y_null.to(dev, dtype), y_null_mask.to(dev)
 

@@ -36,18 +36,22 @@ def test_shape_mask_and_dropped_instruction(te):
     assert not torch.allclose(emb[0, 1], emb_plain[0, 1])  # the instruction conditions the prompt tokens
 
 
-def test_lengths_come_from_the_host_and_trim_drops_only_padding(te):
+def test_encoder_runs_on_the_longest_prompt_and_trim_drops_only_padding(te):
     prompts = ["A cat", " ".join(_prompts(2)), ""]
+    full, full_mask = te.encode(prompts)  # max_length positions
     emb, mask, used = te.encode_lengths(prompts)
-    assert used == [int(m.nonzero().max()) + 1 for m in mask]  # 1 + the last real token's position
+    T = emb.shape[1]
+    assert T == max(used) < 300 and used == [int(m.nonzero().max()) + 1 for m in mask]  # 1 + last real position
+    assert torch.equal(full_mask[:, :T], mask) and not full_mask[:, T:].any()
+    assert torch.allclose(full[:, :T][mask], emb[mask], rtol=1e-6, atol=1e-6)
     _, plain_mask, plain_used = te.encode_lengths(prompts, instruction=False)
     assert plain_used == [int(m.nonzero().max()) + 1 for m in plain_mask]
     for multiple in (1, 8, 64, 1000):
-        e, m = trim_padding(emb, mask, max(used), multiple)
+        e, m = trim_padding(emb, mask, max(used), multiple, 300)
         keep = min(300, -(-max(used) // multiple) * multiple)
         assert e.shape[1] == m.shape[1] == keep and keep >= max(used)
-        assert torch.equal(e, emb[:, :keep]) and not mask[:, keep:].any()
-    assert trim_padding(emb, mask, max(used), 0)[0].shape[1] == 300  # 0: off
+        assert torch.equal(m, full_mask[:, :keep]) and torch.equal(e[:, :T], emb) and (e[:, T:] == 0).all()
+    assert trim_padding(emb, mask, max(used), 0, 300)[0].shape[1] == 300  # 0: Sana's fixed length
 
 
 def test_matches_diffusers_encode_prompt(te, zoo):
@@ -66,7 +70,10 @@ def test_matches_diffusers_encode_prompt(te, zoo):
     emb, mask = te.encode(prompts)
     neg, neg_mask = te.encode([""] * 3, instruction=False)
     assert torch.equal(mask, ref_mask.bool()) and torch.equal(neg_mask, ref_neg_mask.bool())
-    assert torch.allclose(emb, ref, rtol=1e-5, atol=1e-6) and torch.allclose(neg, ref_neg, rtol=1e-5, atol=1e-6)
+    # the real positions equal diffusers'; past the batch's longest prompt ours are zero (padding either way)
+    assert torch.allclose(emb[mask], ref[mask], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(neg[neg_mask], ref_neg[neg_mask], rtol=1e-5, atol=1e-6)
+    assert (emb[:, mask.sum(1).max():] == 0).all() and (neg[:, 1:] == 0).all()
 
 
 def test_embedding_does_not_depend_on_the_rest_of_the_batch(te):

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from sana_core.dit import LinearDiT
 from sana_core.errors import SanaError
 from sana_core.flow import flow_loss
-from sana_core.text_encoder import trim_padding
+from sana_core.text_encoder import fit_padding, kept_length, trim_padding
 from training import checkpoint as ckpt
 from training import distributed as D
 from training import finetune, graphs, rundir
@@ -110,7 +110,7 @@ class Trainer:
             self.null_emb, self.null_mask, (self.null_used,) = self.text_encoder.encode_lengths([""],
                                                                                                instruction=False)
 
-        self.text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, int]] = OrderedDict()
+        self.text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.step = 0
         wandb_id, captions_taken = None, {}
         # per slot: worker -> (epoch, index) of its last consumed batch
@@ -194,31 +194,34 @@ class Trainer:
         """-> y (B, L, C), mask (B, L): L = the batch's longest caption rounded up to model.caption_bucket
         (max_length with model.cuda_graphs)."""
         cache, size = self.text_cache, self.cfg.model.text_cache
+        # With CUDA graphs every caption length would be one more captured graph with its own activation memory.
+        bucket = 0 if self.cfg.model.cuda_graphs else self.cfg.model.caption_bucket
+        max_length = self.cfg.model.max_length
         with torch.no_grad():
             if size <= 0:
                 y, mask, used = self.text_encoder.encode_lengths(captions)
-            else:
-                misses = [c for c in dict.fromkeys(captions) if c not in cache and c != ""]
-                if misses:
-                    ym, mm, um = self.text_encoder.encode_lengths(misses)
-                    for c, e, m, u in zip(misses, ym, mm, um):
-                        cache[c] = (e.clone(), m.clone(), u)
-                for c in captions:
-                    if c in cache:
-                        cache.move_to_end(c)
-                while len(cache) > size:
-                    cache.popitem(last=False)
-                null = (self.null_emb[0], self.null_mask[0], self.null_used)
-                entries = [cache[c] if c != "" else null for c in captions]
-                y, mask = torch.stack([e[0] for e in entries]), torch.stack([e[1] for e in entries])
-                used = [e[2] for e in entries]
-        empty = [i for i, c in enumerate(captions) if c == ""]
-        if empty:  # classifier-free guidance: dropped captions train on the empty-prompt embedding
-            y[empty], mask[empty] = self.null_emb.to(y.dtype), self.null_mask
-            used = [self.null_used if c == "" else u for c, u in zip(captions, used)]
-        # With CUDA graphs every caption length would be one more captured graph with its own activation memory.
-        bucket = 0 if self.cfg.model.cuda_graphs else self.cfg.model.caption_bucket
-        return trim_padding(y, mask, max(used), bucket)
+                empty = [i for i, c in enumerate(captions) if c == ""]
+                used = [self.null_used if c == "" else u for c, u in zip(captions, used)]
+                y, mask = trim_padding(y, mask, max(used), bucket, max_length)
+                if empty:  # classifier-free guidance: dropped captions train on the empty-prompt embedding
+                    null_y, null_mask = fit_padding(self.null_emb, self.null_mask, y.shape[1])
+                    y[empty], mask[empty] = null_y.to(y.dtype), null_mask
+                return y, mask
+            misses = [c for c in dict.fromkeys(captions) if c not in cache and c != ""]
+            if misses:
+                ym, mm, um = self.text_encoder.encode_lengths(misses)
+                for c, e, m, u in zip(misses, ym, mm, um):
+                    cache[c] = (e[:u].clone(), m[:u].clone())  # the positions it uses
+            for c in captions:
+                if c in cache:
+                    cache.move_to_end(c)
+            while len(cache) > size:
+                cache.popitem(last=False)
+            null = (self.null_emb[0], self.null_mask[0])
+            entries = [cache[c] if c != "" else null for c in captions]
+            keep = kept_length(max(len(e[1]) for e in entries), bucket, max_length)
+            fitted = [fit_padding(e[None], m[None], keep) for e, m in entries]
+            return torch.cat([f[0] for f in fitted]), torch.cat([f[1] for f in fitted])
 
     def train_step(self, micro: list[dict]) -> dict:
         """One optimizer step over this rank's optim.grad_accum_steps micro-batches. Each loss is scaled by
