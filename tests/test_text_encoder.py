@@ -54,7 +54,8 @@ def test_encoder_runs_on_the_longest_prompt_and_trim_drops_only_padding(te):
     assert trim_padding(emb, mask, max(used), 0, 300)[0].shape[1] == 300  # 0: Sana's fixed length
 
 
-def test_matches_diffusers_encode_prompt(te, zoo):
+@pytest.mark.parametrize("long", [False, True], ids=["short-batch", "with-a-truncated-prompt"])
+def test_matches_diffusers_encode_prompt(te, zoo, long):
     from diffusers import DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
 
     from sana_core.autoencoder import Autoencoder
@@ -63,13 +64,14 @@ def test_matches_diffusers_encode_prompt(te, zoo):
     pipe = SanaPipeline(tokenizer=te.tokenizer, text_encoder=te.model, vae=Autoencoder.from_pretrained(zoo.dcae).vae,
                         transformer=SanaTransformer2DModel(**DIT_CONFIGS["tiny"].to_diffusers_config()),
                         scheduler=DPMSolverMultistepScheduler())
-    prompts = _prompts(3)
+    prompts = _prompts(3) + ([" ".join(_prompts(40))] if long else [])  # longer than max_length: truncated
     ref, ref_mask, ref_neg, ref_neg_mask = pipe.encode_prompt(
         prompts, do_classifier_free_guidance=True, negative_prompt="", device=torch.device("cpu"),
         complex_human_instruction=COMPLEX_HUMAN_INSTRUCTION)
     emb, mask = te.encode(prompts)
-    neg, neg_mask = te.encode([""] * 3, instruction=False)
+    neg, neg_mask = te.encode([""] * len(prompts), instruction=False)
     assert torch.equal(mask, ref_mask.bool()) and torch.equal(neg_mask, ref_neg_mask.bool())
+    assert mask[:, -1].any() == long
     # the real positions equal diffusers'; past the batch's longest prompt ours are zero (padding either way)
     assert torch.allclose(emb[mask], ref[mask], rtol=1e-5, atol=1e-6)
     assert torch.allclose(neg[neg_mask], ref_neg[neg_mask], rtol=1e-5, atol=1e-6)
