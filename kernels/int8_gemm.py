@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from kernels.block_backend import interpreting
+from kernels.launch import next_pow2
 
 FORMATS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
 EPS = 1e-12  # absmax floor: an all-zero row gets a tiny scale (and zeros), not 0/0
@@ -190,7 +191,7 @@ def quantize_rows(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor
     M, K = x.shape
     q = torch.empty((M, K), dtype=dtype, device=x.device)
     s = torch.empty((M,), dtype=torch.float32, device=x.device)
-    block_k = triton.next_power_of_2(K)
+    block_k = next_pow2(K)
     rows = max(1, min(16, 4096 // block_k))  # about 4096 elements a program
     warps = 8 if block_k >= 4096 else 4
     _launcher(_quant_rows_kernel)(((M + rows - 1) // rows,), _device(x), (x, q, s), (M, K, x.stride(0)),

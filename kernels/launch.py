@@ -54,6 +54,11 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)  # triton.cdiv is a constexpr_function: microseconds of wrapper per host call
 
 
+def next_pow2(n: int) -> int:
+    """triton.next_power_of_2 without its constexpr_function wrapper (~300 host calls a Sana training step)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _hooked(hook) -> bool:
     """Whether a Triton launch hook does anything (None, or since 3.7 a HookChain, empty by default)."""
     return hook is not None and bool(getattr(hook, "calls", True))

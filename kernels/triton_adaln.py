@@ -24,6 +24,7 @@ from kernels.launch import (
     cdiv,
     device_index,
     kernel_op,
+    next_pow2,
     on_current_device,
     sm_count,
     supported_device,
@@ -129,7 +130,7 @@ _residual_bwd_launch = Launcher(_residual_bwd)
 
 def _tile(C: int) -> tuple[int, int, tuple]:
     """(BLOCK_R, BLOCK_C, launch options): whole rows of C channels, several rows a program when C is small."""
-    block_c = triton.next_power_of_2(C)
+    block_c = next_pow2(C)
     block_r = max(1, min(64, ELEMENTS // block_c))
     return block_r, block_c, (("num_warps", 8 if block_r * block_c >= 4096 else 4),)
 

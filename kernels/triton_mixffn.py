@@ -39,6 +39,7 @@ from kernels.launch import (
     cdiv,
     device_index,
     kernel_op,
+    next_pow2,
     on_current_device,
     sm_count,
     supported_device,
@@ -300,7 +301,7 @@ _bwd_input_launch = Launcher(_bwd_input)
 def _plan(B: int, H: int, W: int, channels: int, cfg: dict, device: int) -> dict:
     """Grid of a kernel: channel blocks x (images x column strips x row bands), enough programs to fill the GPU
     with the fewest bands (each band re-reads two halo rows)."""
-    block_w = max(2, min(cfg["BLOCK_W"], triton.next_power_of_2(W)))
+    block_w = max(2, min(cfg["BLOCK_W"], next_pow2(W)))
     c_blocks, n_wseg = cdiv(channels, cfg["BLOCK_C"]), cdiv(W, block_w)
     want = cdiv(cfg["PROGRAMS_PER_SM"] * sm_count(device), c_blocks * B * n_wseg)
     band = cdiv(H, min(H, max(1, want)))
