@@ -20,7 +20,7 @@ from tqdm import tqdm
 from sana_core.dit import LinearDiT
 from sana_core.errors import SanaError
 from sana_core.flow import flow_loss
-from sana_core.text_encoder import fit_padding, kept_length, trim_padding
+from sana_core.text_encoder import fit_padding, kept_length
 from training import checkpoint as ckpt
 from training import distributed as D
 from training import finetune, graphs, rundir
@@ -107,8 +107,8 @@ class Trainer:
         self.text_encoder = load_text_encoder(cfg, info.device, torch.float32)
         with torch.no_grad():
             # Sana / diffusers encode the unconditional prompt without the complex human instruction.
-            self.null_emb, self.null_mask, (self.null_used,) = self.text_encoder.encode_lengths([""],
-                                                                                               instruction=False)
+            # (1, T, C) with T the positions the empty prompt uses: it does not lengthen a batch's captions
+            self.null_emb, self.null_mask, _ = self.text_encoder.encode_lengths([""], instruction=False)
 
         self.text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.step = 0
@@ -194,34 +194,26 @@ class Trainer:
         """-> y (B, L, C), mask (B, L): L = the batch's longest caption rounded up to model.caption_bucket
         (max_length with model.cuda_graphs)."""
         cache, size = self.text_cache, self.cfg.model.text_cache
-        # With CUDA graphs every caption length would be one more captured graph with its own activation memory.
-        bucket = 0 if self.cfg.model.cuda_graphs else self.cfg.model.caption_bucket
-        max_length = self.cfg.model.max_length
         with torch.no_grad():
-            if size <= 0:
-                y, mask, used = self.text_encoder.encode_lengths(captions)
-                empty = [i for i, c in enumerate(captions) if c == ""]
-                used = [self.null_used if c == "" else u for c, u in zip(captions, used)]
-                y, mask = trim_padding(y, mask, max(used), bucket, max_length)
-                if empty:  # classifier-free guidance: dropped captions train on the empty-prompt embedding
-                    null_y, null_mask = fit_padding(self.null_emb, self.null_mask, y.shape[1])
-                    y[empty], mask[empty] = null_y.to(y.dtype), null_mask
-                return y, mask
-            misses = [c for c in dict.fromkeys(captions) if c not in cache and c != ""]
+            found = {c: cache[c] for c in captions if c in cache}
+            misses = [c for c in dict.fromkeys(captions) if c not in found and c != ""]
             if misses:
                 ym, mm, um = self.text_encoder.encode_lengths(misses)
-                for c, e, m, u in zip(misses, ym, mm, um):
-                    cache[c] = (e[:u].clone(), m[:u].clone())  # the positions it uses
-            for c in captions:
-                if c in cache:
-                    cache.move_to_end(c)
-            while len(cache) > size:
-                cache.popitem(last=False)
-            null = (self.null_emb[0], self.null_mask[0])
-            entries = [cache[c] if c != "" else null for c in captions]
-            keep = kept_length(max(len(e[1]) for e in entries), bucket, max_length)
+                found.update((c, (e[:u], m[:u])) for c, e, m, u in zip(misses, ym, mm, um))  # the positions used
+            if size > 0:
+                cache.update((c, (found[c][0].clone(), found[c][1].clone())) for c in misses)
+                for c in captions:
+                    if c in cache:
+                        cache.move_to_end(c)
+                while len(cache) > size:
+                    cache.popitem(last=False)
+            found[""] = (self.null_emb[0], self.null_mask[0])  # dropped captions (CFG) train on the empty prompt
+            entries = [found[c] for c in captions]
+            # With CUDA graphs every caption length would be one more captured graph with its own activation memory.
+            bucket = 0 if self.cfg.model.cuda_graphs else self.cfg.model.caption_bucket
+            keep = kept_length(max(len(m) for _, m in entries), bucket, self.cfg.model.max_length)
             fitted = [fit_padding(e[None], m[None], keep) for e, m in entries]
-            return torch.cat([f[0] for f in fitted]), torch.cat([f[1] for f in fitted])
+        return torch.cat([f[0] for f in fitted]), torch.cat([f[1] for f in fitted])
 
     def train_step(self, micro: list[dict]) -> dict:
         """One optimizer step over this rank's optim.grad_accum_steps micro-batches. Each loss is scaled by
