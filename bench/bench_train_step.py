@@ -39,7 +39,7 @@ from torch import nn  # noqa: E402
 
 from sana_core.dit import DIT_CONFIGS, LinearDiT, to_diffusers_state_dict  # noqa: E402
 from sana_core.flow import FlowConfig, flow_loss  # noqa: E402
-from sana_core.text_encoder import trim_padding  # noqa: E402
+from sana_core.text_encoder import CAPTION_BUCKET, trim_padding  # noqa: E402
 from training.graphs import GraphedModel  # noqa: E402
 
 PEAK_TFLOPS = 989.0  # dense bf16, H100/H200 SXM
@@ -51,7 +51,6 @@ MODES = {
     "infer-0.6b-4k-b2": dict(kind="infer", config="sana-0.6b", batch=2, latent=128),
 }
 VARIANTS = ("diffusers", "diffusers-compiled", "ours", "ours-compiled", "ours-graphed", "ours-reference", "ours-cut")
-CAPTION_BUCKET = 64  # training.config.ModelConfig.caption_bucket's default
 TEXT_TOKENS, REAL_TOKENS = 300, 120
 
 

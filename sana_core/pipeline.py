@@ -31,7 +31,7 @@ from sana_core.autoencoder import Autoencoder
 from sana_core.dit import LinearDiT
 from sana_core.errors import SanaError
 from sana_core.samplers import guided, sample
-from sana_core.text_encoder import TextEncoder, trim_padding
+from sana_core.text_encoder import CAPTION_BUCKET, TextEncoder, trim_padding
 
 DECODE_TILE = 2048  # pixels a side decoded in one piece (bf16 f32c32: a few GiB); larger images are tiled
 DECODE_OVERLAP = 128  # pixels two neighbouring tiles share (blended linearly)
@@ -127,7 +127,7 @@ class _GraphedSteps:
 class SanaPipeline:
     def __init__(self, dit: LinearDiT, text_encoder: TextEncoder, autoencoder: Autoencoder, shift: float = 3.0,
                  decode_tile: int = DECODE_TILE, compile: bool = False, cuda_graphs: bool = True,
-                 caption_bucket: int = 64):
+                 caption_bucket: int = CAPTION_BUCKET):
         if text_encoder.hidden_size != dit.cfg.caption_channels:
             raise SanaError(f"text encoder hidden size {text_encoder.hidden_size} != DiT caption_channels "
                             f"{dit.cfg.caption_channels}")

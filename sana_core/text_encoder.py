@@ -122,6 +122,11 @@ class TextEncoder:
         return emb, mask.bool(), used
 
 
+# Captions are cut to a multiple of this many positions by default (training and sampling): few enough shapes,
+# little padding left.
+CAPTION_BUCKET = 64
+
+
 def fit_padding(emb: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """emb (B, T, C) and mask (B, T) cut or padded to `length` positions (padding: embedding 0, mask False)."""
     B, T, C = emb.shape

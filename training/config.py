@@ -7,6 +7,7 @@ from typing import Literal
 
 from sana_core.dit import DIT_CONFIGS, DiTConfig
 from sana_core.flow import FlowConfig
+from sana_core.text_encoder import CAPTION_BUCKET
 from training.caption_sampler import CaptionSamplerConfig
 
 
@@ -39,7 +40,7 @@ class ModelConfig:
     # max_length). Exact (padding keys have weight 0 in the cross-attention; sana_core.text_encoder.trim_padding)
     # and cheaper: cross-attention and its projections scale with the tokens kept. Off with cuda_graphs (each
     # length would be another captured graph holding its own activation memory).
-    caption_bucket: int = 64
+    caption_bucket: int = CAPTION_BUCKET
     # Embeddings of recent captions kept on the host (entries; 0 = off). The encoder is frozen and encodes each
     # prompt independently of its batch, so a hit equals a recomputation; it only saves time on small data.
     text_cache: int = 0
