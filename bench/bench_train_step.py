@@ -15,6 +15,7 @@ Variants (the same weights, copied through to_diffusers_state_dict, and the same
   ours-cut            ours eager on the captions cut as the trainer cuts them (model.caption_bucket 64: the 120
                       real tokens in 128 positions instead of 300; same loss up to rounding); its MFU counts
                       the 300-token model FLOPs of the other rows, so it reads as work done per second
+  ours-graphed-cut    both: what the trainer runs with model.cuda_graphs=true and its default caption_bucket
 Training step = rectified-flow MSE loss (sana_core.flow.flow_loss, fixed noise and t) forward + backward +
 gradient clipping + fused AdamW, bf16 autocast; inference = one forward under no_grad, bf16 autocast. Text:
 300 tokens of which 120 real. MFU = model FLOPs (torch's FlopCounterMode on meta tensors for the forward; a
@@ -50,7 +51,8 @@ MODES = {
     "infer-0.6b-b32": dict(kind="infer", config="sana-0.6b", batch=32, latent=32),
     "infer-0.6b-4k-b2": dict(kind="infer", config="sana-0.6b", batch=2, latent=128),
 }
-VARIANTS = ("diffusers", "diffusers-compiled", "ours", "ours-compiled", "ours-graphed", "ours-reference", "ours-cut")
+VARIANTS = ("diffusers", "diffusers-compiled", "ours", "ours-compiled", "ours-graphed", "ours-reference", "ours-cut",
+            "ours-graphed-cut")
 TEXT_TOKENS, REAL_TOKENS = 300, 120
 
 
@@ -181,12 +183,12 @@ def run_variant(variant: str, mode: dict, args, flops: float, ceiling: float, pr
     try:
         model = _build(variant, cfg)
         inp = _inputs(cfg, B, mode["latent"])
-        if variant == "ours-cut":
+        if variant.endswith("-cut"):
             inp["y"], inp["y_mask"] = trim_padding(inp["y"], inp["y_mask"], REAL_TOKENS, CAPTION_BUCKET, TEXT_TOKENS)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()  # from here: a CUDA graph's pool is allocated at capture
         t0 = time.perf_counter()
-        step = _step_fn(model, inp, mode["kind"], graphed=variant.endswith("graphed"))
+        step = _step_fn(model, inp, mode["kind"], graphed="graphed" in variant)
         first_loss = step().item()
         row["first_step_s"] = time.perf_counter() - t0
         for _ in range(args.warmup):
@@ -299,12 +301,13 @@ def main():
         if "ours" in by and "diffusers-compiled" in by:
             speedup = by["diffusers-compiled"]["median_ms"] / by["ours"]["median_ms"]
             print(f"ours eager vs diffusers compiled blocks: {speedup:.2f}x")
-        if "ours-graphed" in by and "diffusers-compiled" in by:
-            print(f"ours eager + CUDA graph vs diffusers compiled blocks: "
-                  f"{by['diffusers-compiled']['median_ms'] / by['ours-graphed']['median_ms']:.2f}x")
-        if "ours-cut" in by and "diffusers-compiled" in by:
-            print(f"ours eager on captions cut to {CAPTION_BUCKET}-token buckets vs diffusers compiled blocks: "
-                  f"{by['diffusers-compiled']['median_ms'] / by['ours-cut']['median_ms']:.2f}x")
+        labels = {"ours-graphed": "ours eager + CUDA graphs",
+                  "ours-cut": f"ours eager on captions cut to {CAPTION_BUCKET}-token buckets",
+                  "ours-graphed-cut": f"ours + CUDA graphs on captions cut to {CAPTION_BUCKET}-token buckets"}
+        for v, label in labels.items():
+            if v in by and "diffusers-compiled" in by:
+                print(f"{label} vs diffusers compiled blocks: "
+                      f"{by['diffusers-compiled']['median_ms'] / by[v]['median_ms']:.2f}x")
         record = dict(mode=name, **mode, device=gpu, torch=torch.__version__, text_tokens=TEXT_TOKENS,
                       forward_flops=flops, matmul_ceiling_tflops=ceiling, peak_tflops=PEAK_TFLOPS, rows=rows,
                       speedup_ours_eager_vs_diffusers_compiled=speedup, date=time.strftime("%Y-%m-%d"),

@@ -59,3 +59,19 @@ def test_graphed_run_matches_the_eager_run(data, tmp_path):
     assert len(eager) == len(graphed) == 8
     # the same kernels on the same inputs; only the step's launch differs
     assert graphed == pytest.approx(eager, rel=1e-4), (eager, graphed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graphed_accumulation_and_caption_lengths_match_the_eager_run(data, tmp_path):
+    # Two micro-batches a step: without GraphedModel.detach_gradients the second replay overwrites the .grad that
+    # autograd took from the graph's static buffer (pytorch/pytorch#181723), and the step's gradient is 2 x the
+    # second micro-batch's. caption_bucket 1 cuts each batch to its longest caption: several caption lengths,
+    # each one more captured graph in the one shared pool.
+    extra = ("optim.grad_accum_steps=2", "model.caption_bucket=1")
+    train(cfg(*extra), data, tmp_path / "eager", device="cuda")
+    train(cfg(*extra, "model.cuda_graphs=true"), data, tmp_path / "graphed", device="cuda")
+    eager, graphed = losses(tmp_path / "eager"), losses(tmp_path / "graphed")
+    assert len(eager) == len(graphed) == 8
+    assert graphed == pytest.approx(eager, rel=1e-4), (eager, graphed)
+    lengths = {json.loads(ln)["caption_tokens"] for ln in (tmp_path / "graphed" / "metrics.jsonl").read_text().splitlines()}
+    assert len(lengths) > 1, lengths  # more than one caption length was captured and replayed

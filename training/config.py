@@ -38,8 +38,8 @@ class ModelConfig:
     max_length: int = 300  # text tokens
     # Each batch's captions are cut to its longest caption, rounded up to a multiple of this (0: always
     # max_length). Exact (padding keys have weight 0 in the cross-attention; sana_core.text_encoder.trim_padding)
-    # and cheaper: cross-attention and its projections scale with the tokens kept. Off with cuda_graphs (each
-    # length would be another captured graph holding its own activation memory).
+    # and cheaper: cross-attention and its projections scale with the tokens kept. With cuda_graphs each length
+    # is one more captured graph (they share one memory pool, training/graphs.py).
     caption_bucket: int = CAPTION_BUCKET
     # Embeddings of recent captions kept on the host (entries; 0 = off). The encoder is frozen and encodes each
     # prompt independently of its batch, so a hit equals a recomputation; it only saves time on small data.

@@ -6,11 +6,22 @@ Why: Sana-0.6B's eager step launches thousands of kernels; at batch 16 on four H
 backward with one launch.
 
 How: torch.cuda.make_graphed_callables, PyTorch's own capture of a module's forward and backward (warm-up on a
-side stream, static input buffers, a graph-private memory pool; gradients still accumulate into .grad outside
-the graph, so the optimizer, clipping, the non-finite check and EMA stay as they are). A graph only replays
-the shapes it was captured with: each new (latent, caption) shape (an aspect-ratio bucket) is captured on
-first sight, with its own memory pool, up to MAX_SHAPES. Autocast must not cache casts inside a capture
-(the trainer turns the cache off when graphs are on).
+side stream, static input buffers; gradients still accumulate into .grad outside the graph, so the optimizer,
+clipping, the non-finite check and EMA stay as they are). A graph only replays the shapes it was captured with:
+each new (latent, caption length) shape (an aspect-ratio bucket times a model.caption_bucket length) is captured
+on first sight, up to MAX_SHAPES. Autocast must not cache casts inside a capture (the trainer turns the cache
+off when graphs are on).
+
+Memory: every capture draws on one shared memory pool, so the graphs together hold about the activation memory
+of the largest shape rather than one pool per shape. That is safe because graphs never run concurrently and a
+replay's outputs (the prediction, the input and parameter gradients) are consumed before another graph
+replays: the trainer's loss and backward follow each forward directly, and the optimizer step and zero_grad
+come before the next step's first replay.
+
+Gradient accumulation: autograd steals a graph's static gradient buffer as a parameter's .grad when .grad is
+None (pytorch/pytorch#181723), so the next replay of that graph would overwrite the accumulated gradient and
+then add it to itself. `detach_gradients` after the first micro-batch's backward gives the .grad tensors their
+own memory (one copy a step; later micro-batches accumulate into it in place).
 
 Not with: gradient checkpointing, DDP or FSDP2 (one process only; their communication hooks run inside the
 backward), the CPU. The trainer refuses those in one line.
@@ -22,7 +33,7 @@ from torch import nn
 
 from sana_core.errors import SanaError
 
-MAX_SHAPES = 16  # each captured shape holds its own activation memory
+MAX_SHAPES = 64  # captures share one memory pool; each costs a capture (~1 s) and its kernel parameters
 
 
 class _Call(nn.Module):
@@ -44,6 +55,7 @@ class GraphedModel:
         self.model = model
         self.max_shapes = max_shapes
         self.graphs: dict[tuple, nn.Module] = {}
+        self.pool = None  # one memory pool for every capture (module docstring)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor:
         key = tuple((tuple(a.shape), a.dtype) for a in (x, t, y, y_mask)) + (torch.is_autocast_enabled(),)
@@ -51,11 +63,22 @@ class GraphedModel:
         if call is None:
             if len(self.graphs) >= self.max_shapes:
                 raise SanaError(f"model.cuda_graphs: more than {self.max_shapes} input shapes (each a captured "
-                                f"graph with its own memory); now {tuple(x.shape)} with captions {tuple(y.shape)}")
+                                f"graph); now {tuple(x.shape)} with captions {tuple(y.shape)}: fewer aspect-ratio "
+                                "buckets or a larger model.caption_bucket")
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
             inputs = (x.detach(), t.detach(), y.detach(), y_mask.detach())
-            call = torch.cuda.make_graphed_callables(_Call(self.model), inputs, allow_unused_input=True)
+            call = torch.cuda.make_graphed_callables(_Call(self.model), inputs, allow_unused_input=True,
+                                                     pool=self.pool)
             self.graphs[key] = call
         return call(x, t, y, y_mask)
+
+    @staticmethod
+    def detach_gradients(params) -> None:
+        """Give each .grad its own memory (after a backward that more micro-batches of the step follow)."""
+        for p in params:
+            if p.grad is not None:
+                p.grad = p.grad.clone()
 
 
 def check(cuda_graphs: bool, device: torch.device, strategy: str, gradient_checkpointing: bool) -> None:

@@ -191,8 +191,7 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------------------
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> y (B, L, C), mask (B, L): L = the batch's longest caption rounded up to model.caption_bucket
-        (max_length with model.cuda_graphs)."""
+        """-> y (B, L, C), mask (B, L): L = the batch's longest caption rounded up to model.caption_bucket."""
         cache, size = self.text_cache, self.cfg.model.text_cache
         with torch.no_grad():
             found = {c: cache[c] for c in captions if c in cache}
@@ -209,9 +208,8 @@ class Trainer:
                     cache.popitem(last=False)
             found[""] = (self.null_emb[0], self.null_mask[0])  # dropped captions (CFG) train on the empty prompt
             entries = [found[c] for c in captions]
-            # With CUDA graphs every caption length would be one more captured graph with its own activation memory.
-            bucket = 0 if self.cfg.model.cuda_graphs else self.cfg.model.caption_bucket
-            keep = kept_length(max(len(m) for _, m in entries), bucket, self.cfg.model.max_length)
+            keep = kept_length(max(len(m) for _, m in entries), self.cfg.model.caption_bucket,
+                               self.cfg.model.max_length)
             fitted = [fit_padding(e[None], m[None], keep) for e, m in entries]
         return torch.cat([f[0] for f in fitted]), torch.cat([f[1] for f in fitted])
 
@@ -233,6 +231,8 @@ class Trainer:
                     loss, per_sample = flow_loss(self.forward, x0, y.to(dev), mask.to(dev), self.cfg.flow,
                                                  generator=self.gens[a])
                 (loss / len(micro)).backward()
+            if self.cfg.model.cuda_graphs and a == 0 and not last:
+                self.forward.detach_gradients(self.model.parameters())  # else the next replay overwrites them
             losses.append(loss.detach().float())
             per_samples.append(per_sample)
         # One finiteness check a step, after the gradient reduction: a non-finite loss on any rank makes the
@@ -302,7 +302,8 @@ class Trainer:
                                                 "worker": b["worker"], "epoch": b["epoch"], "index": b["index"],
                                                 "keys": b["keys"]}) + "\n")
                 out = self.train_step(micro)
-                for batch, tokens in zip(micro, out.pop("text_tokens")):
+                step_tokens = out.pop("text_tokens")
+                for batch, tokens in zip(micro, step_tokens):
                     B, _, h, w = batch["latents"].shape
                     window_flops += B * train_flops_per_image(self.num_params, cfg.model.dit, h, w, tokens)
                 self.step += 1
@@ -317,7 +318,8 @@ class Trainer:
                             "samples_per_s": per_rank * info.world, "images_per_s_per_gpu": per_rank,
                             "mfu": window_flops / dt / (cfg.track.peak_tflops * 1e12),
                             "epoch": batch["epoch"], "nonfinite_skipped": self.nonfinite_skipped,
-                            "images_skipped_no_caption": sum(self.skips.per_worker.values())}
+                            "images_skipped_no_caption": sum(self.skips.per_worker.values()),
+                            "caption_tokens": max(step_tokens)}  # positions kept (model.caption_bucket)
                     data = self.data_totals()  # a collective: every rank logs at the same steps
                     last.update(shards_skipped=len(data["shards"]), samples_skipped=data["samples"])
                     self.tracker.log(self.step, dict(last))
