@@ -21,7 +21,8 @@ gradient clipping + fused AdamW, bf16 autocast; inference = one forward under no
 300 tokens of which 120 real. MFU = model FLOPs (torch's FlopCounterMode on meta tensors for the forward; a
 training step counted as 3x the forward) / step time, against 989 TFLOP/s (dense bf16 peak of an H100/H200)
 and against a bf16 matmul ceiling measured in the same process. Prints a table per mode and writes
-train_step_<mode>_<gpu>.json; --profile adds a torch.profiler table by kernel of "ours" per mode.
+train_step_<mode>_<gpu>.json; --profile adds a torch.profiler table by kernel of "ours" (or --profile-variants)
+per mode.
 """
 from __future__ import annotations
 
@@ -263,11 +264,13 @@ def main():
                    help=f"comma-separated, of {list(VARIANTS)}")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--profile", action="store_true", help="torch.profiler table of 'ours' per mode")
+    p.add_argument("--profile", action="store_true", help="torch.profiler table of --profile-variants per mode")
+    p.add_argument("--profile-variants", default="ours", help="comma-separated variants to profile (--profile)")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     modes, variants = args.modes.split(","), args.variants.split(",")
-    bad = [m for m in modes if m not in MODES] + [v for v in variants if v not in VARIANTS]
+    profiled = args.profile_variants.split(",")
+    bad = [m for m in modes if m not in MODES] + [v for v in variants + profiled if v not in VARIANTS]
     if bad:
         sys.exit(f"unknown modes/variants {bad}; modes: {list(MODES)}, variants: {list(VARIANTS)}")
     if not torch.cuda.is_available():
@@ -282,7 +285,7 @@ def main():
         mode = MODES[name]
         args.current_mode = name
         flops = model_flops(DIT_CONFIGS[mode["config"]], mode["batch"], mode["latent"])
-        rows = [run_variant(v, mode, args, flops, ceiling, out if args.profile and v == "ours" else None)
+        rows = [run_variant(v, mode, args, flops, ceiling, out if args.profile and v in profiled else None)
                 for v in variants]
         step_kind = "train step (fwd+bwd+AdamW)" if mode["kind"] == "train" else "forward"
         print(f"\n{name}: {mode['config']}, batch {mode['batch']}, latent {mode['latent']}x{mode['latent']}, "

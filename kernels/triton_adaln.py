@@ -30,8 +30,20 @@ from kernels.launch import (
     supported_device,
 )
 
-ELEMENTS = 8192  # elements of a (rows, channels) tile: 32 float32 registers a thread at 8 warps
-PROGRAMS_PER_SM = 4  # for the backward reductions over tokens: enough programs to fill the GPU
+# Per kernel: ELEMENTS of a (rows, channels) tile (rows = ELEMENTS // next_pow2(C), 1 to 64) and its warps;
+# PROGRAMS_PER_SM: the backward reductions over tokens get enough programs to fill the GPU.
+# `python bench/bench_adaln.py --sweep` times the choices at Sana-0.6B's batch-16 shape without the host (CUDA
+# graph replays), each checked against a float32 PyTorch reference; these are set from it by hand
+# (bench/results/adaln_h200.json): the forward modulate at one row and two warps a program, 29.9 us against
+# 37.4 us for 4 rows at 8 warps (the row statistics then reduce within two warps instead of across eight); the
+# other three were best, or within 1%, where they were: residual forward at 105% of the HBM roofline, residual
+# backward 81%, modulate backward 50%.
+CONFIG = {
+    "modulate_fwd": {"ELEMENTS": 1024, "num_warps": 2},
+    "modulate_bwd": {"ELEMENTS": 8192, "num_warps": 8, "PROGRAMS_PER_SM": 4},
+    "residual_fwd": {"ELEMENTS": 8192, "num_warps": 8},
+    "residual_bwd": {"ELEMENTS": 8192, "num_warps": 8, "PROGRAMS_PER_SM": 4},
+}
 
 
 @triton.jit
@@ -128,17 +140,19 @@ _residual_fwd_launch = Launcher(_residual_fwd)
 _residual_bwd_launch = Launcher(_residual_bwd)
 
 
-def _tile(C: int) -> tuple[int, int, tuple]:
-    """(BLOCK_R, BLOCK_C, launch options): whole rows of C channels, several rows a program when C is small."""
+def _tile(C: int, kernel: str) -> tuple[int, int, tuple]:
+    """(BLOCK_R, BLOCK_C, launch options): whole rows of C channels, several rows a program when C is small;
+    fewer warps where the tile is small (a warp per 1024 elements at most)."""
+    cfg = CONFIG[kernel]
     block_c = next_pow2(C)
-    block_r = max(1, min(64, ELEMENTS // block_c))
-    return block_r, block_c, (("num_warps", 8 if block_r * block_c >= 4096 else 4),)
+    block_r = max(1, min(64, cfg["ELEMENTS"] // block_c))
+    return block_r, block_c, (("num_warps", max(1, min(cfg["num_warps"], block_r * block_c // 256))),)
 
 
-def _reduce_grid(B: int, N: int, block_r: int, device: int) -> tuple[int, int]:
+def _reduce_grid(B: int, N: int, block_r: int, device: int, kernel: str) -> tuple[int, int]:
     """(chunks of one image's tokens, tiles of BLOCK_R rows per chunk) for the backward reductions."""
     n_tiles = cdiv(N, block_r)
-    want = cdiv(PROGRAMS_PER_SM * sm_count(device), B)
+    want = cdiv(CONFIG[kernel]["PROGRAMS_PER_SM"] * sm_count(device), B)
     tiles_per = cdiv(n_tiles, min(n_tiles, max(1, want)))
     return cdiv(n_tiles, tiles_per), tiles_per
 
@@ -181,7 +195,7 @@ def _modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
     mean = x.new_empty((B * N,), dtype=torch.float32)
     rstd = torch.empty_like(mean)
     if x.numel():
-        block_r, block_c, opts = _tile(C)
+        block_r, block_c, opts = _tile(C, "modulate_fwd")
         _modulate_fwd_launch((cdiv(B * N, block_r),), device_index(x), (x, shift2, scale2, y, mean, rstd),
                              (B * N, N, C, s_shift, s_scale, eps), (block_r, block_c), opts)
     return y, mean, rstd
@@ -202,8 +216,8 @@ def _modulate_backward_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor
     B, N, C = x.shape
     scale2, s_scale = _rows(scale, B, C, "modulate scale")
     dx = x.new_empty(x.shape)
-    block_r, block_c, opts = _tile(C)
-    chunks, tiles_per = _reduce_grid(B, N, block_r, device_index(x))
+    block_r, block_c, opts = _tile(C, "modulate_bwd")
+    chunks, tiles_per = _reduce_grid(B, N, block_r, device_index(x), "modulate_bwd")
     part = x.new_zeros((B, chunks, 2, C), dtype=torch.float32)
     if x.numel():
         _modulate_bwd_launch((B, chunks), device_index(x), (dy, x, scale2, mean, rstd, dx, part),
@@ -214,7 +228,7 @@ def _modulate_backward_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor
 @_modulate_backward_op.register_fake
 def _(dy, x, scale, mean, rstd):
     B, N, C = x.shape
-    chunks, _ = _reduce_grid(B, N, _tile(C)[0], device_index(x))
+    chunks, _ = _reduce_grid(B, N, _tile(C, "modulate_bwd")[0], device_index(x), "modulate_bwd")
     return x.new_empty(x.shape), x.new_empty((B, chunks, 2, C), dtype=torch.float32)
 
 
@@ -242,7 +256,7 @@ def _gated_residual_op(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor
     gate2, s_gate = _rows(gate, B, C, "gated residual gate")
     y = x.new_empty(x.shape)
     if x.numel():
-        block_r, block_c, opts = _tile(C)
+        block_r, block_c, opts = _tile(C, "residual_fwd")
         _residual_fwd_launch((cdiv(B * N, block_r),), device_index(x), (x, gate2, branch, y),
                              (B * N, N, C, s_gate), (block_r, block_c), opts)
     return y
@@ -261,8 +275,8 @@ def _gated_residual_backward_op(dy: torch.Tensor, gate: torch.Tensor,
     B, N, C = branch.shape
     gate2, s_gate = _rows(gate, B, C, "gated residual gate")
     dbranch = branch.new_empty(branch.shape)
-    block_r, block_c, opts = _tile(C)
-    chunks, tiles_per = _reduce_grid(B, N, block_r, device_index(branch))
+    block_r, block_c, opts = _tile(C, "residual_bwd")
+    chunks, tiles_per = _reduce_grid(B, N, block_r, device_index(branch), "residual_bwd")
     part = branch.new_zeros((B, chunks, C), dtype=torch.float32)
     if branch.numel():
         _residual_bwd_launch((B, chunks), device_index(branch), (dy, gate2, branch, dbranch, part),
@@ -273,7 +287,7 @@ def _gated_residual_backward_op(dy: torch.Tensor, gate: torch.Tensor,
 @_gated_residual_backward_op.register_fake
 def _(dy, gate, branch):
     B, N, C = branch.shape
-    chunks, _ = _reduce_grid(B, N, _tile(C)[0], device_index(branch))
+    chunks, _ = _reduce_grid(B, N, _tile(C, "residual_bwd")[0], device_index(branch), "residual_bwd")
     return branch.new_empty(branch.shape), branch.new_empty((B, chunks, C), dtype=torch.float32)
 
 
