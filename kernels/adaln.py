@@ -13,10 +13,15 @@ Backend choice: see kernels.block_backend (SANA_BLOCK_BACKEND).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from kernels.block_backend import resolve_block_backend
+
+if TYPE_CHECKING:  # kernels.int8_gemm imports triton, which the CPU path of this module must not
+    from kernels.int8_gemm import QuantizedRows
 
 
 def modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
@@ -28,9 +33,25 @@ def gated_residual_reference(x: torch.Tensor, gate: torch.Tensor, branch: torch.
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-             backend: str | None = None) -> torch.Tensor:
-    """layer_norm(x) * (1 + scale) + shift; x (B, N, C), shift and scale (B, 1, C)."""
-    if resolve_block_backend(x, backend) == "triton":
+             backend: str | None = None, quantize: str | None = None) -> torch.Tensor | QuantizedRows:
+    """layer_norm(x) * (1 + scale) + shift; x (B, N, C), shift and scale (B, 1, C).
+
+    quantize "int8" | "fp8" (inference, for a W8A8 linear that reads it): the result quantised per token,
+    as QuantizedRows; the Triton kernel quantises the float32 rows in registers and never writes the bf16
+    ones (the reference quantises its own output with kernels.int8_gemm.quantize_rows)."""
+    fused = resolve_block_backend(x, backend) == "triton"
+    if quantize is not None:
+        from kernels.int8_gemm import QuantizedRows, quantize_rows
+
+        if fused:
+            from kernels.triton_adaln import modulate_quant_triton
+
+            q, s = modulate_quant_triton(x, shift, scale, eps, quantize)
+            return QuantizedRows(q, s, x.shape, x.dtype)
+        y = modulate_reference(x, shift, scale, eps)
+        q, s = quantize_rows(y.reshape(-1, y.shape[-1]), quantize)
+        return QuantizedRows(q, s, y.shape, y.dtype)
+    if fused:
         from kernels.triton_adaln import modulate_triton
 
         return modulate_triton(x, shift, scale, eps)

@@ -4,7 +4,9 @@
 
 x_q, s_x: symmetric per-token (per-row) quantisation of the activations, computed on the fly by
           `quantize_rows` (one Triton pass: each row is read once, its absmax, scale and the cast happen
-          in registers, int8/fp8 and one float32 scale per row are written);
+          in registers, int8/fp8 and one float32 scale per row are written), or handed over already
+          quantised as `QuantizedRows` by the kernel that produced them (the block's modulate,
+          kernels.adaln), which then never writes the float activation;
 w_q, s_w: symmetric per-output-channel quantisation of the weight, the same function applied once.
 
 Why our own int8 GEMM: on Hopper cuBLAS's int8 path (torch._int_mm) is slower than bf16 (issue #13 measured
@@ -26,6 +28,8 @@ fuses what surrounds it and leaves the GEMM to us.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kernels.block_backend import interpreting
@@ -37,6 +41,22 @@ EPS = 1e-12  # absmax floor: an all-zero row gets a tiny scale (and zeros), not 
 
 def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or (interpreting() and t.device.type == "cpu")
+
+
+@dataclass(frozen=True)
+class QuantizedRows:
+    """An activation (..., K) held quantised per row: q (M, K) int8 | float8_e4m3fn and scale (M,) float32 with
+    M the product of the leading dimensions, as quantize_rows writes them; `shape` and `dtype` are those of the
+    float activation it stands for (a W8A8 linear returns that dtype)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+
+    @property
+    def fmt(self) -> str:
+        return "int8" if self.q.dtype == torch.int8 else "fp8"
 
 
 def _check_fmt(fmt: str) -> tuple[torch.dtype, float]:
@@ -250,17 +270,33 @@ def quantize_weight(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tens
     return quantize_rows_reference(w.detach(), fmt)
 
 
+def _product(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None,
+             fmt: str, out_dtype: torch.dtype) -> torch.Tensor:
+    if fmt == "int8":
+        return int8_matmul(xq, xs, wq, ws, bias, out_dtype)
+    return fp8_matmul(xq, xs, wq, ws, bias, out_dtype)
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+
+
 def _w8a8_linear(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None,
                  fmt: str) -> torch.Tensor:
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    xq, xs = quantize_rows(x2, fmt)
-    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
-    if fmt == "int8":
-        y = int8_matmul(xq, xs, wq, ws, bias, out_dtype)
-    else:
-        y = fp8_matmul(xq, xs, wq, ws, bias, out_dtype)
-    return y.reshape(*shape[:-1], wq.shape[0])
+    xq, xs = quantize_rows(x.reshape(-1, shape[-1]), fmt)
+    return _product(xq, xs, wq, ws, bias, fmt, _out_dtype(x.dtype)).reshape(*shape[:-1], wq.shape[0])
+
+
+@torch.library.custom_op("sana_kernels::w8a8_linear_rows", mutates_args=())
+def _w8a8_rows_op(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None,
+                  fmt: str, out_dtype: torch.dtype) -> torch.Tensor:
+    return _product(xq, xs, wq, ws, bias, fmt, out_dtype)
+
+
+@_w8a8_rows_op.register_fake
+def _(xq, xs, wq, ws, bias, fmt, out_dtype):
+    return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)
 
 
 @torch.library.custom_op("sana_kernels::w8a8_linear", mutates_args=())
@@ -274,10 +310,17 @@ def _(x, wq, ws, bias, fmt):
     return x.new_empty((*x.shape[:-1], wq.shape[0]))
 
 
-def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None,
+def w8a8_linear(x: torch.Tensor | QuantizedRows, wq: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None,
                 fmt: str) -> torch.Tensor:
-    """x (..., K) float -> (..., N) in x's dtype: per-token quantised x times the quantised weight."""
+    """x (..., K) float -> (..., N) in x's dtype: per-token quantised x times the quantised weight. x may come
+    quantised already (QuantizedRows, of the same format)."""
     _check_fmt(fmt)
+    if isinstance(x, QuantizedRows):
+        if x.fmt != fmt or x.shape[-1] != wq.shape[1]:
+            raise ValueError(f"w8a8_linear: {x.fmt} rows of {x.shape[-1]} features for a {fmt} weight "
+                             f"{tuple(wq.shape)}")
+        run = _w8a8_rows_op if torch.compiler.is_compiling() else _product
+        return run(x.q, x.scale, wq, ws, bias, fmt, _out_dtype(x.dtype)).reshape(*x.shape[:-1], wq.shape[0])
     if torch.compiler.is_compiling():  # opaque to the compiler; eager calls skip the custom-op dispatch cost
         return _w8a8_linear_op(x, wq, ws, bias, fmt)
     return _w8a8_linear(x, wq, ws, bias, fmt)

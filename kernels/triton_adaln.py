@@ -3,6 +3,7 @@ backward, each a torch.library custom op with a fake implementation (torch.compi
 graph breaks; autograd, activation checkpointing and FSDP2 see ordinary ops).
 
     modulate fwd   x, shift, scale         -> y = (x - mean) * rstd * (1 + scale) + shift, mean, rstd
+                   (inference, for a W8A8 linear: y quantised per token instead, q and its row scales)
     modulate bwd   dy, x, scale, mean, rstd -> dx, dshift = sum_n dy, dscale = sum_n dy * xhat
     residual fwd   x, gate, branch         -> x + gate * branch
     residual bwd   dy, gate, branch        -> dbranch = gate * dy, dgate = sum_n dy * branch   (dx = dy)
@@ -47,8 +48,11 @@ CONFIG = {
 
 
 @triton.jit
-def _modulate_fwd(x_ptr, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr, M, N, C, s_shift, s_scale, eps,
-                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _modulate_fwd(x_ptr, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, qs_ptr, M, N, C, s_shift, s_scale,
+                  eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr):
+    """QUANT 0: y, mean, rstd. QUANT 1 (int8) / 2 (fp8 e4m3): y quantised per row for a W8A8 linear instead,
+    q (M, C) and its scale (M,), the rule of kernels.int8_gemm.quantize_rows_reference applied to the float32 y
+    (inference: no y, no statistics written)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     rmask = rows < M
@@ -62,9 +66,20 @@ def _modulate_fwd(x_ptr, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr, M, N, 
     scale = tl.load(scale_ptr + b * s_scale + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     shift = tl.load(shift_ptr + b * s_shift + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     y = xc * rstd[:, None] * (1.0 + scale) + shift
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(mean_ptr + rows, mean, mask=rmask)
-    tl.store(rstd_ptr + rows, rstd, mask=rmask)
+    if QUANT == 0:
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(mean_ptr + rows, mean, mask=rmask)
+        tl.store(rstd_ptr + rows, rstd, mask=rmask)
+    else:
+        amax = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1), 1e-12)
+        v = y * (QMAX / amax)[:, None]
+        if QUANT == 2:
+            q = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
+        else:
+            r = tl.where(v >= 0, v + 0.5, v - 0.5)  # the int cast truncates: this rounds half away from 0
+            q = tl.minimum(tl.maximum(r, -QMAX), QMAX).to(tl.int8)
+        tl.store(q_ptr + offs, q, mask=mask)
+        tl.store(qs_ptr + rows, amax / QMAX, mask=rmask)
 
 
 @triton.jit
@@ -196,8 +211,8 @@ def _modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
     rstd = torch.empty_like(mean)
     if x.numel():
         block_r, block_c, opts = _tile(C, "modulate_fwd")
-        _modulate_fwd_launch((cdiv(B * N, block_r),), device_index(x), (x, shift2, scale2, y, mean, rstd),
-                             (B * N, N, C, s_shift, s_scale, eps), (block_r, block_c), opts)
+        _modulate_fwd_launch((cdiv(B * N, block_r),), device_index(x), (x, shift2, scale2, y, mean, rstd, y, mean),
+                             (B * N, N, C, s_shift, s_scale, eps), (block_r, block_c, 0, 1.0), opts)
     return y, mean, rstd
 
 
@@ -206,6 +221,35 @@ def _(x, shift, scale, eps):
     B, N, _ = x.shape
     mean = x.new_empty((B * N,), dtype=torch.float32)
     return x.new_empty(x.shape), mean, torch.empty_like(mean)
+
+
+QUANT_FORMATS = {"int8": (1, torch.int8, 127.0), "fp8": (2, torch.float8_e4m3fn, 448.0)}  # kernels.int8_gemm's
+
+
+@kernel_op("sana::modulate_quant")
+def _modulate_quant_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                       fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference: modulate's output quantised per token for a W8A8 linear -> q (B*N, C), scale (B*N,) float32."""
+    x = _check(x, "modulate x")
+    B, N, C = x.shape
+    if fmt not in QUANT_FORMATS:
+        raise ValueError(f"modulate: quantisation format must be one of {sorted(QUANT_FORMATS)}, got {fmt!r}")
+    code, dtype, qmax = QUANT_FORMATS[fmt]
+    shift2, s_shift = _rows(shift, B, C, "modulate shift")
+    scale2, s_scale = _rows(scale, B, C, "modulate scale")
+    q = torch.empty((B * N, C), dtype=dtype, device=x.device)
+    qs = torch.empty((B * N,), dtype=torch.float32, device=x.device)
+    if x.numel():
+        block_r, block_c, opts = _tile(C, "modulate_fwd")
+        _modulate_fwd_launch((cdiv(B * N, block_r),), device_index(x), (x, shift2, scale2, x, qs, qs, q, qs),
+                             (B * N, N, C, s_shift, s_scale, eps), (block_r, block_c, code, qmax), opts)
+    return q, qs
+
+
+@_modulate_quant_op.register_fake
+def _(x, shift, scale, eps, fmt):
+    B, N, C = x.shape
+    return x.new_empty((B * N, C), dtype=QUANT_FORMATS[fmt][1]), x.new_empty((B * N,), dtype=torch.float32)
 
 
 @kernel_op("sana::modulate_backward")
@@ -315,6 +359,11 @@ def _guarded(fn, x, *args):
 
 def modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     return _guarded(_modulate_op, x, shift, scale, float(eps))[0]
+
+
+def modulate_quant_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                          fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _guarded(_modulate_quant_op, x, shift, scale, float(eps), fmt)
 
 
 def gated_residual_triton(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:

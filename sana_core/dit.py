@@ -131,9 +131,17 @@ class RMSNorm(nn.Module):
         return (x * torch.rsqrt(var + self.eps)).to(self.weight.dtype) * self.weight
 
 
-def modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+             consumer: nn.Module | None = None):
     """AdaLN: norm(x) * (1 + scale) + shift; x (B, N, C), shift and scale (B, 1, C). The one seam of the idiom,
-    fused into one kernel (forward and backward) on the Triton back-end."""
+    fused into one kernel (forward and backward) on the Triton back-end.
+
+    consumer: the linear that reads the result. A W8A8 one (sana_core.quant.QuantLinear, whose input_format
+    names its format) gets the rows quantised by this kernel, so no bf16 copy is written and read back;
+    inference only (nothing differentiates through quantised rows)."""
+    fmt = getattr(consumer, "input_format", None)
+    if fmt is not None and not (torch.is_grad_enabled() and x.requires_grad):
+        return adaln.modulate(x, shift, scale, norm.eps, quantize=fmt)
     return adaln.modulate(x, shift, scale, norm.eps)
 
 
@@ -212,9 +220,11 @@ class LinearDiTBlock(nn.Module):
     def forward(self, x, y, y_bias, t_mod, hw):  # x (B, N, C), t_mod (B, 6 * C)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + t_mod.reshape(x.shape[0], 6, -1)).chunk(6, dim=1)  # each (B, 1, C)
-        x = adaln.gated_residual(x, gate_msa, self.attn(modulate(self.norm1, x, shift_msa, scale_msa)))
+        h = modulate(self.norm1, x, shift_msa, scale_msa, self.attn.qkv)
+        x = adaln.gated_residual(x, gate_msa, self.attn(h))
         x = x + self.cross_attn(x, y, y_bias)
-        x = adaln.gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2, x, shift_mlp, scale_mlp), hw))
+        h = modulate(self.norm2, x, shift_mlp, scale_mlp, self.mlp.inverted)
+        x = adaln.gated_residual(x, gate_mlp, self.mlp(h, hw))
         return x
 
 

@@ -4,11 +4,13 @@
     save_quantized(dit, "dit-int8.safetensors"); dit = load_quantized("dit-int8.safetensors")
 
 Weights: symmetric per-output-channel (one float32 scale per row of the (N, K) weight), quantised once.
-Activations: symmetric per-token, dynamic: each token's row is quantised on the fly by the fused Triton pass
-of kernels.int8_gemm (its absmax, scale and cast in one read of the row). Sana's own recipe computes that
-in the kernel that produces the activation (the block's norm/modulate); that kernel belongs to the block
-rewrite of sana_core/dit.py (issue #11), so here it is the separate pass, about 5-10% of a block GEMM's time
-at Sana-0.6B's shapes.
+Activations: symmetric per-token, dynamic. The inputs of QKV and of Mix-FFN's first point-wise layer are
+quantised by the kernel that produces them, the block's fused norm/modulate (sana_core.dit.modulate asks its
+consumer's `input_format`; kernels.adaln), as Sana's own recipe does: no bf16 activation is written and read
+back. The other four (the self-attention and cross-attention outputs' projections, cross-attention Q on the
+residual stream, Mix-FFN's second layer after the depthwise GLU, whose channel tiles span programs) go through
+the separate Triton pass of kernels.int8_gemm (absmax, scale and cast in one read of the row), about 5-10% of a
+block GEMM's time at Sana-0.6B's shapes.
 
 Layers are found by module name, from outside the DiT (sana_core/dit.py is not touched): in every block,
 the names in BLOCK_LINEARS. An nn.Linear is quantised as it is; a 1x1 nn.Conv2d (Mix-FFN's inverted and
@@ -84,6 +86,11 @@ class QuantLinear(nn.Module):
         if m.bias is not None:
             q.bias.data.copy_(m.bias.detach())
         return q
+
+    @property
+    def input_format(self) -> str | None:
+        """The format in which this layer also takes its input already quantised per token (QuantizedRows)."""
+        return None if self.channels_first else self.fmt
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_q.float() * self.weight_scale[:, None]

@@ -104,6 +104,33 @@ def test_whole_dit_quantised_against_float(mode):
     assert cos > COS[mode] and rel < 2 * REL[mode]
 
 
+@pytest.mark.parametrize("mode", ["w8a8-int8", "w8a8-fp8"])
+def test_modulate_hands_quantised_rows_to_qkv_and_mix_ffn(mode, monkeypatch):
+    """QKV and Mix-FFN's first layer read the rows their modulate quantised (kernels.int8_gemm.QuantizedRows);
+    the other block linears quantise their own input. Same output as when every layer quantises its input."""
+    qdit = quant.quantize_dit(small_dit(), mode)
+    inputs = dit_inputs()
+    seen: dict[str, bool] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(
+        n.split(".", 2)[2], isinstance(args[0], int8_gemm.QuantizedRows)))
+        for n, m in qdit.named_modules() if isinstance(m, quant.QuantLinear)]
+    with torch.no_grad():
+        fused = qdit(*inputs)
+    for h in hooks:
+        h.remove()
+    assert seen == {"attn.qkv": True, "mlp.inverted": True, "attn.proj": False, "cross_attn.q": False,
+                    "cross_attn.kv": False, "cross_attn.proj": False, "mlp.point": False}
+    monkeypatch.setattr(quant.QuantLinear, "input_format", property(lambda self: None))
+    with torch.no_grad():
+        unfused = qdit(*inputs)
+    assert torch.equal(fused, unfused)  # the reference path quantises the same float32 rows either way
+    with pytest.raises(ValueError, match="int8 rows of 128 features for a fp8 weight|fp8 rows of 128 features for a int8"):
+        other = "fp8" if mode == "w8a8-int8" else "int8"
+        rows = int8_gemm.QuantizedRows(*int8_gemm.quantize_rows_reference(torch.randn(4, 128), quant.MODES[mode]),
+                                       torch.Size((4, 128)), torch.float32)
+        int8_gemm.w8a8_linear(rows, *int8_gemm.quantize_weight(torch.randn(8, 128), other), None, other)
+
+
 def test_int8_is_closer_than_fp8_and_the_layer_table():
     dit = small_dit()
     inputs = dit_inputs()

@@ -47,6 +47,26 @@ def _run(model, inputs, backend, monkeypatch, autocast: bool):
     return out.detach().float(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("mode", ["w8a8-int8", "w8a8-fp8"])
+def test_w8a8_fast_path_matches_the_reference_path(mode, monkeypatch):
+    """A quantised DiT on the fused path (modulate quantising QKV's and Mix-FFN's input rows in its kernel, the
+    Triton int8 GEMM) against the same quantised DiT on the PyTorch path: the same rule on the same rows, so
+    only rows' float rounding differs (a code one step off now and then)."""
+    from sana_core import quant
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    qdit = quant.quantize_dit(LinearDiT(CFG).to(DEVICE).eval(), mode).to(dtype)
+    x, t, y, mask = _inputs(*LATENTS[0])
+    x, y = x.to(dtype), y.to(dtype)
+    with torch.no_grad():
+        monkeypatch.setenv("SANA_BLOCK_BACKEND", "torch")
+        ref = qdit(x, t, y, mask)
+        monkeypatch.setenv("SANA_BLOCK_BACKEND", "triton")
+        got = qdit(x, t, y, mask)
+    assert _rel(got, ref) < (0.03 if ON_GPU else 1e-3)
+
+
 @pytest.mark.parametrize("latent", LATENTS, ids=lambda s: "x".join(map(str, s)))
 def test_fast_path_matches_reference(latent, monkeypatch):
     torch.manual_seed(0)
