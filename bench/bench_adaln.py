@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
 
-from bench.timing import graphed_ms, median_cuda_ms  # noqa: E402
+from bench.timing import graphed_ms, median_cuda_ms, write_result  # noqa: E402
 from kernels import triton_adaln as ta  # noqa: E402
 
 TOLERANCE = 1e-2  # relative error (norm of the difference / norm of the reference) of bf16 outputs
@@ -141,11 +141,7 @@ def main():
             print(f"sweep {name}: best " + ", ".join(f"{k} {ms:.4f} ms" for ms, k in good[:5])
                   + f"; current {rows[name]['ms']:.4f} ms")
         result["sweep"] = sweep
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "h200" if "H200" in gpu else "h100" if "H100" in gpu else gpu.split()[-1].lower()
-    (out / f"adaln_{tag}.json").write_text(json.dumps(result, indent=1))
-    print(f"wrote {out / f'adaln_{tag}.json'}")
+    write_result(args.out, "adaln", result)
 
 
 if __name__ == "__main__":

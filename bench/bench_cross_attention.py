@@ -15,7 +15,6 @@ Prints a table, writes cross_attention_<gpu>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from bench.timing import median_cuda_ms  # noqa: E402
+from bench.timing import median_cuda_ms, write_result  # noqa: E402
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "math": SDPBackend.MATH}
@@ -133,12 +132,7 @@ def main():
             continue
         err = " ".join(f"{k} {e:.1e}" for k, e in r["rel_err"].items())
         print(f"{name:<13} {r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>11.3f}  {err}{'' if r['ok'] else '  WRONG'}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "h200" if "H200" in gpu else "h100" if "H100" in gpu else gpu.split()[-1].lower()
-    path = out / f"cross_attention_{tag}.json"
-    path.write_text(json.dumps(dict(gpu=gpu, shape=dict(B=B, N=N, L=L, heads=h, head_dim=d), rows=rows), indent=1))
-    print(f"wrote {path}")
+    write_result(args.out, "cross_attention", dict(gpu=gpu, shape=dict(B=B, N=N, L=L, heads=h, head_dim=d), rows=rows))
 
 
 if __name__ == "__main__":

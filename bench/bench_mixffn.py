@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
 
-from bench.timing import median_cuda_ms  # noqa: E402
+from bench.timing import median_cuda_ms, write_result  # noqa: E402
 from kernels import triton_mixffn as tm  # noqa: E402
 from kernels.mixffn import depthwise_glu_reference  # noqa: E402
 
@@ -165,11 +164,7 @@ def main():
                               if "ms" in v else f"{k} {v['error']}"
                               for k, v in sweep[name].items()))
         result["sweep"] = sweep
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "h200" if "H200" in gpu else "h100" if "H100" in gpu else gpu.split()[-1].lower()
-    (out / f"mixffn_{tag}.json").write_text(json.dumps(result, indent=1))
-    print(f"wrote {out / f'mixffn_{tag}.json'}")
+    write_result(args.out, "mixffn", result)
 
 
 if __name__ == "__main__":

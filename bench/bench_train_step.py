@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from bench.timing import gpu_tag  # noqa: E402
 from sana_core.dit import DIT_CONFIGS, LinearDiT, to_diffusers_state_dict  # noqa: E402
 from sana_core.flow import FlowConfig, flow_loss  # noqa: E402
 from sana_core.text_encoder import CAPTION_BUCKET, trim_padding  # noqa: E402
@@ -278,7 +279,7 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name()
-    tag = "h200" if "H200" in gpu else "h100" if "H100" in gpu else gpu.split()[-1].lower()
+    tag = gpu_tag(gpu)
     ceiling = matmul_ceiling_tflops()
     print(f"{gpu}: measured bf16 matmul ceiling {ceiling:.0f} TFLOP/s (8192^3)")
     for name in modes:

@@ -1,5 +1,9 @@
-"""CUDA-event timing shared by the kernel benchmarks (bench_mixffn, bench_cross_attention)."""
+"""CUDA-event timing and result files shared by the GPU benchmarks (bench_mixffn, bench_cross_attention,
+bench_adaln, bench_train_step)."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -34,3 +38,19 @@ def graphed_ms(fn, reps: int = 20, iters: int = 10) -> float:
         for _ in range(reps):
             fn()
     return median_cuda_ms(graph.replay, iters) / reps
+
+
+def gpu_tag(name: str | None = None) -> str:
+    """The GPU's short name for result files: h200, h100, else the last word of its name."""
+    name = name or torch.cuda.get_device_name()
+    return "h200" if "H200" in name else "h100" if "H100" in name else name.split()[-1].lower()
+
+
+def write_result(out_dir: str | Path, stem: str, result: dict) -> Path:
+    """result as JSON to out_dir/<stem>_<gpu>.json (folders made); prints and returns the path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}_{gpu_tag()}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return path
