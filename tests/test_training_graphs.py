@@ -75,3 +75,35 @@ def test_graphed_accumulation_and_caption_lengths_match_the_eager_run(data, tmp_
     assert graphed == pytest.approx(eager, rel=1e-4), (eager, graphed)
     lengths = {json.loads(ln)["caption_tokens"] for ln in (tmp_path / "graphed" / "metrics.jsonl").read_text().splitlines()}
     assert len(lengths) > 1, lengths  # more than one caption length was captured and replayed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_captured_shapes_share_one_memory_pool():
+    # Four caption lengths = four captured graphs of about the same activation memory. In one shared pool they
+    # hold about one graph's worth; with a pool each (PyTorch's default) they would hold about four.
+    from sana_core.dit import DiTConfig, LinearDiT
+
+    torch.manual_seed(0)
+    model = LinearDiT(DiTConfig(hidden_size=256, depth=4, num_heads=8, cross_heads=4, caption_channels=64)).cuda()
+    graphed = graphs.GraphedModel(model)
+
+    def step(L: int) -> None:
+        x, t = torch.randn(16, 32, 32, 32, device="cuda"), torch.rand(16, device="cuda")
+        y = torch.randn(16, L, 64, device="cuda")
+        mask = torch.ones(16, L, dtype=torch.bool, device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            out = graphed(x, t, y, mask)
+        out.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_reserved()
+    step(16)
+    torch.cuda.synchronize()
+    one = torch.cuda.memory_reserved() - base
+    for L in (8, 12, 4):
+        step(L)
+    torch.cuda.synchronize()
+    four = torch.cuda.memory_reserved() - base
+    assert len(graphed.graphs) == 4
+    assert four < 1.5 * one, (one / 2**20, four / 2**20)
