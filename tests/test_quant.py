@@ -227,6 +227,19 @@ def test_custom_op_under_torch_compile():
         assert torch.allclose(compiled(x), F.gelu(layer(x)) * 2)
 
 
+def test_quantised_block_compiles_with_rows_handed_over():
+    """A block whose modulate hands QuantizedRows to QKV and Mix-FFN compiles without graph breaks (the rows are
+    a frozen dataclass; the product is the opaque sana_kernels::w8a8_linear_rows op)."""
+    qdit = quant.quantize_dit(small_dit(), "w8a8-int8")
+    inputs = dit_inputs()
+    with torch.no_grad():
+        ref = qdit(*inputs)
+        for block in qdit.blocks:
+            block.compile(backend="aot_eager", fullgraph=True)
+        got = qdit(*inputs)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernels' own path)")
 @pytest.mark.parametrize("mode", ["w8a8-int8", "w8a8-fp8"])
 def test_dit_on_gpu_matches_cpu_path(mode):
