@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.int8_gemm import FORMATS
 from kernels.launch import (
     Launcher,
     cdiv,
@@ -223,7 +224,7 @@ def _(x, shift, scale, eps):
     return x.new_empty(x.shape), mean, torch.empty_like(mean)
 
 
-QUANT_FORMATS = {"int8": (1, torch.int8, 127.0), "fp8": (2, torch.float8_e4m3fn, 448.0)}  # kernels.int8_gemm's
+_QUANT_CODE = {"int8": 1, "fp8": 2}  # the kernel's QUANT for each of kernels.int8_gemm.FORMATS
 
 
 @kernel_op("sana::modulate_quant")
@@ -232,9 +233,9 @@ def _modulate_quant_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     """Inference: modulate's output quantised per token for a W8A8 linear -> q (B*N, C), scale (B*N,) float32."""
     x = _check(x, "modulate x")
     B, N, C = x.shape
-    if fmt not in QUANT_FORMATS:
-        raise ValueError(f"modulate: quantisation format must be one of {sorted(QUANT_FORMATS)}, got {fmt!r}")
-    code, dtype, qmax = QUANT_FORMATS[fmt]
+    if fmt not in FORMATS:
+        raise ValueError(f"modulate: quantisation format must be one of {sorted(FORMATS)}, got {fmt!r}")
+    (dtype, qmax), code = FORMATS[fmt], _QUANT_CODE[fmt]
     shift2, s_shift = _rows(shift, B, C, "modulate shift")
     scale2, s_scale = _rows(scale, B, C, "modulate scale")
     q = torch.empty((B * N, C), dtype=dtype, device=x.device)
@@ -249,7 +250,7 @@ def _modulate_quant_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
 @_modulate_quant_op.register_fake
 def _(x, shift, scale, eps, fmt):
     B, N, C = x.shape
-    return x.new_empty((B * N, C), dtype=QUANT_FORMATS[fmt][1]), x.new_empty((B * N,), dtype=torch.float32)
+    return x.new_empty((B * N, C), dtype=FORMATS[fmt][0]), x.new_empty((B * N,), dtype=torch.float32)
 
 
 @kernel_op("sana::modulate_backward")
