@@ -229,7 +229,7 @@ def _profile(step, path: Path) -> dict:
     """Three steps under torch.profiler: the kernel table to path, and GPU time by category."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
@@ -237,6 +237,9 @@ def _profile(step, path: Path) -> dict:
     table = events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(table)
+    # The same by op and input shapes: which tensors the copies, adds and reductions move.
+    path.with_suffix(".shapes.txt").write_text(prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cuda_time_total", row_limit=80, max_name_column_width=60, max_shapes_column_width=120))
     print("\n".join(line[:100] + line[-40:] for line in table.splitlines()[:22]))
     cats: dict[str, float] = {}
     for e in events:

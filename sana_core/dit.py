@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels import adaln
+from kernels.linear import linear
 from kernels.linear_attention import linear_attention_packed
 from kernels.mixffn import depthwise_glu
 from sana_core.errors import SanaError
@@ -110,11 +111,19 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, state dict, and module call, which quantisation and LoRA wrap) whose GEMMs take
+    the block's fast path: float32 weight and bias gradients written by cuBLAS (kernels.linear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class TimestepEmbedder(nn.Module):
     def __init__(self, hidden: int, freq_dim: int = 256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.mlp = nn.Sequential(Linear(freq_dim, hidden), nn.SiLU(), Linear(hidden, hidden))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
@@ -149,8 +158,8 @@ class LinearSelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, bias: bool):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim, bias=bias)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -163,9 +172,9 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim)
+        self.kv = Linear(dim, 2 * dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -185,9 +194,9 @@ class MixFFN(nn.Module):
     def __init__(self, dim: int, ratio: float):
         super().__init__()
         hidden = int(dim * ratio)
-        self.inverted = nn.Linear(dim, 2 * hidden)
+        self.inverted = Linear(dim, 2 * hidden)
         self.depthwise = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
-        self.point = nn.Linear(hidden, dim, bias=False)
+        self.point = Linear(hidden, dim, bias=False)
         self.register_load_state_dict_pre_hook(_conv1x1_as_linear)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:  # x (B, N, C)
@@ -235,14 +244,14 @@ class LinearDiT(nn.Module):
         dim, p = cfg.hidden_size, cfg.patch_size
         self.x_embedder = nn.Conv2d(cfg.in_channels, dim, kernel_size=p, stride=p)
         self.t_embedder = TimestepEmbedder(dim)
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))  # AdaLN-single, shared by all blocks
-        self.y_embedder = nn.Sequential(nn.Linear(cfg.caption_channels, dim), nn.GELU(approximate="tanh"),
-                                        nn.Linear(dim, dim))
+        self.t_block = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))  # AdaLN-single, shared by all blocks
+        self.y_embedder = nn.Sequential(Linear(cfg.caption_channels, dim), nn.GELU(approximate="tanh"),
+                                        Linear(dim, dim))
         self.y_norm = RMSNorm(dim, eps=1e-5)
         self.blocks = nn.ModuleList(LinearDiTBlock(cfg) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.final_scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
-        self.final_linear = nn.Linear(dim, p * p * cfg.in_channels)
+        self.final_linear = Linear(dim, p * p * cfg.in_channels)
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kernels.block_backend import resolve_block_backend
-from sana_core.dit import DiTConfig, LinearDiT, load_diffusers_state_dict, to_diffusers_state_dict
+from sana_core.dit import DiTConfig, Linear, LinearDiT, load_diffusers_state_dict, to_diffusers_state_dict
 from tests.kernels.modes import DEVICE, ON_GPU, gpu_only, pick
 
 CFG = pick(small=DiTConfig(hidden_size=64, depth=2, num_heads=2, cross_heads=4, caption_channels=48),
@@ -97,13 +97,14 @@ def test_fast_path_is_the_default_on_cuda():
 
 
 def test_every_gemm_is_an_nn_linear_call(monkeypatch):
-    """Quantisation swaps nn.Linear modules and LoRA wraps them: each must be a module called once a block."""
+    """Quantisation swaps nn.Linear modules and LoRA wraps them: each must be a module called once a block (our
+    nn.Linear subclass, whose backward is kernels.linear's)."""
     monkeypatch.setenv("SANA_BLOCK_BACKEND", "triton")
     model = LinearDiT(CFG).to(DEVICE)
     calls: dict[str, int] = {}
     for name, mod in model.named_modules():
         if name.startswith("blocks.") and name.split(".", 2)[-1] in LINEARS:
-            assert type(mod) is nn.Linear, f"{name} is {type(mod).__name__}"
+            assert type(mod) is Linear and isinstance(mod, nn.Linear), f"{name} is {type(mod).__name__}"
             mod.register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
     with torch.no_grad():
         model(*_inputs(2, 3, 5))

@@ -1,0 +1,74 @@
+"""kernels.linear: the fast path's nn.Linear backward (float32 weight and bias gradients written by the GEMM)
+against F.linear and a float64 reference, on seeded random inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.linear import linear
+from tests.kernels.modes import DEVICE, ON_GPU, pick
+
+SHAPES = pick(small=[((2, 5, 16), 24), ((7, 16), 8)], real=[((4, 1024, 1152), 1152), ((16384, 1152), 5760)])
+
+
+def _grads(fn, x, w, b):
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    b = None if b is None else b.detach().requires_grad_()
+    out = fn(x, w, b)
+    torch.manual_seed(1)
+    dy = torch.randn(out.shape, device=out.device, dtype=torch.float32)
+    (out.float() * dy).sum().backward()
+    return out, x.grad, w.grad, None if b is None else b.grad
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("shape,out_features", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_fast_linear_equals_f_linear_in_float64(shape, out_features, bias):
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=DEVICE, dtype=torch.float64)
+    w = torch.randn(out_features, shape[-1], device=DEVICE, dtype=torch.float64)
+    b = torch.randn(out_features, device=DEVICE, dtype=torch.float64) if bias else None
+    ref = _grads(F.linear, x, w, b)
+    got = _grads(lambda *a: linear(*a, backend="triton"), x, w, b)
+    for r, g in zip(ref, got):
+        if r is None:
+            assert g is None
+        else:
+            assert g.dtype == r.dtype and g.shape == r.shape
+            assert _rel(g, r) < 1e-12
+
+
+@pytest.mark.parametrize("shape,out_features", SHAPES[:1])
+def test_fast_linear_under_autocast_keeps_float32_gradients(shape, out_features):
+    """bf16 autocast, float32 parameters: the same output as autocast's F.linear; gradients in the parameters'
+    dtype and, on the GPU, not rounded to bf16 on the way (the GEMM writes float32: relative error to float64
+    ~2e-5, where PyTorch's bf16 gradients then cast are ~3e-3)."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=DEVICE)
+    w = torch.randn(out_features, shape[-1], device=DEVICE) / shape[-1] ** 0.5
+    b = torch.randn(out_features, device=DEVICE)
+    exact = _grads(F.linear, x.double(), w.double(), b.double())
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        ref = _grads(F.linear, x, w, b)
+        got = _grads(lambda *a: linear(*a, backend="triton"), x, w, b)
+    assert torch.equal(got[0], ref[0]) and got[0].dtype == torch.bfloat16
+    for name, g, r, e in zip(("dx", "dW", "db"), got[1:], ref[1:], exact[1:]):
+        assert g.dtype == torch.float32, name
+        assert _rel(g, e) <= _rel(r, e) * 1.01 + 1e-6, name
+    if ON_GPU:
+        assert _rel(got[2], exact[2]) < 1e-4 and _rel(got[3], exact[3]) < 1e-4
+        assert _rel(ref[2], exact[2]) > 1e-3  # what the bf16 route loses, so the bound above means something
+
+
+def test_inference_and_the_torch_backend_are_f_linear():
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 8, device=DEVICE), torch.randn(4, 8, device=DEVICE, requires_grad=True)
+    with torch.no_grad():
+        assert torch.equal(linear(x, w, backend="triton"), F.linear(x, w))
+    out = linear(x, w, backend="torch")
+    assert out.grad_fn.name() != "_LinearBackward" and torch.equal(out, F.linear(x, w))
