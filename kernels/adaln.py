@@ -2,6 +2,7 @@
 
     modulate:        y = layer_norm(x) * (1 + scale) + shift      (no affine weights)
     gated residual:  y = x + gate * branch
+    add + modulate:  s = x + branch, y = modulate(s)   (a residual add whose sum is then modulated, in one pass)
 
 x, branch, y are (B, N, C) token tensors; shift, scale, gate are (B, 1, C) (or (B, C), or batch 1 to
 broadcast) rows of the modulation table, with any stride between batch rows, so the chunks of one
@@ -26,6 +27,12 @@ if TYPE_CHECKING:  # kernels.int8_gemm imports triton, which the CPU path of thi
 
 def modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale) + shift
+
+
+def add_modulate_reference(x: torch.Tensor, branch: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    total = x + branch
+    return total, modulate_reference(total, shift, scale, eps)
 
 
 def gated_residual_reference(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
@@ -56,6 +63,18 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
 
         return modulate_triton(x, shift, scale, eps)
     return modulate_reference(x, shift, scale, eps)
+
+
+def add_modulate(x: torch.Tensor, branch: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + branch, modulate(x + branch)); x and branch (B, N, C). On the Triton back-end one kernel each way: the
+    sum is written once and normalised as stored, and its backward adds the sum's own gradient (its other
+    consumers') into modulate's dx, the add autograd would otherwise run as a kernel of its own."""
+    if resolve_block_backend(x, backend) == "triton":
+        from kernels.triton_adaln import add_modulate_triton
+
+        return add_modulate_triton(x, branch, shift, scale, eps)
+    return add_modulate_reference(x, branch, shift, scale, eps)
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor,

@@ -5,6 +5,8 @@ graph breaks; autograd, activation checkpointing and FSDP2 see ordinary ops).
     modulate fwd   x, shift, scale         -> y = (x - mean) * rstd * (1 + scale) + shift, mean, rstd
                    (inference, for a W8A8 linear: y quantised per token instead, q and its row scales)
     modulate bwd   dy, x, scale, mean, rstd -> dx, dshift = sum_n dy, dscale = sum_n dy * xhat
+    add_modulate   x, branch, shift, scale -> s = x + branch and modulate(s) in one pass; its backward is
+                   modulate's with s's own gradient added in the kernel (x and branch both get the sum)
     residual fwd   x, gate, branch         -> x + gate * branch
     residual bwd   dy, gate, branch        -> dbranch = gate * dy, dgate = sum_n dy * branch   (dx = dy)
 
@@ -49,17 +51,24 @@ CONFIG = {
 
 
 @triton.jit
-def _modulate_fwd(x_ptr, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, qs_ptr, M, N, C, s_shift, s_scale,
-                  eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr):
+def _modulate_fwd(x_ptr, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, qs_ptr, branch_ptr, sum_ptr, M, N, C,
+                  s_shift, s_scale, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, QUANT: tl.constexpr,
+                  QMAX: tl.constexpr, ADD: tl.constexpr):
     """QUANT 0: y, mean, rstd. QUANT 1 (int8) / 2 (fp8 e4m3): y quantised per row for a W8A8 linear instead,
     q (M, C) and its scale (M,), the rule of kernels.int8_gemm.quantize_rows_reference applied to the float32 y
-    (inference: no y, no statistics written)."""
+    (inference: no y, no statistics written).
+    ADD: the rows modulated are x + branch, written to sum_ptr in x's dtype (the residual stream) and normalised
+    as stored, so that backward's reload of them sees the same values."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     rmask = rows < M
     mask = rmask[:, None] & (cols < C)[None, :]
     offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if ADD:
+        x = (x.to(tl.float32) + tl.load(branch_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+        tl.store(sum_ptr + offs, x, mask=mask)
+    x = x.to(tl.float32)
     mean = tl.sum(x, axis=1) / C
     xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
@@ -84,8 +93,10 @@ def _modulate_fwd(x_ptr, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr,
 
 
 @triton.jit
-def _modulate_bwd(dy_ptr, x_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr, N, C, s_scale, tiles_per_prog,
-                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _modulate_bwd(dy_ptr, x_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr, dres_ptr, N, C, s_scale,
+                  tiles_per_prog, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """ACC: dx also gets dres, the gradient x receives from its other consumers (add_modulate's residual
+    stream), so that autograd needs no separate add of the two."""
     b = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = tl.arange(0, BLOCK_C)
@@ -110,6 +121,8 @@ def _modulate_bwd(dy_ptr, x_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr
         c1 = tl.sum(g * xhat, axis=1) / C
         c2 = tl.sum(g, axis=1) / C
         dx = (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
+        if ACC:
+            dx += tl.load(dres_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     part = part_ptr + (b * tl.num_programs(1) + chunk) * 2 * C
     tl.store(part + cols, dshift, mask=cmask)
@@ -212,8 +225,9 @@ def _modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
     rstd = torch.empty_like(mean)
     if x.numel():
         block_r, block_c, opts = _tile(C, "modulate_fwd")
-        _modulate_fwd_launch((cdiv(B * N, block_r),), device_index(x), (x, shift2, scale2, y, mean, rstd, y, mean),
-                             (B * N, N, C, s_shift, s_scale, eps), (block_r, block_c, 0, 1.0), opts)
+        _modulate_fwd_launch((cdiv(B * N, block_r),), device_index(x),
+                             (x, shift2, scale2, y, mean, rstd, y, mean, x, x),
+                             (B * N, N, C, s_shift, s_scale, eps), (block_r, block_c, 0, 1.0, False), opts)
     return y, mean, rstd
 
 
@@ -242,8 +256,8 @@ def _modulate_quant_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     qs = torch.empty((B * N,), dtype=torch.float32, device=x.device)
     if x.numel():
         block_r, block_c, opts = _tile(C, "modulate_fwd")
-        _modulate_fwd_launch((cdiv(B * N, block_r),), device_index(x), (x, shift2, scale2, x, qs, qs, q, qs),
-                             (B * N, N, C, s_shift, s_scale, eps), (block_r, block_c, code, qmax), opts)
+        _modulate_fwd_launch((cdiv(B * N, block_r),), device_index(x), (x, shift2, scale2, x, qs, qs, q, qs, x, x),
+                             (B * N, N, C, s_shift, s_scale, eps), (block_r, block_c, code, qmax, False), opts)
     return q, qs
 
 
@@ -255,8 +269,9 @@ def _(x, shift, scale, eps, fmt):
 
 @kernel_op("sana::modulate_backward")
 def _modulate_backward_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
-                          rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> dx (like x), partial sums (B, chunks, 2, C) float32 of dshift ([:, :, 0]) and dscale ([:, :, 1])."""
+                          rstd: torch.Tensor, dres: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> dx (like x; plus dres, x's gradient from elsewhere, when given), partial sums (B, chunks, 2, C) float32
+    of dshift ([:, :, 0]) and dscale ([:, :, 1])."""
     x, dy = x.contiguous(), dy.contiguous()
     B, N, C = x.shape
     scale2, s_scale = _rows(scale, B, C, "modulate scale")
@@ -264,14 +279,16 @@ def _modulate_backward_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor
     block_r, block_c, opts = _tile(C, "modulate_bwd")
     chunks, tiles_per = _reduce_grid(B, N, block_r, device_index(x), "modulate_bwd")
     part = x.new_zeros((B, chunks, 2, C), dtype=torch.float32)
+    acc = dres is not None
     if x.numel():
-        _modulate_bwd_launch((B, chunks), device_index(x), (dy, x, scale2, mean, rstd, dx, part),
-                             (N, C, s_scale, tiles_per), (block_r, block_c), opts)
+        _modulate_bwd_launch((B, chunks), device_index(x),
+                             (dy, x, scale2, mean, rstd, dx, part, dres.contiguous() if acc else dy),
+                             (N, C, s_scale, tiles_per), (block_r, block_c, acc), opts)
     return dx, part
 
 
 @_modulate_backward_op.register_fake
-def _(dy, x, scale, mean, rstd):
+def _(dy, x, scale, mean, rstd, dres=None):
     B, N, C = x.shape
     chunks, _ = _reduce_grid(B, N, _tile(C, "modulate_bwd")[0], device_index(x), "modulate_bwd")
     return x.new_empty(x.shape), x.new_empty((B, chunks, 2, C), dtype=torch.float32)
@@ -290,6 +307,55 @@ def _modulate_backward(ctx, dy, _dmean, _drstd):
 
 
 _modulate_op.register_autograd(_modulate_backward, setup_context=_modulate_setup)
+
+
+@kernel_op("sana::add_modulate")
+def _add_modulate_op(x: torch.Tensor, branch: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> s = x + branch, modulate(s), mean, rstd: one read of each input, no separate add kernel."""
+    x, branch = _check(x, "add_modulate x"), branch.contiguous()
+    if branch.shape != x.shape:
+        raise ValueError(f"add_modulate: branch {tuple(branch.shape)} must have x's shape {tuple(x.shape)}")
+    B, N, C = x.shape
+    shift2, s_shift = _rows(shift, B, C, "modulate shift")
+    scale2, s_scale = _rows(scale, B, C, "modulate scale")
+    total, y = x.new_empty(x.shape), x.new_empty(x.shape)
+    mean = x.new_empty((B * N,), dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    if x.numel():
+        block_r, block_c, opts = _tile(C, "modulate_fwd")
+        _modulate_fwd_launch((cdiv(B * N, block_r),), device_index(x),
+                             (x, shift2, scale2, y, mean, rstd, y, mean, branch, total),
+                             (B * N, N, C, s_shift, s_scale, eps), (block_r, block_c, 0, 1.0, True), opts)
+    return total, y, mean, rstd
+
+
+@_add_modulate_op.register_fake
+def _(x, branch, shift, scale, eps):
+    B, N, _ = x.shape
+    mean = x.new_empty((B * N,), dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(x.shape), mean, torch.empty_like(mean)
+
+
+def _add_modulate_setup(ctx, inputs, output):
+    _, branch, shift, scale, _ = inputs
+    total, _, mean, rstd = output
+    ctx.branch_dtype = branch.dtype
+    ctx.save_for_backward(total, shift, scale, mean, rstd)
+
+
+def _add_modulate_backward(ctx, dtotal, dy, _dmean, _drstd):
+    total, shift, scale, mean, rstd = ctx.saved_tensors
+    if dy is None:  # only the sum is differentiated (None: neither)
+        return (None if dtotal is None else dtotal, None if dtotal is None else dtotal.to(ctx.branch_dtype), None, None,
+                None)
+    dx, part = _modulate_backward_op.within(ctx)(dy, total, scale, mean, rstd, dtotal)
+    # x and branch get the same gradient (a sum's), one tensor for both
+    return (dx, dx.to(ctx.branch_dtype), _reduce_rows(part[:, :, 0], shift), _reduce_rows(part[:, :, 1], scale),
+            None)
+
+
+_add_modulate_op.register_autograd(_add_modulate_backward, setup_context=_add_modulate_setup)
 
 
 @kernel_op("sana::gated_residual")
@@ -360,6 +426,11 @@ def _guarded(fn, x, *args):
 
 def modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     return _guarded(_modulate_op, x, shift, scale, float(eps))[0]
+
+
+def add_modulate_triton(x: torch.Tensor, branch: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _guarded(_add_modulate_op, x, branch, shift, scale, float(eps))[:2]
 
 
 def modulate_quant_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,

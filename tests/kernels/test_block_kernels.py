@@ -8,7 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.adaln import gated_residual, gated_residual_reference, modulate, modulate_reference
+from kernels.adaln import (
+    add_modulate,
+    add_modulate_reference,
+    gated_residual,
+    gated_residual_reference,
+    modulate,
+    modulate_reference,
+)
 from kernels.block_backend import resolve_block_backend
 from kernels.mixffn import depthwise_glu, depthwise_glu_reference
 from tests.kernels.modes import DEVICE, ON_GPU, pick
@@ -86,6 +93,32 @@ def test_gated_residual_matches_float64(shape, dtype):
         return gated_residual_reference(x, table[:, 2:3], branch)
 
     _check(fast, ref, [x, table, branch], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ADALN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_add_modulate_matches_float64(shape, dtype):
+    """Both outputs (the sum, which the residual stream carries on, and its modulation) with gradients flowing
+    into each, so the kernel's added gradient of the sum is checked as well as modulate's."""
+    B, N, C = shape
+    x = _leaf(torch.randn(shape, device=DEVICE).mul(3).add(1).to(dtype))
+    branch = _leaf(torch.randn(shape, device=DEVICE).to(dtype))
+    table = _table(B, C)
+    inputs = [x, branch, table]
+    total, y = add_modulate(x, branch, table[:, 3:4], table[:, 4:5], EPS, backend="triton")
+    assert total.dtype == y.dtype == dtype
+    d_total, d_y = torch.randn_like(total), torch.randn_like(y)
+    grads = torch.autograd.grad((total, y), inputs, (d_total, d_y))
+    ref_in = [_leaf(t.double()) for t in inputs]
+    ref_total, ref_y = add_modulate_reference(ref_in[0], ref_in[1], ref_in[2][:, 3:4], ref_in[2][:, 4:5], EPS)
+    ref_grads = torch.autograd.grad((ref_total, ref_y), ref_in, (d_total.double(), d_y.double()))
+    errs = [_rel(total, ref_total), _rel(y, ref_y)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
+    assert all(g.dtype == t.dtype for g, t in zip(grads, inputs))
+    assert max(errs) <= TOL[dtype], f"relative errors sum, out and grads {errs}"
+    # only the sum differentiated: both inputs get its gradient as it is
+    total, _ = add_modulate(x, branch, table[:, 3:4], table[:, 4:5], EPS, backend="triton")
+    gx, gb = torch.autograd.grad(total, [x, branch], d_total)
+    assert torch.equal(gx, d_total) and torch.equal(gb, d_total)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
@@ -199,6 +232,8 @@ def test_custom_ops_pass_opcheck():
     for xin in (x, xt):
         torch.library.opcheck(torch.ops.sana.modulate, (xin, shift, scale, EPS))
         torch.library.opcheck(torch.ops.sana.gated_residual, (xin, gate, _leaf(torch.randn(B, H * W, C, device=DEVICE))))
+        torch.library.opcheck(torch.ops.sana.add_modulate,
+                              (xin, _leaf(torch.randn(B, H * W, C, device=DEVICE)), shift, scale, EPS))
     u = _leaf(torch.randn(B, H * W, 2 * C, device=DEVICE))
     weight, bias = _leaf(torch.randn(2 * C, 1, 3, 3, device=DEVICE)), _leaf(torch.randn(2 * C, device=DEVICE))
     torch.library.opcheck(torch.ops.sana.depthwise_glu, (u, weight, bias, H, W))
@@ -217,7 +252,8 @@ def test_compiles_without_graph_breaks():
     def f(x, table, weight, bias):
         h = modulate(x, table[:, 0:1], table[:, 1:2], EPS, backend="triton") @ lin
         h = depthwise_glu(h, weight, bias, (H, W), backend="triton")
-        return gated_residual(x, table[:, 2:3], h, backend="triton")
+        x2, h2 = add_modulate(x, h, table[:, 3:4], table[:, 4:5], EPS, backend="triton")
+        return gated_residual(x2, table[:, 2:3], h2, backend="triton")
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
@@ -259,14 +295,16 @@ def test_eager_calls_match_the_dispatched_ops():
     cases = [(triton_adaln._modulate_op, torch.ops.sana.modulate, (x, rows, EPS), (x, rows)),
              (triton_adaln._gated_residual_op, torch.ops.sana.gated_residual, (x, rows, branch), (x, rows, branch)),
              (triton_mixffn._depthwise_glu_op, torch.ops.sana.depthwise_glu, (u, weight, bias, H, W),
-              (u, weight, bias))]
+              (u, weight, bias)),
+             (triton_adaln._add_modulate_op, torch.ops.sana.add_modulate, (x, branch, rows, EPS), (x, branch, rows))]
     views = {triton_adaln._modulate_op: lambda x, rows, eps: (x, rows[:, 0:1], rows[:, 1:2], eps),
-             triton_adaln._gated_residual_op: lambda x, rows, br: (x, rows[:, 2:3], br)}
+             triton_adaln._gated_residual_op: lambda x, rows, br: (x, rows[:, 2:3], br),
+             triton_adaln._add_modulate_op: lambda x, br, rows, eps: (x, br, rows[:, 3:4], rows[:, 4:5], eps)}
     for eager, op, args, tensors in cases:
         outs = []
         for fn in (eager, op):
             out = fn(*views.get(eager, lambda *a: a)(*args))  # the table's rows sliced afresh for each call
-            out = out[0] if isinstance(out, tuple) else out
+            out = out[1] if eager is triton_adaln._add_modulate_op else out[0] if isinstance(out, tuple) else out
             dy = torch.ones_like(out).cumsum(-1) / out.shape[-1]
             outs.append((out.detach(), torch.autograd.grad(out, tensors, dy), type(out.grad_fn).__name__))
         (o1, g1, via1), (o2, g2, via2) = outs
