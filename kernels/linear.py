@@ -9,10 +9,11 @@ reduction kernel at about three times its HBM time. Here, for the same forward:
                                         cuBLAS accumulates in float32 anyway; no bf16 rounding, no cast)
     db = ones^T @ dy                    the same GEMM routine as a column sum, in the bias's dtype
 
-On the H200 at Sana-0.6B's batch-16 shapes (16384 tokens, .gpu probe committed as
+On the H200 at Sana-0.6B's batch-16 shapes (16384 tokens; `python bench/bench_linear_backward.py`,
 bench/results/linear_backward_h200.json): dW 65.2 against 69.4 us (1152 x 1152; 172.0 / 181.7 us for
 1152 x 2880, 184.3 / 195.7 for 3456 x 1152), db 11.0 against 27.7 us (1152 columns; 48.7 / 59.3 us for 5760),
-about 3 ms of a 28-block training step.
+about 3 ms of GPU time in a 28-block training step by these counts (the graphed bs16 step measured 146.1 ms
+after against 145.7-146.7 before: the gain did not show in the step, see bench/NOTES_block_fastpath.md).
 
 Backend choice: kernels.block_backend (SANA_BLOCK_BACKEND), with the block's other fused ops; under
 torch.compile the plain F.linear (the compiler plans its own backward). Inference (no gradient) is F.linear.
