@@ -213,22 +213,122 @@ def _reduce_rows(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return d.reshape(like.shape).to(like.dtype)
 
 
-@kernel_op("sana::modulate")
-def _modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x = _check(x, "modulate x")
+def _modulate_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                   branch: torch.Tensor | None = None):
+    """The forward modulate of x (of x + branch, also returned, when branch is given) -> sum, y, mean, rstd."""
     B, N, C = x.shape
     shift2, s_shift = _rows(shift, B, C, "modulate shift")
     scale2, s_scale = _rows(scale, B, C, "modulate scale")
     y = x.new_empty(x.shape)
+    total = None if branch is None else x.new_empty(x.shape)
     mean = x.new_empty((B * N,), dtype=torch.float32)
     rstd = torch.empty_like(mean)
     if x.numel():
         block_r, block_c, opts = _tile(C, "modulate_fwd")
-        _modulate_fwd_launch((cdiv(B * N, block_r),), device_index(x),
-                             (x, shift2, scale2, y, mean, rstd, y, mean, x, x),
-                             (B * N, N, C, s_shift, s_scale, eps), (block_r, block_c, 0, 1.0, False), opts)
-    return y, mean, rstd
+        add = (x, x) if branch is None else (branch, total)
+        _modulate_fwd_launch((cdiv(B * N, block_r),), device_index(x), (x, shift2, scale2, y, mean, rstd, y, mean, *add),
+                             (B * N, N, C, s_shift, s_scale, eps), (block_r, block_c, 0, 1.0, branch is not None), opts)
+    return total, y, mean, rstd
+
+
+@kernel_op("sana::modulate")
+def _modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _modulate_rows(_check(x, "modulate x"), shift, scale, eps)[1:]
+
+
+@_modulate_op.register_fake
+def _(x, shift, scale, eps):
+    B, N, _ = x.shape
+    mean = x.new_empty((B * N,), dtype=torch.float32)
+    return x.new_empty(x.shape), mean, torch.empty_like(mean)
+
+
+_QUANT_CODE = {"int8": 1, "fp8": 2}  # the kernel's QUANT for each of kernels.int8_gemm.FORMATS
+
+
+@kernel_op("sana::modulate_quant")
+def _modulate_quant_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                       fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference: modulate's output quantised per token for a W8A8 linear -> q (B*N, C), scale (B*N,) float32."""
+    x = _check(x, "modulate x")
+    B, N, C = x.shape
+    if fmt not in FORMATS:
+        raise ValueError(f"modulate: quantisation format must be one of {sorted(FORMATS)}, got {fmt!r}")
+    (dtype, qmax), code = FORMATS[fmt], _QUANT_CODE[fmt]
+    shift2, s_shift = _rows(shift, B, C, "modulate shift")
+    scale2, s_scale = _rows(scale, B, C, "modulate scale")
+    q = torch.empty((B * N, C), dtype=dtype, device=x.device)
+    qs = torch.empty((B * N,), dtype=torch.float32, device=x.device)
+    if x.numel():
+        block_r, block_c, opts = _tile(C, "modulate_fwd")
+        _modulate_fwd_launch((cdiv(B * N, block_r),), device_index(x), (x, shift2, scale2, x, qs, qs, q, qs, x, x),
+                             (B * N, N, C, s_shift, s_scale, eps), (block_r, block_c, code, qmax, False), opts)
+    return q, qs
+
+
+@_modulate_quant_op.register_fake
+def _(x, shift, scale, eps, fmt):
+    B, N, C = x.shape
+    return x.new_empty((B * N, C), dtype=FORMATS[fmt][0]), x.new_empty((B * N,), dtype=torch.float32)
+
+
+@kernel_op("sana::modulate_backward")
+def _modulate_backward_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
+                          rstd: torch.Tensor, dres: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> dx (like x; plus dres, x's gradient from elsewhere, when given), partial sums (B, chunks, 2, C) float32
+    of dshift ([:, :, 0]) and dscale ([:, :, 1])."""
+    x, dy = x.contiguous(), dy.contiguous()
+    B, N, C = x.shape
+    scale2, s_scale = _rows(scale, B, C, "modulate scale")
+    dx = x.new_empty(x.shape)
+    block_r, block_c, opts = _tile(C, "modulate_bwd")
+    chunks, tiles_per = _reduce_grid(B, N, block_r, device_index(x), "modulate_bwd")
+    part = x.new_zeros((B, chunks, 2, C), dtype=torch.float32)
+    acc = dres is not None
+    if x.numel():
+        _modulate_bwd_launch((B, chunks), device_index(x),
+                             (dy, x, scale2, mean, rstd, dx, part, dres.contiguous() if acc else dy),
+                             (N, C, s_scale, tiles_per), (block_r, block_c, acc), opts)
+    return dx, part
+
+
+@_modulate_backward_op.register_fake
+def _(dy, x, scale, mean, rstd, dres=None):
+    B, N, C = x.shape
+    chunks, _ = _reduce_grid(B, N, _tile(C, "modulate_bwd")[0], device_index(x), "modulate_bwd")
+    return x.new_empty(x.shape), x.new_empty((B, chunks, 2, C), dtype=torch.float32)
+
+
+def _modulate_setup(ctx, inputs, output):
+    x, shift, scale, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, shift, scale, mean, rstd)
+
+
+def _modulate_backward(ctx, dy, _dmean, _drstd):
+    x, shift, scale, mean, rstd = ctx.saved_tensors
+    dx, part = _modulate_backward_op.within(ctx)(dy, x, scale, mean, rstd)
+    return dx, _reduce_rows(part[:, :, 0], shift), _reduce_rows(part[:, :, 1], scale), None
+
+
+_modulate_op.register_autograd(_modulate_backward, setup_context=_modulate_setup)
+
+
+@kernel_op("sana::add_modulate")
+def _add_modulate_op(x: torch.Tensor, branch: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> s = x + branch, modulate(s), mean, rstd: one read of each input, no separate add kernel."""
+    x, branch = _check(x, "add_modulate x"), branch.contiguous()
+    if branch.shape != x.shape:
+        raise ValueError(f"add_modulate: branch {tuple(branch.shape)} must have x's shape {tuple(x.shape)}")
+    return _modulate_rows(x, shift, scale, eps, branch)
+
+
+@kernel_op("sana::modulate")
+def _modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _modulate_rows(_check(x, "modulate x"), shift, scale, eps)[1:]
 
 
 @_modulate_op.register_fake
