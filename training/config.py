@@ -57,6 +57,10 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     eps: float = 1e-8
+    # AdamW's fused kernel (one pass over parameters, gradients and moments) instead of the foreach kernels:
+    # None = fused when every parameter is on CUDA (as bench/bench_train_step.py measures and torchtitan
+    # defaults to; it works on FSDP2's DTensors), foreach elsewhere
+    fused: bool | None = None
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     # Micro-batches per optimizer step: the global batch is data.batch_size x processes x grad_accum_steps.
     # The data order and noise depend only on processes x grad_accum_steps (see training/data.py), so a

@@ -13,7 +13,11 @@ from training.config import OptimConfig
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        fused = cfg.fused if cfg.fused is not None else bool(params) and all(p.device.type == "cuda" for p in params)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                 fused=fused or None)  # None: torch's foreach default
+    if cfg.fused:
+        raise SanaError(f"optim.fused=true is AdamW's fused kernel; optim.name={cfg.name} has none (set optim.fused=null)")
     if cfg.name == "came":
         try:
             from came_pytorch import CAME
