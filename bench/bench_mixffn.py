@@ -6,13 +6,12 @@ Times, with CUDA events (median of --iters), the forward op (silu pass + kernel)
 kernels + partial-sum reductions) and each kernel alone, at Sana-0.6B's batch-16 shape by default; the bytes
 each must move (read s, u, dout, dc once; write out, dc, du once) over the measured copy bandwidth give the
 roofline. The PyTorch reference (channels-first conv2d, cuDNN) is timed beside it. --sweep tries tile
-configurations per kernel and prints the best; CONFIG in kernels/triton_mixffn.py is set from it by hand.
+configurations (tile, warps, pipeline stages, register cap) per kernel and prints the best; CONFIG in kernels/triton_mixffn.py is set from it by hand.
 Writes mixffn_<gpu>.json.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
@@ -138,16 +137,23 @@ def main():
         print(f"WRONG RESULTS (relative error > {TOLERANCE}) from: {wrong}")
 
     if args.sweep:
-        grid = {"BLOCK_W": (16, 32), "BLOCK_C": (32, 64), "num_warps": (4, 8), "PREFETCH": (0, 1)}
+        # tiles x pipeline stages, and a register cap (maxnreg) that fits four 4-warp programs an SM
+        tiles = [(16, 32, 4), (16, 64, 4), (16, 32, 8), (16, 64, 8)]  # 32 x 64 and 32 x 32 at 4 warps spill
+        combos = [(*t, st, None) for t in tiles for st in (1, 2, 3, 4)]
+        combos += [(bw, bc, nw, st, 128) for bw, bc, nw in ((16, 32, 4), (16, 64, 8)) for st in (2, 3, 4)]
         sweep = {}
         for name in kernels:
             keep = dict(tm.CONFIG[name])
             sweep[name] = {}
-            for combo in itertools.product(*grid.values()):
-                key = "{}x{}w{}p{}".format(*combo)
-                tm.CONFIG[name] = dict(keep, **dict(zip(grid, combo)))
+            for bw, bc, nw, st, maxnreg in combos:
+                key = f"{bw}x{bc}w{nw}s{st}" + (f"m{maxnreg}" if maxnreg else "")
+                cfg = dict(keep, BLOCK_W=bw, BLOCK_C=bc, num_warps=nw, STAGES=st)
+                cfg.pop("maxnreg", None)
+                tm.CONFIG[name] = dict(cfg, **({"maxnreg": maxnreg} if maxnreg else {}))
                 launcher = tm._bwd_input_launch if name == "bwd_input" else tm._conv_glu_launch
                 launcher.kernels.clear()
+                for t in (got["out"], got["dc"], got["du"]):  # a configuration that writes nothing fails its check
+                    t.fill_(float("nan"))
                 try:
                     ms = median_cuda_ms(kernels[name][0], 10)
                 except (OutOfResources, RuntimeError) as e:  # a config the compiler refuses (registers, shared memory)

@@ -8,6 +8,11 @@ over rows): each input row is read once from HBM, its three horizontal shifts (j
 of which two hit L1. A tile's offsets and shift masks are computed once a program, so that a load is a row
 pointer plus them: per-element 64-bit index arithmetic at every load was most of the instructions (forward
 0.27 -> 0.20 ms, backward 0.36 + 0.49 -> 0.28 + 0.42 ms a block at Sana-0.6B's batch-16 shape on the H200).
+Then the row loop became a Triton software pipeline (tl.range num_stages: the next rows' loads are async copies
+into shared memory while a row is computed): 0.20 -> 0.165, 0.28 + 0.42 -> 0.25 + 0.355 ms. The kernels were
+bound by load latency, not bandwidth (one row in flight a program, few programs an SM for their registers).
+Taking the j +- 1 shifts from the center tile with tl.gather plus two halo columns, instead of three loads of
+which two hit the cache, was twice as slow (0.31 ms forward at the best tile, measured beside it).
 The first version loaded a tile at all nine taps (nine shifted reads of every element: 0.28 ms forward and
 1.1 ms backward a block).
 Outside the image the taps read zero (zero padding; silu(0) = 0, so padding before or after the SiLU is the
@@ -47,20 +52,16 @@ from kernels.launch import (
 
 # BLOCK_W columns x BLOCK_C channels a program; PROGRAMS_PER_SM: enough row bands that the grid has about this
 # many programs an SM (a band costs two halo rows, so fewer, longer bands where the grid is already full);
-# PREFETCH: see _conv_glu. The best of a checked sweep on the H200 at Sana-0.6B's batch-16 shape
+# STAGES: see _conv_glu. The best of a checked sweep on the H200 at Sana-0.6B's batch-16 shape
 # (`python bench/bench_mixffn.py --sweep`, bench/results/mixffn_h200.json, which also lists each configuration's
-# registers and spills: the kernels are bound by registers, 128-255 a thread): forward 0.20 ms, backward
-# 0.28 + 0.42 ms a block (HBM rooflines 0.07, 0.12, 0.19). num_stages 1 or 3 made no difference in earlier
-# sweeps (no tl.dot to pipeline); these are the values the sweep ran with.
+# registers and spills): forward 0.165 ms, backward 0.251 + 0.355 ms a block (HBM rooflines 0.072, 0.120, 0.192;
+# without the pipeline, STAGES 1: 0.227, 0.314, 0.441). Four stages beat three at every tile; larger tiles hold
+# more registers and fewer programs an SM, and lose.
 CONFIG = {
-    "fwd": {"BLOCK_W": 16, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "PROGRAMS_PER_SM": 4,
-            "PREFETCH": 1},
-    "bwd_conv": {"BLOCK_W": 16, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1, "PROGRAMS_PER_SM": 4,
-                 "PREFETCH": 0},
-    "bwd_input": {"BLOCK_W": 16, "BLOCK_C": 64, "num_warps": 4, "num_stages": 1, "PROGRAMS_PER_SM": 4,
-                  "PREFETCH": 1},
+    "fwd": {"BLOCK_W": 16, "BLOCK_C": 32, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 4},
+    "bwd_conv": {"BLOCK_W": 16, "BLOCK_C": 32, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 4},
+    "bwd_input": {"BLOCK_W": 16, "BLOCK_C": 32, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 4},
 }
-
 
 @triton.jit
 def _tile(j, c, jmask, cmask, W, stride):
@@ -132,30 +133,17 @@ def _feed(l0, l1, l2, k0, k1, k2, k3, k4, k5, k6, k7, k8, acc_p, acc_c):
 
 
 @triton.jit
-def _conv_next(s_ptr, dout_ptr, b, r, r0, r1, offs, offs_o, m_l, m_c, m_r, H, W, HID,
-               BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BACKWARD: tl.constexpr):
-    """_conv_glu's loads for step r + 1: row r + 1 of s (both halves, three shifts each) and, in backward, row r
-    of dout (the output row that step completes; zero outside the band)."""
-    C2 = 2 * HID
-    a0, a1, a2 = _rows3(s_ptr, b, r + 1, r + 1 < H, offs, m_l, m_c, m_r, H, W, C2)
-    g0, g1, g2 = _rows3(s_ptr + HID, b, r + 1, r + 1 < H, offs, m_l, m_c, m_r, H, W, C2)
-    if BACKWARD:
-        d = tl.load(_rowp(dout_ptr, b, r, H, W, HID) + offs_o, mask=m_c & (r >= r0) & (r < r1), other=0.0)
-    else:
-        d = tl.zeros((BLOCK_W, BLOCK_C), dtype=dout_ptr.dtype.element_ty)  # unused
-    return a0, a1, a2, g0, g1, g2, d
-
-
-@triton.jit
 def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_wseg, band,
-              BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BACKWARD: tl.constexpr, PREFETCH: tl.constexpr):
+              BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BACKWARD: tl.constexpr, STAGES: tl.constexpr):
     """a = conv(s_a) + bias_a, g = conv(s_g) + bias_g over this program's rows, then
     forward (BACKWARD False): out = a * silu(g), (B*N, HID);
     backward: dc = (da, dg) from dout into out (B*N, 2*HID), and this program's partial dbias row.
-    PREFETCH: the next row's loads are issued before this row's arithmetic and stores (which pays depends on the
-    tile: registers decide how many programs an SM holds). The 18 tap weights are loaded once a program (144
-    registers a thread, which holds 8 channels of a token); loading them from L1 each row was slower at every
-    swept tile (the "h0" entries of bench/results/mixffn_h200.json, swept with a HOIST flag in 86db365)."""
+    STAGES: Triton's software pipeline over the row loop (tl.range num_stages): the loads of the next STAGES - 1
+    rows are in flight (async copies into shared memory) while a row is computed. The kernels are bound by the
+    latency of their loads, not by bandwidth: registers (the 18 hoisted tap weights take 8 a channel a thread)
+    allow ~2 programs an SM, and one row in flight a program left HBM at a third of its bandwidth. The tap weights
+    are loaded once a program; loading them from L1 each row was slower at every swept tile (the "h0" entries of
+    bench/results/mixffn_h200.json, swept with a HOIST flag in 86db365)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < HID
     b, j, r0, r1 = _strip(H, W, n_wseg, band, BLOCK_W)
@@ -174,21 +162,19 @@ def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_
     # dbias: summed over the strip's tokens elementwise, reduced over its columns once at the end
     db_a = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     db_g = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    xa0, xa1, xa2 = _rows3(s_ptr, b, r0 - 1, r0 >= 1, offs, m_l, m_c, m_r, H, W, C2)
-    xg0, xg1, xg2 = _rows3(s_ptr + HID, b, r0 - 1, r0 >= 1, offs, m_l, m_c, m_r, H, W, C2)
-    if BACKWARD:
-        d = tl.zeros((BLOCK_W, BLOCK_C), dtype=dout_ptr.dtype.element_ty)  # row r0 - 2 is not this program's
-    for r in range(r0 - 1, r1 + 1):
-        if PREFETCH:
-            ya0, ya1, ya2, yg0, yg1, yg2, dn = _conv_next(s_ptr, dout_ptr, b, r, r0, r1, offs, offs_o, m_l, m_c, m_r,
-                                                          H, W, HID, BLOCK_W, BLOCK_C, BACKWARD)
+    for r in tl.range(r0 - 1, r1 + 1, num_stages=STAGES):  # input row r completes output row r - 1
+        ok = (r >= 0) & (r < H)
+        xa0, xa1, xa2 = _rows3(s_ptr, b, r, ok, offs, m_l, m_c, m_r, H, W, C2)
+        xg0, xg1, xg2 = _rows3(s_ptr + HID, b, r, ok, offs, m_l, m_c, m_r, H, W, C2)
+        ro = r - 1
+        mask = m_c & (ro >= r0)
+        if BACKWARD:
+            d = tl.load(_rowp(dout_ptr, b, ro, H, W, HID) + offs_o, mask=mask, other=0.0)
         da, ca, na = _feed(xa0, xa1, xa2, a0, a1, a2, a3, a4, a5, a6, a7, a8, pa, ca)
         dg, cg, ng = _feed(xg0, xg1, xg2, g0, g1, g2, g3, g4, g5, g6, g7, g8, pg, cg)
         a = da + bias_a[None, :]
         g = dg + bias_g[None, :]
         sg = tl.sigmoid(g)
-        ro = r - 1  # the output row completed by input row r
-        mask = m_c & (ro >= r0)
         if BACKWARD:
             df = d.to(tl.float32)  # zero where the row is not this program's
             grad_a = df * g * sg
@@ -200,12 +186,6 @@ def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_
             db_g += grad_g
         else:
             tl.store(_rowp(out_ptr, b, ro, H, W, HID) + offs_o, (a * g * sg).to(out_ptr.dtype.element_ty), mask=mask)
-        if not PREFETCH:
-            ya0, ya1, ya2, yg0, yg1, yg2, dn = _conv_next(s_ptr, dout_ptr, b, r, r0, r1, offs, offs_o, m_l, m_c, m_r,
-                                                          H, W, HID, BLOCK_W, BLOCK_C, BACKWARD)
-        xa0, xa1, xa2, xg0, xg1, xg2 = ya0, ya1, ya2, yg0, yg1, yg2
-        if BACKWARD:
-            d = dn
         pa, ca, pg, cg = ca, na, cg, ng
     if BACKWARD:
         part = part_ptr + tl.program_id(1).to(tl.int64) * C2
@@ -214,22 +194,12 @@ def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_
 
 
 @triton.jit
-def _input_next(dc_ptr, u_ptr, s_ptr, b, r, r0, r1, offs, m_l, m_c, m_r, H, W, C2):
-    """_bwd_input's loads for step r + 1: dc row r + 1 (three shifts, returned as dj = +1, 0, -1), s row r + 2 and
-    u row r, both only within the band."""
-    p, c0, m = _rows3(dc_ptr, b, r + 1, r + 1 < H, offs, m_l, m_c, m_r, H, W, C2)
-    s = tl.load(_rowp(s_ptr, b, r + 2, H, W, C2) + offs, mask=m_c & (r + 2 < r1), other=0.0)
-    u = tl.load(_rowp(u_ptr, b, r, H, W, C2) + offs, mask=m_c & (r >= r0) & (r < r1), other=0.0)
-    return p, c0, m, s, u
-
-
-@triton.jit
 def _bwd_input(dc_ptr, u_ptr, s_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, band,
-               BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr):
+               BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
     """The transposed conv: s[q] receives dc[q - off_k] * w[k] for the nine offsets off_k = (di, dj), so a
     loaded row r of dc (at columns j - dj) feeds ds at rows r + di; w[k] receives dc[q - off_k] * s[q], the
     same loads against the window of s rows r-1, r, r+1 (only this program's rows, so that every pair is
-    counted by exactly one program). PREFETCH and the weights as in _conv_glu."""
+    counted by exactly one program). STAGES and the weights as in _conv_glu."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C2
     b, j, r0, r1 = _strip(H, W, n_wseg, band, BLOCK_W)
@@ -250,14 +220,13 @@ def _bwd_input(dc_ptr, u_ptr, s_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, 
     w6 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     w7 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     w8 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    # the loads of a step r: dc row r (lm = dc[r, j + 1] is dj = -1, lp = dc[r, j - 1] is dj = +1), s row r + 1
-    # and u row r - 1, both only within the band
-    xp, x0, xm = _rows3(dc_ptr, b, r0 - 1, r0 >= 1, offs, m_l, m_c, m_r, H, W, C2)
-    xs = tl.load(_rowp(s_ptr, b, r0, H, W, C2) + offs, mask=m_c, other=0.0)
-    xu = tl.zeros((BLOCK_W, BLOCK_C), dtype=u_ptr.dtype.element_ty)  # row r0 - 2 is not this program's
-    for r in range(r0 - 1, r1 + 1):
-        if PREFETCH:
-            yp, y0, ym, ys, yu = _input_next(dc_ptr, u_ptr, s_ptr, b, r, r0, r1, offs, m_l, m_c, m_r, H, W, C2)
+    for r in tl.range(r0 - 1, r1 + 1, num_stages=STAGES):
+        # step r's loads: dc row r (xm = dc[r, j + 1] is dj = -1, xp = dc[r, j - 1] is dj = +1), s row r + 1 and
+        # u row r - 1, both only within the band (rows r0 - 1 and r1 are other programs')
+        xp, x0, xm = _rows3(dc_ptr, b, r, (r >= 0) & (r < H), offs, m_l, m_c, m_r, H, W, C2)
+        xs = tl.load(_rowp(s_ptr, b, r + 1, H, W, C2) + offs, mask=m_c & (r + 1 < r1), other=0.0)
+        mask_u = m_c & (r - 1 >= r0)
+        xu = tl.load(_rowp(u_ptr, b, r - 1, H, W, C2) + offs, mask=mask_u, other=0.0)
         lm, l0, lp = xm.to(tl.float32), x0.to(tl.float32), xp.to(tl.float32)
         snext = xs.to(tl.float32)
         # kernel row 0 (di = -1) -> ds row r - 1, row 1 -> r, row 2 -> r + 1
@@ -276,12 +245,11 @@ def _bwd_input(dc_ptr, u_ptr, s_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, 
         u = xu.to(tl.float32)
         su = tl.sigmoid(u)
         tl.store(_rowp(du_ptr, b, r - 1, H, W, C2) + offs,
-                 (done * su * (1.0 + u * (1.0 - su))).to(du_ptr.dtype.element_ty), mask=m_c & (r - 1 >= r0))
-        if not PREFETCH:
-            yp, y0, ym, ys, yu = _input_next(dc_ptr, u_ptr, s_ptr, b, r, r0, r1, offs, m_l, m_c, m_r, H, W, C2)
-        xp, x0, xm, xs, xu = yp, y0, ym, ys, yu
+                 (done * su * (1.0 + u * (1.0 - su))).to(du_ptr.dtype.element_ty), mask=mask_u)
         dp, dcur = dcur, dnext
-        sp, scur = scur, snext
+        # s row r is zero before the band already; the select keeps the loop pipelinable (Triton's pipeliner
+        # refuses a loop that yields one of its own iteration arguments unchanged: a distance-2 dependence)
+        sp, scur = tl.where(r >= r0, scur, 0.0), snext
     part = part_ptr + tl.program_id(1).to(tl.int64) * 9 * C2 + c
     tl.store(part, tl.sum(w0, axis=0), mask=cmask)
     tl.store(part + C2, tl.sum(w1, axis=0), mask=cmask)
@@ -307,8 +275,8 @@ def _plan(B: int, H: int, W: int, channels: int, cfg: dict, device: int) -> dict
     band = cdiv(H, min(H, max(1, want)))
     strips = B * n_wseg * cdiv(H, band)
     return dict(grid=(c_blocks, strips), strips=strips, scalars=(n_wseg, band),
-                consts=(block_w, cfg["BLOCK_C"]), flags=(bool(cfg["PREFETCH"]),),
-                options=(("num_warps", cfg["num_warps"]), ("num_stages", cfg["num_stages"])))
+                consts=(block_w, cfg["BLOCK_C"]), flags=(int(cfg["STAGES"]),),
+                options=(("num_warps", cfg["num_warps"]),) + ((("maxnreg", cfg["maxnreg"]),) if cfg.get("maxnreg") else ()))
 
 
 def _taps_major(weight: torch.Tensor) -> torch.Tensor:
