@@ -41,6 +41,8 @@ def main():
     p.add_argument("--shape", default="16,1024,1152", help="B,N,C (Sana-0.6B at 1024 px, batch 16)")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--sweep", action="store_true", help="try tile configurations per kernel")
+    p.add_argument("--kernels", default="modulate_fwd,modulate_bwd,residual_fwd,residual_bwd",
+                   help="comma-separated: the kernels --sweep tries")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -116,13 +118,16 @@ def main():
         sweep = {}
         for name, (fn, nbytes) in kernels.items():
             keep = dict(ta.CONFIG[name])
+            if name not in args.kernels.split(","):
+                continue
             grid = {"ELEMENTS": (1024, 2048, 4096, 8192), "num_warps": (1, 2, 4, 8)}
-            if "PROGRAMS_PER_SM" in keep:
-                grid["PROGRAMS_PER_SM"] = (4, 8)
+            if "PROGRAMS_PER_SM" in keep:  # the reductions' tile loops: also pipeline stages
+                grid = {"ELEMENTS": (2048, 4096, 8192), "num_warps": (4, 8), "PROGRAMS_PER_SM": (4, 8),
+                        "STAGES": (1, 2, 3)}
             sweep[name] = {}
             for combo in itertools.product(*grid.values()):
                 cfg = dict(keep, **dict(zip(grid, combo)))
-                key = "e{}w{}".format(*combo) + (f"p{combo[2]}" if len(combo) > 2 else "")
+                key = "e{}w{}".format(*combo) + ("p{}s{}".format(*combo[2:]) if len(combo) > 2 else "")
                 ta.CONFIG[name] = cfg
                 LAUNCHERS[name].kernels.clear()
                 try:

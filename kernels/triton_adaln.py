@@ -41,12 +41,15 @@ from kernels.launch import (
 # (bench/results/adaln_h200.json): the forward modulate at one row and two warps a program, 29.9 us against
 # 37.4 us for 4 rows at 8 warps (the row statistics then reduce within two warps instead of across eight); the
 # other three were best, or within 1%, where they were: residual forward at 105% of the HBM roofline, residual
-# backward 81%, modulate backward 50%.
+# backward 81%, modulate backward 50%. Then the backward reductions' tile loops became Triton software pipelines
+# (STAGES; `--sweep --kernels modulate_bwd,residual_bwd`, bench/results/adaln_h200_stages.json): modulate backward
+# 59.1 -> 51.1 us at 4 warps and 3 stages (57% of its roofline); the residual backward
+# gained nothing (36.7 us at 1 stage, 37.0 at 3), so it stays unpipelined.
 CONFIG = {
     "modulate_fwd": {"ELEMENTS": 1024, "num_warps": 2},
-    "modulate_bwd": {"ELEMENTS": 8192, "num_warps": 8, "PROGRAMS_PER_SM": 4},
+    "modulate_bwd": {"ELEMENTS": 8192, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 3},
     "residual_fwd": {"ELEMENTS": 8192, "num_warps": 8},
-    "residual_bwd": {"ELEMENTS": 8192, "num_warps": 8, "PROGRAMS_PER_SM": 4},
+    "residual_bwd": {"ELEMENTS": 8192, "num_warps": 8, "PROGRAMS_PER_SM": 4, "STAGES": 1},
 }
 
 
@@ -94,9 +97,11 @@ def _modulate_fwd(x_ptr, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr,
 
 @triton.jit
 def _modulate_bwd(dy_ptr, x_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr, dres_ptr, N, C, s_scale,
-                  tiles_per_prog, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+                  tiles_per_prog, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+                  STAGES: tl.constexpr):
     """ACC: dx also gets dres, the gradient x receives from its other consumers (add_modulate's residual
-    stream), so that autograd needs no separate add of the two."""
+    stream), so that autograd needs no separate add of the two. STAGES: Triton's software pipeline over the
+    tile loop (the next tiles' loads in flight while one is reduced, as in kernels.triton_mixffn)."""
     b = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = tl.arange(0, BLOCK_C)
@@ -104,7 +109,7 @@ def _modulate_bwd(dy_ptr, x_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr
     one_scale = 1.0 + tl.load(scale_ptr + b * s_scale + cols, mask=cmask, other=0.0).to(tl.float32)
     dshift = tl.zeros((BLOCK_C,), dtype=tl.float32)
     dscale = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for i in range(tiles_per_prog):
+    for i in tl.range(tiles_per_prog, num_stages=STAGES):
         n = (chunk * tiles_per_prog + i) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = n < N
         rows = b * N + n
@@ -145,14 +150,14 @@ def _residual_fwd(x_ptr, gate_ptr, branch_ptr, y_ptr, M, N, C, s_gate,
 
 @triton.jit
 def _residual_bwd(dy_ptr, gate_ptr, branch_ptr, dbranch_ptr, part_ptr, N, C, s_gate, tiles_per_prog,
-                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
     gate = tl.load(gate_ptr + b * s_gate + cols, mask=cmask, other=0.0).to(tl.float32)
     dgate = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for i in range(tiles_per_prog):
+    for i in tl.range(tiles_per_prog, num_stages=STAGES):
         n = (chunk * tiles_per_prog + i) * BLOCK_R + tl.arange(0, BLOCK_R)
         mask = (n < N)[:, None] & cmask[None, :]
         offs = (b * N + n)[:, None] * C + cols[None, :]
@@ -289,7 +294,7 @@ def _modulate_backward_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor
     if x.numel():
         _modulate_bwd_launch((B, chunks), device_index(x),
                              (dy, x, scale2, mean, rstd, dx, part, dres.contiguous() if acc else dy),
-                             (N, C, s_scale, tiles_per), (block_r, block_c, acc), opts)
+                             (N, C, s_scale, tiles_per), (block_r, block_c, acc, CONFIG["modulate_bwd"]["STAGES"]), opts)
     return dx, part
 
 
@@ -386,7 +391,7 @@ def _gated_residual_backward_op(dy: torch.Tensor, gate: torch.Tensor,
     part = branch.new_zeros((B, chunks, C), dtype=torch.float32)
     if branch.numel():
         _residual_bwd_launch((B, chunks), device_index(branch), (dy, gate2, branch, dbranch, part),
-                             (N, C, s_gate, tiles_per), (block_r, block_c), opts)
+                             (N, C, s_gate, tiles_per), (block_r, block_c, CONFIG["residual_bwd"]["STAGES"]), opts)
     return dbranch, part
 
 
