@@ -139,7 +139,7 @@ def main():
     if args.sweep:
         # tiles x pipeline stages, and a register cap (maxnreg) that fits four 4-warp programs an SM
         tiles = [(16, 32, 4), (16, 64, 4), (16, 32, 8), (16, 64, 8)]  # 32 x 64 and 32 x 32 at 4 warps spill
-        combos = [(*t, st, None) for t in tiles for st in (1, 2, 3, 4)]
+        combos = [(*t, st, None) for t in tiles for st in (1, 2, 3, 4)] + [(16, 32, 4, st, None) for st in (5, 6)]
         combos += [(bw, bc, nw, st, 128) for bw, bc, nw in ((16, 32, 4), (16, 64, 8)) for st in (2, 3, 4)]
         sweep = {}
         for name in kernels:

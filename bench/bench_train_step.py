@@ -44,6 +44,7 @@ from sana_core.dit import DIT_CONFIGS, LinearDiT, to_diffusers_state_dict  # noq
 from sana_core.flow import FlowConfig, flow_loss  # noqa: E402
 from sana_core.text_encoder import CAPTION_BUCKET, trim_padding  # noqa: E402
 from training.graphs import GraphedModel  # noqa: E402
+from training.optim import clip_gradients  # noqa: E402
 
 PEAK_TFLOPS = 989.0  # dense bf16, H100/H200 SXM
 MODES = {
@@ -149,7 +150,7 @@ def _step_fn(model, inp: dict, kind: str, graphed: bool = False):
         with torch.autocast(**amp):
             loss, _ = flow_loss(forward, inp["x0"], inp["y"], inp["y_mask"], flow, noise=inp["noise"], t=inp["t"])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_gradients(opt, model.parameters(), 1.0)  # as the trainer clips: in fused AdamW's kernel
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()

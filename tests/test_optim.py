@@ -39,3 +39,31 @@ def test_fused_is_refused_for_came_in_one_line():
     with pytest.raises(SanaError, match="optim.fused=true") as e:
         build_optimizer(torch.nn.Linear(2, 2), OptimConfig(name="came", fused=True))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("max_norm", [0.01, float("inf")])
+def test_clip_gradients_equals_clip_grad_norm_then_step(fused, max_norm):
+    """The clipped step (the scale in fused AdamW's kernel, or clip_grads_with_norm_) equals torch's
+    clip_grad_norm_ then step, and returns the same norm; max_norm 0.01 is far below these gradients' norm."""
+    from training.optim import clip_gradients
+
+    def run(ours: bool):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+        opt = build_optimizer(m, OptimConfig(lr=1e-2, fused=fused))
+        norms = []
+        for _ in range(4):
+            m(torch.randn(8, 16)).square().mean().backward()
+            clip = clip_gradients if ours else lambda o, p, n: torch.nn.utils.clip_grad_norm_(p, n)
+            norms.append(float(clip(opt, m.parameters(), max_norm)))
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in m.parameters()], norms
+
+    (w_ours, n_ours), (w_ref, n_ref) = run(True), run(False)
+    assert n_ours == pytest.approx(n_ref, rel=1e-6)
+    if max_norm < 1:
+        assert min(n_ref) > 10 * max_norm  # clipping engaged at every step
+    for a, b in zip(w_ours, w_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

