@@ -74,7 +74,7 @@ def _measure(strategy: str, args, info, ckpt_root: Path) -> dict:
     from training import distributed as D
     from training.config import DistConfig, OptimConfig
     from training.ema import EMA
-    from training.optim import build_optimizer
+    from training.optim import build_optimizer, clip_gradients
 
     dev, cuda = info.device, info.device.type == "cuda"
     torch.manual_seed(0)
@@ -100,7 +100,7 @@ def _measure(strategy: str, args, info, ckpt_root: Path) -> dict:
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cuda):
             loss, _ = flow_loss(model, x0, y, mask, flow, generator=gen)
         loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        gn = clip_gradients(opt, model.parameters(), 1.0)
         if hasattr(gn, "full_tensor"):
             gn = gn.full_tensor()
         opt.step()

@@ -39,7 +39,8 @@ STEPS, HALF = 10, 5
 N_SAMPLES = 48
 BASE = ["track.sample_prompts=[]", "track.log_every=1", "track.wandb=false", "track.log_sample_keys=true",
         "data.num_workers=2", "data.batch_size=4", "data.shuffle_buffer=8", "optim.warmup_steps=3",
-        f"checkpoint.every={HALF}", "checkpoint.keep_last=3", f"max_steps={STEPS}"]
+        f"checkpoint.every={HALF}", "checkpoint.keep_last=3", f"max_steps={STEPS}",
+        "optim.fused=true"]  # as on CUDA: fused AdamW, on DTensors under FSDP2, its clip scale in the kernel otherwise
 
 
 def free_port() -> int:
