@@ -117,9 +117,9 @@ def main():
     if args.sweep:
         sweep = {}
         for name, (fn, nbytes) in kernels.items():
-            keep = dict(ta.CONFIG[name])
             if name not in args.kernels.split(","):
                 continue
+            keep = dict(ta.CONFIG[name])
             grid = {"ELEMENTS": (1024, 2048, 4096, 8192), "num_warps": (1, 2, 4, 8)}
             if "PROGRAMS_PER_SM" in keep:  # the reductions' tile loops: also pipeline stages
                 grid = {"ELEMENTS": (2048, 4096, 8192), "num_warps": (4, 8), "PROGRAMS_PER_SM": (4, 8),

@@ -63,6 +63,7 @@ CONFIG = {
     "bwd_input": {"BLOCK_W": 16, "BLOCK_C": 32, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 4},
 }
 
+
 @triton.jit
 def _tile(j, c, jmask, cmask, W, stride):
     """Offsets within an image row of a (BLOCK_W, BLOCK_C) tile (`stride` channels a token), computed once a
@@ -140,10 +141,10 @@ def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_
     backward: dc = (da, dg) from dout into out (B*N, 2*HID), and this program's partial dbias row.
     STAGES: Triton's software pipeline over the row loop (tl.range num_stages): the loads of the next STAGES - 1
     rows are in flight (async copies into shared memory) while a row is computed. The kernels are bound by the
-    latency of their loads, not by bandwidth: registers (the 18 hoisted tap weights take 8 a channel a thread)
-    allow ~2 programs an SM, and one row in flight a program left HBM at a third of its bandwidth. The tap weights
-    are loaded once a program; loading them from L1 each row was slower at every swept tile (the "h0" entries of
-    bench/results/mixffn_h200.json, swept with a HOIST flag in 86db365)."""
+    latency of their loads, not by bandwidth: registers (the 18 hoisted tap weights take 18 for each channel a
+    thread holds) allow 2-4 programs an SM, and one row in flight a program left HBM at a third of its bandwidth.
+    The tap weights are loaded once a program; loading them from L1 each row was slower at every swept tile (the
+    "h0" entries of bench/results/mixffn_h200.json as committed in 86db365, swept with a HOIST flag there)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < HID
     b, j, r0, r1 = _strip(H, W, n_wseg, band, BLOCK_W)
