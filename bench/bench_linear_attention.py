@@ -35,11 +35,14 @@ SHAPES = [(32, 36, 1024, 32), (8, 36, 4096, 32), (2, 36, 16384, 32), (16, 70, 10
 # Launch configs tried per kernel by --sweep: option i of every kernel is timed in the same run, each
 # kernel's own device time read off the profiler, so one pass over i covers all four kernels.
 SWEEP = {  # kv, dq: (BLOCK, num_warps, num_stages, PROGRAMS_PER_SM); out, dkv: (BLOCK, num_warps)
-    "kv": [(128, 4, 3, 8), (128, 4, 3, 4), (128, 4, 4, 16)],
-    "out": [(128, 4), (64, 4), (256, 8)],
-    "dq": [(32, 2, 3, 8), (32, 2, 4, 16), (16, 1, 3, 8)],
-    "dkv": [(64, 4), (64, 2), (128, 4)],
+    "kv": [(128, 4, 3, 8), (128, 4, 3, 4), (128, 4, 4, 16), (64, 4, 3, 8), (64, 2, 4, 16), (256, 8, 3, 4),
+           (128, 8, 3, 8), (64, 4, 5, 16)],
+    "out": [(128, 4), (64, 4), (256, 8), (64, 2), (128, 8), (32, 2), (256, 4), (128, 2)],
+    "dq": [(32, 2, 3, 8), (32, 2, 4, 16), (16, 1, 3, 8), (64, 4, 3, 8), (64, 2, 3, 8), (32, 4, 3, 8),
+           (64, 4, 4, 16), (32, 1, 3, 8)],
+    "dkv": [(64, 4), (64, 2), (128, 4), (32, 2), (128, 8), (32, 1), (256, 8), (64, 8)],
 }
+SWEEP_SHAPES = [(16, 36, 1024, 32), (32, 36, 1024, 32), (2, 36, 16384, 32)]  # train bs16, infer bs32, 4K
 SWEEP_OTHER = [{"bf16_split": False}]
 
 
@@ -200,7 +203,10 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for linear_attention_h100.json")
     ap.add_argument("--sweep", action="store_true", help="also time our kernels under several launch configs")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--sweep-only", action="store_true", help="only the launch-config sweep (implies --sweep)")
+    ap.add_argument("--name", default="linear_attention_h100.json", help="JSON file name in --out")
     args = ap.parse_args()
+    args.sweep = args.sweep or args.sweep_only
     torch._dynamo.config.cache_size_limit = 64
     props = torch.cuda.get_device_properties(0)
     bw = copy_bandwidth()
@@ -225,7 +231,7 @@ def main() -> None:
     # torch.compile leaves worker threads behind that slow the host, so it runs after everything else.
     cases = {}
     for pass_methods in ([m for m in methods if m != "compile"], [m for m in methods if m == "compile"]):
-        for B, H, N, D in SHAPES:
+        for B, H, N, D in ([] if args.sweep_only else SHAPES):
             if not pass_methods:
                 continue
             case = Case(B, H, N, D)
@@ -259,7 +265,7 @@ def main() -> None:
             del case
     report["shapes"] = list(cases.values())
     rows.sort(key=lambda r: [f"{s[0]}x{s[1]}x{s[2]}x{s[3]}" for s in SHAPES].index(r[0]))
-    out = Path(args.out) / "linear_attention_h100.json"
+    out = Path(args.out) / args.name
     out.write_text(json.dumps(report, indent=1))
     try:
         report["resources"] = compiled_resources()
@@ -272,7 +278,7 @@ def main() -> None:
         default = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tla.CONFIG.items()}
         trials = [{kern: opts[i] for kern, opts in SWEEP.items()} for i in range(len(SWEEP["kv"]))]
         trials += SWEEP_OTHER
-        for B, H, N, D in (SHAPES[0], SHAPES[2]):
+        for B, H, N, D in SWEEP_SHAPES:
             case = Case(B, H, N, D)
             for trial in trials:
                 for key, opt in trial.items():

@@ -41,9 +41,9 @@ def _kernels(u, s, w, bias, dout, dc_in, H, W):
         got["dbias"] = tm._launch_backward_conv(s, wt, bias, dout, got["dc"], H, W)
 
     def bwd_input():  # reads the reference dc, so that its check does not depend on bwd_conv
-        got["dweight"] = tm._launch_backward_input(dc_in, u, s, wt, got["du"], H, W)
+        got["dweight"] = tm._launch_backward_input(dc_in, u, wt, got["du"], H, W)
 
-    return {"fwd": (fwd, n + n // 2), "bwd_conv": (bwd_conv, n + n // 2 + n), "bwd_input": (bwd_input, 4 * n)}, got
+    return {"fwd": (fwd, n + n // 2), "bwd_conv": (bwd_conv, n + n // 2 + n), "bwd_input": (bwd_input, 3 * n)}, got
 
 
 def _reference(u, w, bias, dout, H, W):

@@ -3,6 +3,8 @@
     modulate:        y = layer_norm(x) * (1 + scale) + shift      (no affine weights)
     gated residual:  y = x + gate * branch
     add + modulate:  s = x + branch, y = modulate(s)   (a residual add whose sum is then modulated, in one pass)
+    modulate tee:    (x, modulate(x)) for an x that the residual stream also carries on: the backward adds
+                     the stream's gradient of x into modulate's dx in its kernel (no separate add kernel)
 
 x, branch, y are (B, N, C) token tensors; shift, scale, gate are (B, 1, C) (or (B, C), or batch 1 to
 broadcast) rows of the modulation table, with any stride between batch rows, so the chunks of one
@@ -75,6 +77,17 @@ def add_modulate(x: torch.Tensor, branch: torch.Tensor, shift: torch.Tensor, sca
 
         return add_modulate_triton(x, branch, shift, scale, eps)
     return add_modulate_reference(x, branch, shift, scale, eps)
+
+
+def modulate_tee(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, modulate(x)); the caller passes the first on to x's other reader (the residual add). On the Triton
+    back-end, with a gradient, the two readers' gradients of x are summed inside modulate's backward kernel."""
+    if resolve_block_backend(x, backend) == "triton":
+        from kernels.triton_adaln import modulate_tee_triton
+
+        return modulate_tee_triton(x, shift, scale, eps)
+    return x, modulate_reference(x, shift, scale, eps)
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor,

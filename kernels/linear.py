@@ -15,6 +15,11 @@ bench/results/linear_backward_h200.json): dW 65.2 against 69.4 us (1152 x 1152; 
 about 3 ms of GPU time in a 28-block training step by these counts (the graphed bs16 step measured 146.1 ms
 after against 145.7-146.7 before: the gain did not show in the step, see bench/NOTES_block_fastpath.md).
 
+`linear_tee(x, W, b)` returns (x, linear(x)) for an x that another op reads too (the residual stream at the
+cross-attention's query projection): autograd would add the two readers' gradients of x with a kernel of its
+own (a read of two (B, N, C) tensors and a write of one); here the GEMM adds dy @ W onto the other reader's
+gradient in its epilogue (addmm, beta 1).
+
 Backend choice: kernels.block_backend (SANA_BLOCK_BACKEND), with the block's other fused ops; under
 torch.compile the plain F.linear (the compiler plans its own backward). Inference (no gradient) is F.linear.
 """
@@ -44,26 +49,68 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        xc, wc = ctx.saved_tensors
-        x_dtype, w_dtype, b_dtype = ctx.dtypes
-        g = dy.reshape(-1, dy.shape[-1]).to(wc.dtype)  # (M, N)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = (g @ wc).view(*dy.shape[:-1], wc.shape[1]).to(x_dtype)
-        if ctx.needs_input_grad[1]:
-            dw = _mm(g.t(), xc.reshape(-1, xc.shape[-1]), w_dtype)  # (N, K)
-        if ctx.needs_input_grad[2]:
-            db = _mm(g.new_ones((1, g.shape[0])), g, b_dtype).view(-1)  # (N,)
-        return dx, dw, db, None
+        return _backward(ctx, dy)
+
+
+def _backward(ctx, dy, dres=None):
+    """The gradients of _Linear's inputs; dres (x's gradient from another reader, or None) is added into dx."""
+    xc, wc = ctx.saved_tensors
+    x_dtype, w_dtype, b_dtype = ctx.dtypes
+    g = dy.reshape(-1, dy.shape[-1]).to(wc.dtype)  # (M, N)
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        shape = (*dy.shape[:-1], wc.shape[1])
+        if dres is None:
+            dx = (g @ wc).view(shape).to(x_dtype)
+        elif dres.dtype == g.dtype:  # the add in the GEMM's epilogue, in float32 before the one rounding
+            dx = torch.addmm(dres.reshape(-1, wc.shape[1]), g, wc).view(shape).to(x_dtype)
+        else:
+            dx = ((g @ wc).view(shape) + dres).to(x_dtype)
+    if ctx.needs_input_grad[1]:
+        dw = _mm(g.t(), xc.reshape(-1, xc.shape[-1]), w_dtype)  # (N, K)
+    if ctx.needs_input_grad[2]:
+        db = _mm(g.new_ones((1, g.shape[0])), g, b_dtype).view(-1)  # (N,)
+    return dx, dw, db, None
+
+
+class _LinearTee(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype):
+        out = _Linear.forward(ctx, x, weight, bias, dtype)
+        ctx.set_materialize_grads(False)  # a reader that is not differentiated gives None, not zeros
+        return x.view_as(x), out
+
+    @staticmethod
+    def backward(ctx, dres, dy):
+        if dy is None:
+            return dres, None, None, None
+        return _backward(ctx, dy, dres)
+
+
+def _fast_dtype(x, weight, bias, backend) -> torch.dtype | None:
+    """The GEMMs' dtype when this call takes the fast path (a gradient is needed, eager, Triton back-end)."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    if not needs_grad or torch.compiler.is_compiling() or resolve_block_backend(x, backend) != "triton":
+        return None
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            backend: str | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), autocast included; on the fast path with the backward above."""
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                              or (bias is not None and bias.requires_grad))
-    if not needs_grad or torch.compiler.is_compiling() or resolve_block_backend(x, backend) != "triton":
+    dtype = _fast_dtype(x, weight, bias, backend)
+    if dtype is None:
         return F.linear(x, weight, bias)
-    kind = x.device.type
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
     return _Linear.apply(x, weight, bias, dtype)
+
+
+def linear_tee(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, F.linear(x, weight, bias)), where the caller hands the first x on to x's other reader: on the fast
+    path that reader's gradient of x and this GEMM's meet in one addmm (see the module docstring)."""
+    dtype = _fast_dtype(x, weight, bias, backend)
+    if dtype is None:
+        return x, F.linear(x, weight, bias)
+    return _LinearTee.apply(x, weight, bias, dtype)

@@ -417,6 +417,31 @@ def _gated_residual_backward(ctx, dy):
 _gated_residual_op.register_autograd(_gated_residual_backward, setup_context=_gated_residual_setup)
 
 
+class _ModulateTee(torch.autograd.Function):
+    """(x, modulate(x)) in eager mode: x's two gradients (its reader after this one, modulate's) meet in the
+    backward kernel's dres. Not a custom op (an op's outputs may not alias its inputs): under tracing,
+    modulate_tee_triton returns (x, modulate(x)) and the compiler fuses the add itself."""
+
+    @staticmethod
+    def forward(ctx, x, shift, scale, eps):
+        y, mean, rstd = _modulate_op.fn(x, shift, scale, eps)
+        ctx.save_for_backward(x, shift, scale, mean, rstd)
+        ctx.set_materialize_grads(False)
+        return x.view_as(x), y
+
+    @staticmethod
+    def backward(ctx, dres, dy):
+        x, shift, scale, mean, rstd = ctx.saved_tensors
+        if dy is None:
+            return dres, None, None, None
+        dx, part = _modulate_backward_op.fn(dy, x, scale, mean, rstd, dres)
+        return dx, _reduce_rows(part[:, :, 0], shift), _reduce_rows(part[:, :, 1], scale), None
+
+
+def _modulate_tee(x, shift, scale, eps):
+    return _ModulateTee.apply(x, shift, scale, eps)
+
+
 def _guarded(fn, x, *args):
     if not on_current_device(x):  # Triton launches on the current device's stream
         with torch.cuda.device(x.device):
@@ -426,6 +451,15 @@ def _guarded(fn, x, *args):
 
 def modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     return _guarded(_modulate_op, x, shift, scale, float(eps))[0]
+
+
+def modulate_tee_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, shift, scale))
+    if not grad or torch.compiler.is_compiling() or _modulate_op.via_dispatcher or any(
+            type(t) not in (torch.Tensor, torch.nn.Parameter) for t in (x, shift, scale)):
+        return x, modulate_triton(x, shift, scale, eps)
+    return _guarded(_modulate_tee, x, shift, scale, float(eps))
 
 
 def add_modulate_triton(x: torch.Tensor, branch: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,

@@ -26,8 +26,8 @@ and saved for backward with u (memory for speed: one more activation of the expa
 
     forward    s -> out = a * silu(g),  a = conv(s_a) + bias_a, g = conv(s_g) + bias_g
     backward 1 s, dout -> dc = (da, dg) (the conv outputs' gradient, recomputing a and g), partial dbias
-    backward 2 dc, s, u -> du = (sum_k w[k] * dc[t - off_k]) * silu'(u[t]), and from the same loads partial
-               dweight[k] = sum_t dc[t - off_k] * s[t]
+    backward 2 dc, u -> du = (sum_k w[k] * dc[t - off_k]) * silu'(u[t]), and from the same loads partial
+               dweight[k] = sum_t dc[t - off_k] * s[t] (s and silu' from one sigmoid of u: s is not read back)
 
 The partial sums (one row per (image, column strip, row band)) are summed afterwards: deterministic, no
 atomics.
@@ -195,12 +195,14 @@ def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_
 
 
 @triton.jit
-def _bwd_input(dc_ptr, u_ptr, s_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, band,
+def _bwd_input(dc_ptr, u_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, band,
                BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
     """The transposed conv: s[q] receives dc[q - off_k] * w[k] for the nine offsets off_k = (di, dj), so a
     loaded row r of dc (at columns j - dj) feeds ds at rows r + di; w[k] receives dc[q - off_k] * s[q], the
     same loads against the window of s rows r-1, r, r+1 (only this program's rows, so that every pair is
-    counted by exactly one program). STAGES and the weights as in _conv_glu."""
+    counted by exactly one program). s = silu(u) and silu'(u) both come from one sigmoid of u, loaded once a row
+    (s at its center column only is needed here, so it is not read back: a third less traffic than reading s
+    and u). STAGES and the weights as in _conv_glu."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C2
     b, j, r0, r1 = _strip(H, W, n_wseg, band, BLOCK_W)
@@ -211,6 +213,8 @@ def _bwd_input(dc_ptr, u_ptr, s_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, 
     dcur = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     sp = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # s of rows r-1, r (zero outside the band)
     scur = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    gp = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # silu'(u) of rows r-1, r
+    gcur = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     # dweight per tap, summed over the strip's tokens elementwise (nine register tiles), reduced at the end
     w0 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     w1 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
@@ -222,14 +226,15 @@ def _bwd_input(dc_ptr, u_ptr, s_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, 
     w7 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     w8 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     for r in tl.range(r0 - 1, r1 + 1, num_stages=STAGES):
-        # step r's loads: dc row r (xm = dc[r, j + 1] is dj = -1, xp = dc[r, j - 1] is dj = +1), s row r + 1 and
-        # u row r - 1, both only within the band (rows r0 - 1 and r1 are other programs')
+        # step r's loads: dc row r (xm = dc[r, j + 1] is dj = -1, xp = dc[r, j - 1] is dj = +1) and u row r + 1,
+        # only within the band (rows r0 - 1 and r1 are other programs'): zero there, so s is zero as well
         xp, x0, xm = _rows3(dc_ptr, b, r, (r >= 0) & (r < H), offs, m_l, m_c, m_r, H, W, C2)
-        xs = tl.load(_rowp(s_ptr, b, r + 1, H, W, C2) + offs, mask=m_c & (r + 1 < r1), other=0.0)
-        mask_u = m_c & (r - 1 >= r0)
-        xu = tl.load(_rowp(u_ptr, b, r - 1, H, W, C2) + offs, mask=mask_u, other=0.0)
+        xu = tl.load(_rowp(u_ptr, b, r + 1, H, W, C2) + offs, mask=m_c & (r + 1 < r1), other=0.0)
         lm, l0, lp = xm.to(tl.float32), x0.to(tl.float32), xp.to(tl.float32)
-        snext = xs.to(tl.float32)
+        u = xu.to(tl.float32)
+        su = tl.sigmoid(u)
+        snext = u * su
+        gnext = su * (1.0 + u * (1.0 - su))
         # kernel row 0 (di = -1) -> ds row r - 1, row 1 -> r, row 2 -> r + 1
         done = dp + _mix(lm, l0, lp, k0, k1, k2)
         dcur = dcur + _mix(lm, l0, lp, k3, k4, k5)
@@ -243,14 +248,13 @@ def _bwd_input(dc_ptr, u_ptr, s_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, 
         w6 += lm * snext
         w7 += l0 * snext
         w8 += lp * snext
-        u = xu.to(tl.float32)
-        su = tl.sigmoid(u)
-        tl.store(_rowp(du_ptr, b, r - 1, H, W, C2) + offs,
-                 (done * su * (1.0 + u * (1.0 - su))).to(du_ptr.dtype.element_ty), mask=mask_u)
+        tl.store(_rowp(du_ptr, b, r - 1, H, W, C2) + offs, (done * gp).to(du_ptr.dtype.element_ty),
+                 mask=m_c & (r - 1 >= r0))
         dp, dcur = dcur, dnext
-        # s row r is zero before the band already; the select keeps the loop pipelinable (Triton's pipeliner
+        # s row r is zero before the band already; the selects keep the loop pipelinable (Triton's pipeliner
         # refuses a loop that yields one of its own iteration arguments unchanged: a distance-2 dependence)
         sp, scur = tl.where(r >= r0, scur, 0.0), snext
+        gp, gcur = tl.where(r >= r0, gcur, 0.0), gnext
     part = part_ptr + tl.program_id(1).to(tl.int64) * 9 * C2 + c
     tl.store(part, tl.sum(w0, axis=0), mask=cmask)
     tl.store(part + C2, tl.sum(w1, axis=0), mask=cmask)
@@ -307,14 +311,14 @@ def _launch_backward_conv(s, wt, bias, dout, dc, H: int, W: int) -> torch.Tensor
     return dbias
 
 
-def _launch_backward_input(dc, u, s, wt, du, H: int, W: int) -> torch.Tensor:
+def _launch_backward_input(dc, u, wt, du, H: int, W: int) -> torch.Tensor:
     """du into du (like u) -> the partial dweight rows (strips, 9, 2*hid) in float32."""
     B, N, C2 = u.shape
     dev = device_index(u)
     plan = _plan(B, H, W, C2, CONFIG["bwd_input"], dev)
     dweight = u.new_zeros((plan["strips"], 9, C2), dtype=torch.float32)
     if u.numel():
-        _bwd_input_launch(plan["grid"], dev, (dc, u, s, wt, du, dweight), (H, W, C2, *plan["scalars"]),
+        _bwd_input_launch(plan["grid"], dev, (dc, u, wt, du, dweight), (H, W, C2, *plan["scalars"]),
                           (*plan["consts"], *plan["flags"]), plan["options"])
     return dweight
 
@@ -349,7 +353,7 @@ def _depthwise_glu_backward_op(dout: torch.Tensor, u: torch.Tensor, s: torch.Ten
     C2 = u.shape[-1]
     du, dc = torch.empty(u.shape, dtype=u.dtype, device=u.device), torch.empty_like(u)
     dbias = _launch_backward_conv(s, wt, bias, dout, dc, H, W)
-    dweight = _launch_backward_input(dc, u, s, wt, du, H, W)
+    dweight = _launch_backward_input(dc, u, wt, du, H, W)
     return du, dweight.sum(0).t().reshape(C2, 1, 3, 3).contiguous(), dbias.sum(0)
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels import adaln
-from kernels.linear import linear
+from kernels.linear import linear, linear_tee
 from kernels.linear_attention import linear_attention_packed
 from kernels.mixffn import depthwise_glu
 from sana_core.errors import SanaError
@@ -154,6 +154,32 @@ def modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: to
     return adaln.modulate(x, shift, scale, norm.eps)
 
 
+def modulate_tee(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                 consumer: nn.Module | None = None):
+    """(x, modulate(norm, x, ...)) for an x that the residual stream carries past the branch: the first output
+    is what the residual add reads, so that on the Triton back-end the stream's gradient of x is added inside
+    modulate's backward kernel (autograd would add the two with a kernel of its own). consumer as in modulate."""
+    if getattr(consumer, "input_format", None) is not None and not (torch.is_grad_enabled() and x.requires_grad):
+        return x, modulate(norm, x, shift, scale, consumer)
+    return adaln.modulate_tee(x, shift, scale, norm.eps)
+
+
+def tee(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, layer(x)) for an x that another op reads too: the first output is what that op reads. On the fast path
+    the layer's input-gradient GEMM adds itself onto the other reader's gradient (kernels.linear.linear_tee);
+    any other layer (a LoRA or quantised wrapper), and one with module hooks, which must see the call, is called."""
+    if type(layer) is Linear and not _hooked(layer):
+        return linear_tee(x, layer.weight, layer.bias)
+    return x, layer(x)
+
+
+def _hooked(module: nn.Module) -> bool:
+    from torch.nn.modules import module as m
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or m._global_forward_hooks
+                or m._global_forward_pre_hooks)
+
+
 def add_modulate(norm: nn.LayerNorm, x: torch.Tensor, branch: torch.Tensor, shift: torch.Tensor,
                  scale: torch.Tensor, consumer: nn.Module | None = None):
     """(x + branch, modulate(norm, x + branch, ...)): a residual add whose sum goes straight into AdaLN, fused into
@@ -186,13 +212,15 @@ class CrossAttention(nn.Module):
         self.kv = Linear(dim, 2 * dim)
         self.proj = Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (x, attention output): x handed on for the residual add (see tee), the output (B, N, C)."""
         B, N, C = x.shape
         h, d = self.heads, C // self.heads
-        q = self.q(x).view(B, N, h, d).transpose(1, 2)
-        k, v = self.kv(y).view(B, y.shape[1], 2, h, d).permute(2, 0, 3, 1, 4)
+        x, q = tee(self.q, x)
+        q = q.view(B, N, h, d).transpose(1, 2)  # (B, h, N, d)
+        k, v = self.kv(y).view(B, y.shape[1], 2, h, d).permute(2, 0, 3, 1, 4)  # each (B, h, L, d)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return x, self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
 class MixFFN(nn.Module):
@@ -239,9 +267,10 @@ class LinearDiTBlock(nn.Module):
     def forward(self, x, y, y_bias, t_mod, hw):  # x (B, N, C), t_mod (B, 6 * C)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + t_mod.reshape(x.shape[0], 6, -1)).chunk(6, dim=1)  # each (B, 1, C)
-        h = modulate(self.norm1, x, shift_msa, scale_msa, self.attn.qkv)
+        x, h = modulate_tee(self.norm1, x, shift_msa, scale_msa, self.attn.qkv)
         x = adaln.gated_residual(x, gate_msa, self.attn(h))
-        x, h = add_modulate(self.norm2, x, self.cross_attn(x, y, y_bias), shift_mlp, scale_mlp, self.mlp.inverted)
+        x, c = self.cross_attn(x, y, y_bias)
+        x, h = add_modulate(self.norm2, x, c, shift_mlp, scale_mlp, self.mlp.inverted)
         x = adaln.gated_residual(x, gate_mlp, self.mlp(h, hw))
         return x
 

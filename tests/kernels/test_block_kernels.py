@@ -15,6 +15,7 @@ from kernels.adaln import (
     gated_residual_reference,
     modulate,
     modulate_reference,
+    modulate_tee,
 )
 from kernels.block_backend import resolve_block_backend
 from kernels.mixffn import depthwise_glu, depthwise_glu_reference
@@ -119,6 +120,28 @@ def test_add_modulate_matches_float64(shape, dtype):
     total, _ = add_modulate(x, branch, table[:, 3:4], table[:, 4:5], EPS, backend="triton")
     gx, gb = torch.autograd.grad(total, [x, branch], d_total)
     assert torch.equal(gx, d_total) and torch.equal(gb, d_total)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ADALN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_modulate_tee_adds_the_residual_gradient_in_its_kernel(shape, dtype):
+    """(x, modulate(x)) with the first output read on (as the residual add reads it): x's gradient is the
+    residual's plus modulate's, summed inside the backward kernel; against float64 autograd adding the two."""
+    B, N, C = shape
+    x = _leaf(torch.randn(shape, device=DEVICE).mul(3).add(1).to(dtype))
+    table = _table(B, C)
+    x2, y = modulate_tee(x, table[:, 0:1], table[:, 1:2], EPS, backend="triton")
+    assert y.grad_fn.name() == "_ModulateTeeBackward" and torch.equal(x2, x)
+    d_x2, d_y = torch.randn_like(x2), torch.randn_like(y)
+    grads = torch.autograd.grad((x2, y), [x, table], (d_x2, d_y))
+    ref_in = [_leaf(x.double()), _leaf(table.double())]
+    ref_y = modulate_reference(ref_in[0], ref_in[1][:, 0:1], ref_in[1][:, 1:2], EPS)
+    ref_grads = torch.autograd.grad((ref_in[0], ref_y), ref_in, (d_x2.double(), d_y.double()))
+    errs = [_rel(y, ref_y)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
+    assert grads[0].dtype == dtype and max(errs) <= TOL[dtype], f"relative errors out and grads {errs}"
+    # only the passed-on x differentiated: its gradient as it is
+    x2, _ = modulate_tee(x, table[:, 0:1], table[:, 1:2], EPS, backend="triton")
+    assert torch.equal(torch.autograd.grad(x2, x, d_x2)[0], d_x2)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])

@@ -115,6 +115,35 @@ def test_every_gemm_is_an_nn_linear_call(monkeypatch):
     assert mlp.depthwise.weight.shape == (2 * hidden, 1, 3, 3)
 
 
+def test_residual_gradients_meet_inside_the_kernels(monkeypatch):
+    """With a gradient and no module hooks, the residual stream's second readers are the tees (the adds of x's
+    two gradients happen in modulate's backward kernel and in the query projection's GEMM); with a forward hook
+    on a projection, that projection is called as a module instead (the test above) and the result is the same."""
+    monkeypatch.setenv("SANA_BLOCK_BACKEND", "triton")
+    torch.manual_seed(0)
+    model = LinearDiT(CFG).to(DEVICE)
+    inputs = _inputs(*LATENTS[0])
+    out = model(*inputs)
+    names, stack, seen = [], [out.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(fn.name())
+        stack.extend(f for f, _ in fn.next_functions)
+    assert names.count("_LinearTeeBackward") == CFG.depth and names.count("_ModulateTeeBackward") == CFG.depth
+    out.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.blocks[0].cross_attn.q.register_forward_hook(lambda *a: None)
+    model(*inputs).square().mean().backward()
+    # the same sums in another order (addmm's epilogue against an add kernel): float32 rounding apart, and on the
+    # GPU cuBLAS's choice of reduction order as well (4e-5 seen); a missing gradient term would be O(1)
+    for n, p in model.named_parameters():
+        assert _rel(p.grad, grads[n]) < (1e-3 if ON_GPU else 1e-5), n
+
+
 def test_old_conv_weights_load_and_diffusers_layout_round_trips():
     torch.manual_seed(0)
     model = LinearDiT(CFG)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.linear import linear
+from kernels.linear import linear, linear_tee
 from tests.kernels.modes import DEVICE, ON_GPU, pick
 
 SHAPES = pick(small=[((2, 5, 16), 24), ((7, 16), 8)], real=[((4, 1024, 1152), 1152), ((16384, 1152), 5760)])
@@ -73,3 +73,41 @@ def test_inference_and_the_torch_backend_are_f_linear():
         assert torch.equal(linear(x, w, backend="triton"), F.linear(x, w))
     out = linear(x, w, backend="torch")
     assert out.grad_fn.name() != "_LinearBackward" and torch.equal(out, F.linear(x, w))
+
+
+def _tee_grads(tee: bool, x, w, b, other: bool):
+    """Gradients of x, w, b when x is read by the linear and (other=True) by a second op, x * 3 here."""
+    x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
+    if tee:
+        x2, out = linear_tee(x, w, b, backend="triton")
+    else:
+        x2, out = x, F.linear(x, w, b)
+    torch.manual_seed(1)
+    dy = torch.randn(out.shape, device=out.device, dtype=torch.float32)
+    loss = (out.float() * dy).sum() + ((x2.float() * 3).square().sum() if other else 0)
+    loss.backward()
+    return out, x.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("shape,out_features", SHAPES)
+@pytest.mark.parametrize("other", [True, False], ids=["two-readers", "linear-only"])
+def test_linear_tee_adds_the_other_readers_gradient(shape, out_features, other):
+    """linear_tee's dx = the other reader's gradient + dy @ W (one addmm): float64 against F.linear with
+    autograd's add; under bf16 autocast on bf16 activations (the residual stream) within bf16 rounding, and the
+    tee's backward node is really in the graph."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=DEVICE, dtype=torch.float64)
+    w = torch.randn(out_features, shape[-1], device=DEVICE, dtype=torch.float64)
+    b = torch.randn(out_features, device=DEVICE, dtype=torch.float64)
+    ref, got = _tee_grads(False, x, w, b, other), _tee_grads(True, x, w, b, other)
+    for r, g in zip(ref, got):
+        assert g.dtype == r.dtype and _rel(g, r) < 1e-12
+    xb, w32, b32 = x.bfloat16(), w.float(), b.float()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        ref = _tee_grads(False, xb, w32, b32, other)
+        got = _tee_grads(True, xb, w32, b32, other)
+        x2, out = linear_tee(xb.requires_grad_(), w32, b32, backend="triton")
+    assert out.grad_fn.name() == "_LinearTeeBackward" and torch.equal(x2, xb)
+    assert torch.equal(got[0], ref[0])
+    for name, g, r in zip(("dx", "dW", "db"), got[1:], ref[1:]):
+        assert g.dtype == r.dtype and _rel(g, r) < 1e-2, name
