@@ -2,10 +2,10 @@
 
     python bench/bench_mixffn.py [--shape B,H,W,hid] [--sweep] [--out bench/results]
 
-Times, with CUDA events (median of --iters), the forward op (silu pass + kernel), the backward op (two
-kernels + partial-sum reductions) and each kernel alone, at Sana-0.6B's batch-16 shape by default; the bytes
-each must move (read s, u, dout, dc once; write out, dc, du once) over the measured copy bandwidth give the
-roofline. The PyTorch reference (channels-first conv2d, cuDNN) is timed beside it. --sweep tries tile
+Times, with CUDA events (median of --iters), the forward op (one kernel), the backward op (two kernels +
+partial-sum reductions) and each kernel alone, also with the exact SiLU in place of tanh.approx (the
+*_exact_silu rows), at Sana-0.6B's batch-16 shape by default; the bytes each must move (read u, dout, dc once;
+write out, dc, du once) over the measured copy bandwidth give the roofline. The PyTorch reference (channels-first conv2d, cuDNN) is timed beside it. --sweep tries tile
 configurations (tile, warps, pipeline stages, register cap) per kernel and prints the best; CONFIG in kernels/triton_mixffn.py is set from it by hand.
 Writes mixffn_<gpu>.json.
 """
@@ -26,7 +26,7 @@ from kernels import triton_mixffn as tm  # noqa: E402
 from kernels.mixffn import depthwise_glu_reference  # noqa: E402
 
 
-def _kernels(u, s, w, bias, dout, dc_in, H, W):
+def _kernels(u, w, bias, dout, dc_in, H, W):
     """Each kernel alone, as the ops launch it: name -> (callable, bytes it must move, what it wrote)."""
     B, N, C2 = u.shape
     HID = C2 // 2
@@ -35,15 +35,25 @@ def _kernels(u, s, w, bias, dout, dc_in, H, W):
     got = dict(out=u.new_empty((B, N, HID)), dc=torch.empty_like(u), du=torch.empty_like(u))
 
     def fwd():
-        tm._launch_forward(s, wt, bias, got["out"], H, W)
+        tm._launch_forward(u, wt, bias, got["out"], H, W)
 
     def bwd_conv():
-        got["dbias"] = tm._launch_backward_conv(s, wt, bias, dout, got["dc"], H, W)
+        got["dbias"] = tm._launch_backward_conv(u, wt, bias, dout, got["dc"], H, W)
 
     def bwd_input():  # reads the reference dc, so that its check does not depend on bwd_conv
         got["dweight"] = tm._launch_backward_input(dc_in, u, wt, got["du"], H, W)
 
-    return {"fwd": (fwd, n + n // 2), "bwd_conv": (bwd_conv, n + n // 2 + n), "bwd_input": (bwd_input, 3 * n)}, got
+    def exact(fn):  # the same with the exact SiLU (an exp and a division) instead of tanh.approx
+        def run():
+            fast, tm.SILU_FAST = tm.SILU_FAST, False
+            try:
+                fn()
+            finally:
+                tm.SILU_FAST = fast
+        return run
+
+    return {"fwd": (fwd, n + n // 2), "bwd_conv": (bwd_conv, n + n // 2 + n), "bwd_input": (bwd_input, 3 * n),
+            "fwd_exact_silu": (exact(fwd), n + n // 2), "bwd_conv_exact_silu": (exact(bwd_conv), n + n // 2 + n)}, got
 
 
 def _reference(u, w, bias, dout, H, W):
@@ -70,7 +80,8 @@ def _errors(got, ref) -> dict:
     return {k: ((v.float() - ref[k]).norm() / ref[k].norm()).item() for k, v in have.items() if v is not None}
 
 
-KERNEL_OUTPUTS = {"fwd": ("out",), "bwd_conv": ("dc", "dbias"), "bwd_input": ("du", "dweight")}
+KERNEL_OUTPUTS = {"fwd": ("out",), "bwd_conv": ("dc", "dbias"), "bwd_input": ("du", "dweight"),
+                  "fwd_exact_silu": ("out",), "bwd_conv_exact_silu": ("dc", "dbias")}
 TOLERANCE = 2e-2  # bf16 storage of out/dc/du
 
 
@@ -90,7 +101,6 @@ def main():
     w = torch.randn(2 * hid, 1, 3, 3, device=dev) / 3
     bias = torch.randn(2 * hid, device=dev)
     dout = torch.randn(B, H * W, hid, device=dev, dtype=torch.bfloat16)
-    s = F.silu(u)
     copy_src = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
     copy_dst = torch.empty_like(copy_src)
     copy_ms = median_cuda_ms(lambda: copy_dst.copy_(copy_src), args.iters)
@@ -100,20 +110,18 @@ def main():
     result = dict(gpu=gpu, shape=dict(B=B, H=H, W=W, hid=hid), copy_tb_s=bw / 1e12, config=dict(tm.CONFIG))
 
     ref, dc_in = _reference(u, w, bias, dout, H, W)
-    kernels, got = _kernels(u, s, w, bias, dout, dc_in, H, W)
+    kernels, got = _kernels(u, w, bias, dout, dc_in, H, W)
     rows = {}
     for name, (fn, nbytes) in kernels.items():
         ms = median_cuda_ms(fn, args.iters)
         errs = {k: v for k, v in _errors(got, ref).items() if k in KERNEL_OUTPUTS[name]}
         rows[name] = dict(ms=ms, roofline_ms=nbytes / bw * 1e3, of_roofline=nbytes / bw * 1e3 / ms, rel_err=errs)
-    silu_ms = median_cuda_ms(lambda: F.silu(u), args.iters)
-    rows["silu (torch)"] = dict(ms=silu_ms, roofline_ms=u.numel() * 4 / bw * 1e3)
 
     def op_fwd():
         return torch.ops.sana.depthwise_glu(u, w, bias, H, W)
 
     def op_bwd():
-        return torch.ops.sana.depthwise_glu_backward(dout, u, s, w, bias, H, W)
+        return torch.ops.sana.depthwise_glu_backward(dout, u, w, bias, H, W)
 
     rows["op forward"] = dict(ms=median_cuda_ms(op_fwd, args.iters))
     rows["op backward"] = dict(ms=median_cuda_ms(op_bwd, args.iters))
@@ -142,7 +150,7 @@ def main():
         combos = [(*t, st, None) for t in tiles for st in (1, 2, 3, 4)] + [(16, 32, 4, st, None) for st in (5, 6)]
         combos += [(bw, bc, nw, st, 128) for bw, bc, nw in ((16, 32, 4), (16, 64, 8)) for st in (2, 3, 4)]
         sweep = {}
-        for name in kernels:
+        for name in (k for k in kernels if k in tm.CONFIG):
             keep = dict(tm.CONFIG[name])
             sweep[name] = {}
             for bw, bc, nw, st, maxnreg in combos:

@@ -18,16 +18,22 @@ The first version loaded a tile at all nine taps (nine shifted reads of every el
 Outside the image the taps read zero (zero padding; silu(0) = 0, so padding before or after the SiLU is the
 same).
 
-s = silu(u) is computed once by PyTorch (one elementwise pass, rounded to u's dtype like the reference)
-rather than at each of the three shifted loads that read it (measured on the H200 in 6e70ef5, since reverted:
-0.46-0.59 ms for the fused forward against 0.31-0.34 ms for the pass plus this kernel,
-bench/results/mixffn_h200_silu_fused.json),
-and saved for backward with u (memory for speed: one more activation of the expansion's size a block).
+The SiLU of u is taken at the loads (three times an element, one per horizontal shift), so the op is one
+kernel and nothing but u is saved for backward. With the exact SiLU (an exp and a division: two special-function
+ops) that lost to a PyTorch silu pass plus a kernel reading s (the loads' special-function throughput is the
+limit: 0.33 ms against 0.16 + 0.12; first measured in 6e70ef5 at 0.46-0.59 ms); with x sigmoid(x) as
+0.5 x (1 + tanh(x / 2)) on the GPU's tanh.approx (one special-function op) it wins: 0.208 ms forward against
+0.277, backward 0.272 against 0.257 at Sana-0.6B's batch-16 shape on the H200, and 5 GB less saved
+activation over the model's 28 blocks (bench/results/mixffn_h200_silu_in.json; as the op now runs,
+mixffn_h200_silu_loads.json: 0.205 ms forward; `python bench/bench_mixffn.py`). tanh.approx has a relative
+error of 2^-11, so silu's absolute error is at most 2.5e-4 |x|: below the bf16 rounding of a value of u's size,
+which the reference's bf16 s carries; float32 inputs (and the interpreter, which has no
+inline PTX) get the exact form.
 
-    forward    s -> out = a * silu(g),  a = conv(s_a) + bias_a, g = conv(s_g) + bias_g
-    backward 1 s, dout -> dc = (da, dg) (the conv outputs' gradient, recomputing a and g), partial dbias
+    forward    u -> out = a * silu(g),  a = conv(silu(u_a)) + bias_a, g = conv(silu(u_g)) + bias_g
+    backward 1 u, dout -> dc = (da, dg) (the conv outputs' gradient, recomputing a and g), partial dbias
     backward 2 dc, u -> du = (sum_k w[k] * dc[t - off_k]) * silu'(u[t]), and from the same loads partial
-               dweight[k] = sum_t dc[t - off_k] * s[t] (s and silu' from one sigmoid of u: s is not read back)
+               dweight[k] = sum_t dc[t - off_k] * silu(u[t]) (silu and silu' from one sigmoid of u)
 
 The partial sums (one row per (image, column strip, row band)) are summed afterwards: deterministic, no
 atomics.
@@ -35,11 +41,11 @@ atomics.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from kernels.launch import (
+    INTERPRET,
     Launcher,
     cdiv,
     device_index,
@@ -62,6 +68,21 @@ CONFIG = {
     "bwd_conv": {"BLOCK_W": 16, "BLOCK_C": 32, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 4},
     "bwd_input": {"BLOCK_W": 16, "BLOCK_C": 32, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 4},
 }
+
+
+SILU_FAST = not INTERPRET  # tanh.approx for 16-bit inputs on the GPU; see _silu and the module docstring
+
+
+@triton.jit
+def _silu(x, FAST: tl.constexpr):
+    """x * sigmoid(x) in float32. FAST: as 0.5 x (1 + tanh(x / 2)) with the GPU's tanh.approx (one special-function
+    op instead of an exp and a division; |error| <= 2.5e-4 |x|)."""
+    if FAST:
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x * 0.5], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        return 0.5 * x * (1.0 + t)
+    else:
+        return x * tl.sigmoid(x)
 
 
 @triton.jit
@@ -134,9 +155,10 @@ def _feed(l0, l1, l2, k0, k1, k2, k3, k4, k5, k6, k7, k8, acc_p, acc_c):
 
 
 @triton.jit
-def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_wseg, band,
-              BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BACKWARD: tl.constexpr, STAGES: tl.constexpr):
-    """a = conv(s_a) + bias_a, g = conv(s_g) + bias_g over this program's rows, then
+def _conv_glu(u_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_wseg, band,
+              BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BACKWARD: tl.constexpr, STAGES: tl.constexpr,
+              FAST: tl.constexpr):
+    """a = conv(silu(u_a)) + bias_a, g = conv(silu(u_g)) + bias_g over this program's rows, then
     forward (BACKWARD False): out = a * silu(g), (B*N, HID);
     backward: dc = (da, dg) from dout into out (B*N, 2*HID), and this program's partial dbias row.
     STAGES: Triton's software pipeline over the row loop (tl.range num_stages): the loads of the next STAGES - 1
@@ -150,7 +172,7 @@ def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_
     b, j, r0, r1 = _strip(H, W, n_wseg, band, BLOCK_W)
     jmask = j < W
     C2 = 2 * HID
-    offs, m_l, m_c, m_r = _tile(j, c, jmask, cmask, W, C2)  # s and dc: 2*HID channels a token
+    offs, m_l, m_c, m_r = _tile(j, c, jmask, cmask, W, C2)  # u and dc: 2*HID channels a token
     offs_o = j[:, None] * HID + c[None, :]  # out and dout: HID
     a0, a1, a2, a3, a4, a5, a6, a7, a8 = _taps(w_ptr, c, cmask, C2)
     g0, g1, g2, g3, g4, g5, g6, g7, g8 = _taps(w_ptr + HID, c, cmask, C2)
@@ -165,8 +187,11 @@ def _conv_glu(s_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_
     db_g = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     for r in tl.range(r0 - 1, r1 + 1, num_stages=STAGES):  # input row r completes output row r - 1
         ok = (r >= 0) & (r < H)
-        xa0, xa1, xa2 = _rows3(s_ptr, b, r, ok, offs, m_l, m_c, m_r, H, W, C2)
-        xg0, xg1, xg2 = _rows3(s_ptr + HID, b, r, ok, offs, m_l, m_c, m_r, H, W, C2)
+        ua0, ua1, ua2 = _rows3(u_ptr, b, r, ok, offs, m_l, m_c, m_r, H, W, C2)
+        ug0, ug1, ug2 = _rows3(u_ptr + HID, b, r, ok, offs, m_l, m_c, m_r, H, W, C2)
+        # the SiLU at every load; silu(0) = 0 keeps the zero padding
+        xa0, xa1, xa2 = _silu(ua0.to(tl.float32), FAST), _silu(ua1.to(tl.float32), FAST), _silu(ua2.to(tl.float32), FAST)
+        xg0, xg1, xg2 = _silu(ug0.to(tl.float32), FAST), _silu(ug1.to(tl.float32), FAST), _silu(ug2.to(tl.float32), FAST)
         ro = r - 1
         mask = m_c & (ro >= r0)
         if BACKWARD:
@@ -289,25 +314,29 @@ def _taps_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], 9).t().contiguous()
 
 
-def _launch_forward(s: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, H: int, W: int):
-    """out = a * silu(g) from s = silu(u) (B, N, 2*hid); wt taps-major."""
-    B, N, C2 = s.shape
-    dev = device_index(s)
+def _fast_silu(u: torch.Tensor) -> bool:
+    return SILU_FAST and u.dtype != torch.float32
+
+
+def _launch_forward(u: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, H: int, W: int):
+    """out = a * silu(g) from u (B, N, 2*hid); wt taps-major."""
+    B, N, C2 = u.shape
+    dev = device_index(u)
     plan = _plan(B, H, W, C2 // 2, CONFIG["fwd"], dev)
     # dout and the partial sums are backward's (never touched here)
-    _conv_glu_launch(plan["grid"], dev, (s, wt, bias, s, out, s), (H, W, C2 // 2, *plan["scalars"]),
-                     (*plan["consts"], False, *plan["flags"]), plan["options"])
+    _conv_glu_launch(plan["grid"], dev, (u, wt, bias, u, out, u), (H, W, C2 // 2, *plan["scalars"]),
+                     (*plan["consts"], False, *plan["flags"], _fast_silu(u)), plan["options"])
 
 
-def _launch_backward_conv(s, wt, bias, dout, dc, H: int, W: int) -> torch.Tensor:
-    """dc = (da, dg) into dc (like s) -> the partial dbias rows (strips, 2*hid) in float32."""
-    B, N, C2 = s.shape
-    dev = device_index(s)
+def _launch_backward_conv(u, wt, bias, dout, dc, H: int, W: int) -> torch.Tensor:
+    """dc = (da, dg) into dc (like u) -> the partial dbias rows (strips, 2*hid) in float32."""
+    B, N, C2 = u.shape
+    dev = device_index(u)
     plan = _plan(B, H, W, C2 // 2, CONFIG["bwd_conv"], dev)
-    dbias = s.new_zeros((plan["strips"], C2), dtype=torch.float32)
-    if s.numel():
-        _conv_glu_launch(plan["grid"], dev, (s, wt, bias, dout, dc, dbias), (H, W, C2 // 2, *plan["scalars"]),
-                         (*plan["consts"], True, *plan["flags"]), plan["options"])
+    dbias = u.new_zeros((plan["strips"], C2), dtype=torch.float32)
+    if u.numel():
+        _conv_glu_launch(plan["grid"], dev, (u, wt, bias, dout, dc, dbias), (H, W, C2 // 2, *plan["scalars"]),
+                         (*plan["consts"], True, *plan["flags"], _fast_silu(u)), plan["options"])
     return dbias
 
 
@@ -324,41 +353,38 @@ def _launch_backward_input(dc, u, wt, du, H: int, W: int) -> torch.Tensor:
 
 
 @kernel_op("sana::depthwise_glu")
-def _depthwise_glu_op(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, H: int,
-                      W: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> out (B, N, hid) and s = silu(u), which backward reads (saved rather than recomputed)."""
+def _depthwise_glu_op(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """-> out (B, N, hid)."""
     if not supported_device(u):
         raise ValueError("depthwise GLU: the Triton kernel needs a CUDA tensor (or the CPU under TRITON_INTERPRET=1)")
-    wt, bias = _taps_major(weight), bias.contiguous()
+    u, wt, bias = u.contiguous(), _taps_major(weight), bias.contiguous()
     B, N, C2 = u.shape
-    HID = C2 // 2
-    out = u.new_empty((B, N, HID))
-    s = F.silu(u.contiguous())  # once an element (the kernel reads it at three taps), rounded like the reference
+    out = u.new_empty((B, N, C2 // 2))
     if out.numel():
-        _launch_forward(s, wt, bias, out, H, W)
-    return out, s
+        _launch_forward(u, wt, bias, out, H, W)
+    return out
 
 
 @_depthwise_glu_op.register_fake
 def _(u, weight, bias, H, W):
-    return u.new_empty((*u.shape[:-1], u.shape[-1] // 2)), torch.empty_like(u, memory_format=torch.contiguous_format)
+    return u.new_empty((*u.shape[:-1], u.shape[-1] // 2))
 
 
 @kernel_op("sana::depthwise_glu_backward")
-def _depthwise_glu_backward_op(dout: torch.Tensor, u: torch.Tensor, s: torch.Tensor, weight: torch.Tensor,
-                               bias: torch.Tensor, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _depthwise_glu_backward_op(dout: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                               H: int, W: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> du (like u), dweight (2*hid, 1, 3, 3) and dbias (2*hid) in float32."""
-    dout, u, s = dout.contiguous(), u.contiguous(), s.contiguous()
+    dout, u = dout.contiguous(), u.contiguous()
     wt, bias = _taps_major(weight), bias.contiguous()
     C2 = u.shape[-1]
     du, dc = torch.empty(u.shape, dtype=u.dtype, device=u.device), torch.empty_like(u)
-    dbias = _launch_backward_conv(s, wt, bias, dout, dc, H, W)
+    dbias = _launch_backward_conv(u, wt, bias, dout, dc, H, W)
     dweight = _launch_backward_input(dc, u, wt, du, H, W)
     return du, dweight.sum(0).t().reshape(C2, 1, 3, 3).contiguous(), dbias.sum(0)
 
 
 @_depthwise_glu_backward_op.register_fake
-def _(dout, u, s, weight, bias, H, W):
+def _(dout, u, weight, bias, H, W):
     C2 = u.shape[-1]
     return (u.new_empty(u.shape), u.new_empty((C2, 1, 3, 3), dtype=torch.float32),
             u.new_empty((C2,), dtype=torch.float32))
@@ -367,12 +393,12 @@ def _(dout, u, s, weight, bias, H, W):
 def _setup(ctx, inputs, output):
     u, weight, bias, H, W = inputs
     ctx.hw = (H, W)
-    ctx.save_for_backward(u, output[1], weight, bias)
+    ctx.save_for_backward(u, weight, bias)
 
 
-def _backward(ctx, dout, _ds):  # s is an internal output: nothing flows back through it
-    u, s, weight, bias = ctx.saved_tensors
-    du, dweight, dbias = _depthwise_glu_backward_op.within(ctx)(dout, u, s, weight, bias, *ctx.hw)
+def _backward(ctx, dout):
+    u, weight, bias = ctx.saved_tensors
+    du, dweight, dbias = _depthwise_glu_backward_op.within(ctx)(dout, u, weight, bias, *ctx.hw)
     return du, dweight.to(weight.dtype), dbias.to(bias.dtype), None, None
 
 
@@ -384,4 +410,4 @@ def depthwise_glu_triton(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if not on_current_device(u):  # Triton launches on the current device's stream
         with torch.cuda.device(u.device):
             return depthwise_glu_triton(u, weight, bias, hw)
-    return _depthwise_glu_op(u, weight, bias, int(hw[0]), int(hw[1]))[0]
+    return _depthwise_glu_op(u, weight, bias, int(hw[0]), int(hw[1]))
