@@ -4,7 +4,7 @@
 
 Times, with CUDA events (median of --iters), the forward op (one kernel), the backward op (two kernels +
 partial-sum reductions) and each kernel alone, also with the exact SiLU in place of tanh.approx (the
-*_exact_silu rows), at Sana-0.6B's batch-16 shape by default; the bytes each must move (read u, dout, dc once;
+*_exact_silu rows: an exp and a division for each sigmoid), at Sana-0.6B's batch-16 shape by default; the bytes each must move (read u, dout, dc once;
 write out, dc, du once) over the measured copy bandwidth give the roofline. The PyTorch reference (channels-first conv2d, cuDNN) is timed beside it. --sweep tries tile
 configurations (tile, warps, pipeline stages, register cap) per kernel and prints the best; CONFIG in kernels/triton_mixffn.py is set from it by hand.
 Writes mixffn_<gpu>.json.
@@ -53,7 +53,8 @@ def _kernels(u, w, bias, dout, dc_in, H, W):
         return run
 
     return {"fwd": (fwd, n + n // 2), "bwd_conv": (bwd_conv, n + n // 2 + n), "bwd_input": (bwd_input, 3 * n),
-            "fwd_exact_silu": (exact(fwd), n + n // 2), "bwd_conv_exact_silu": (exact(bwd_conv), n + n // 2 + n)}, got
+            "fwd_exact_silu": (exact(fwd), n + n // 2), "bwd_conv_exact_silu": (exact(bwd_conv), n + n // 2 + n),
+            "bwd_input_exact_silu": (exact(bwd_input), 3 * n)}, got
 
 
 def _reference(u, w, bias, dout, H, W):
@@ -81,7 +82,8 @@ def _errors(got, ref) -> dict:
 
 
 KERNEL_OUTPUTS = {"fwd": ("out",), "bwd_conv": ("dc", "dbias"), "bwd_input": ("du", "dweight"),
-                  "fwd_exact_silu": ("out",), "bwd_conv_exact_silu": ("dc", "dbias")}
+                  "fwd_exact_silu": ("out",), "bwd_conv_exact_silu": ("dc", "dbias"),
+                  "bwd_input_exact_silu": ("du", "dweight")}
 TOLERANCE = 2e-2  # bf16 storage of out/dc/du
 
 

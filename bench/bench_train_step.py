@@ -245,7 +245,9 @@ def _profile(step, path: Path) -> dict:
     cats: dict[str, float] = {}
     for e in events:
         us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-        if not us or e.device_type != torch.autograd.DeviceType.CUDA:
+        # kernels only: a record_function range on the GPU (the optimizer's step, a compiled graph's call) spans
+        # kernels that are counted themselves
+        if not us or e.device_type != torch.autograd.DeviceType.CUDA or getattr(e, "is_user_annotation", False):
             continue
         n = e.key.lower()
         # attention first: cuDNN's SDPA kernels are named ..._sdpa_sm90_flash_... and would count as GEMMs

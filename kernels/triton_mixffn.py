@@ -70,19 +70,24 @@ CONFIG = {
 }
 
 
-SILU_FAST = not INTERPRET  # tanh.approx for 16-bit inputs on the GPU; see _silu and the module docstring
+SILU_FAST = not INTERPRET  # tanh.approx for 16-bit inputs on the GPU; see _sigmoid and the module docstring
+
+
+@triton.jit
+def _sigmoid(x, FAST: tl.constexpr):
+    """sigmoid(x) in float32. FAST: as 0.5 + 0.5 tanh(x / 2) with the GPU's tanh.approx (one special-function
+    op instead of an exp and a division; |error| <= 2.5e-4)."""
+    if FAST:
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x * 0.5], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        return 0.5 + 0.5 * t
+    else:
+        return tl.sigmoid(x)
 
 
 @triton.jit
 def _silu(x, FAST: tl.constexpr):
-    """x * sigmoid(x) in float32. FAST: as 0.5 x (1 + tanh(x / 2)) with the GPU's tanh.approx (one special-function
-    op instead of an exp and a division; |error| <= 2.5e-4 |x|)."""
-    if FAST:
-        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x * 0.5], dtype=tl.float32,
-                                      is_pure=True, pack=1)
-        return 0.5 * x * (1.0 + t)
-    else:
-        return x * tl.sigmoid(x)
+    return x * _sigmoid(x, FAST)
 
 
 @triton.jit
@@ -200,7 +205,7 @@ def _conv_glu(u_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_
         dg, cg, ng = _feed(xg0, xg1, xg2, g0, g1, g2, g3, g4, g5, g6, g7, g8, pg, cg)
         a = da + bias_a[None, :]
         g = dg + bias_g[None, :]
-        sg = tl.sigmoid(g)
+        sg = _sigmoid(g, FAST)
         if BACKWARD:
             df = d.to(tl.float32)  # zero where the row is not this program's
             grad_a = df * g * sg
@@ -221,7 +226,7 @@ def _conv_glu(u_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_
 
 @triton.jit
 def _bwd_input(dc_ptr, u_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, band,
-               BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
+               BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr, FAST: tl.constexpr):
     """The transposed conv: s[q] receives dc[q - off_k] * w[k] for the nine offsets off_k = (di, dj), so a
     loaded row r of dc (at columns j - dj) feeds ds at rows r + di; w[k] receives dc[q - off_k] * s[q], the
     same loads against the window of s rows r-1, r, r+1 (only this program's rows, so that every pair is
@@ -257,7 +262,7 @@ def _bwd_input(dc_ptr, u_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, band,
         xu = tl.load(_rowp(u_ptr, b, r + 1, H, W, C2) + offs, mask=m_c & (r + 1 < r1), other=0.0)
         lm, l0, lp = xm.to(tl.float32), x0.to(tl.float32), xp.to(tl.float32)
         u = xu.to(tl.float32)
-        su = tl.sigmoid(u)
+        su = _sigmoid(u, FAST)
         snext = u * su
         gnext = su * (1.0 + u * (1.0 - su))
         # kernel row 0 (di = -1) -> ds row r - 1, row 1 -> r, row 2 -> r + 1
@@ -348,7 +353,7 @@ def _launch_backward_input(dc, u, wt, du, H: int, W: int) -> torch.Tensor:
     dweight = u.new_zeros((plan["strips"], 9, C2), dtype=torch.float32)
     if u.numel():
         _bwd_input_launch(plan["grid"], dev, (dc, u, wt, du, dweight), (H, W, C2, *plan["scalars"]),
-                          (*plan["consts"], *plan["flags"]), plan["options"])
+                          (*plan["consts"], *plan["flags"], _fast_silu(u)), plan["options"])
     return dweight
 
 
