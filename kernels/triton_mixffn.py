@@ -320,7 +320,7 @@ def _taps_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], 9).t().contiguous()
 
 
-def _fast_silu(u: torch.Tensor) -> bool:
+def _fast_sigmoid(u: torch.Tensor) -> bool:
     return SILU_FAST and u.dtype != torch.float32
 
 
@@ -331,7 +331,7 @@ def _launch_forward(u: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, out: 
     plan = _plan(B, H, W, C2 // 2, CONFIG["fwd"], dev)
     # dout and the partial sums are backward's (never touched here)
     _conv_glu_launch(plan["grid"], dev, (u, wt, bias, u, out, u), (H, W, C2 // 2, *plan["scalars"]),
-                     (*plan["consts"], False, *plan["flags"], _fast_silu(u)), plan["options"])
+                     (*plan["consts"], False, *plan["flags"], _fast_sigmoid(u)), plan["options"])
 
 
 def _launch_backward_conv(u, wt, bias, dout, dc, H: int, W: int) -> torch.Tensor:
@@ -342,7 +342,7 @@ def _launch_backward_conv(u, wt, bias, dout, dc, H: int, W: int) -> torch.Tensor
     dbias = u.new_zeros((plan["strips"], C2), dtype=torch.float32)
     if u.numel():
         _conv_glu_launch(plan["grid"], dev, (u, wt, bias, dout, dc, dbias), (H, W, C2 // 2, *plan["scalars"]),
-                         (*plan["consts"], True, *plan["flags"], _fast_silu(u)), plan["options"])
+                         (*plan["consts"], True, *plan["flags"], _fast_sigmoid(u)), plan["options"])
     return dbias
 
 
@@ -354,7 +354,7 @@ def _launch_backward_input(dc, u, wt, du, H: int, W: int) -> torch.Tensor:
     dweight = u.new_zeros((plan["strips"], 9, C2), dtype=torch.float32)
     if u.numel():
         _bwd_input_launch(plan["grid"], dev, (dc, u, wt, du, dweight), (H, W, C2, *plan["scalars"]),
-                          (*plan["consts"], *plan["flags"], _fast_silu(u)), plan["options"])
+                          (*plan["consts"], *plan["flags"], _fast_sigmoid(u)), plan["options"])
     return dweight
 
 
