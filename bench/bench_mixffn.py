@@ -3,10 +3,12 @@
     python bench/bench_mixffn.py [--shape B,H,W,hid] [--sweep] [--out bench/results]
 
 Times, with CUDA events (median of --iters), the forward op (one kernel), the backward op (two kernels +
-partial-sum reductions) and each kernel alone, also with the exact SiLU in place of tanh.approx (the
-*_exact_silu rows: an exp and a division for each sigmoid), at Sana-0.6B's batch-16 shape by default; the bytes each must move (read u, dout, dc once;
-write out, dc, du once) over the measured copy bandwidth give the roofline. The PyTorch reference (channels-first conv2d, cuDNN) is timed beside it. --sweep tries tile
-configurations (tile, warps, pipeline stages, register cap) per kernel and prints the best; CONFIG in kernels/triton_mixffn.py is set from it by hand.
+partial-sum reductions) and each kernel alone, also with the exact sigmoid in place of tanh.approx (the
+*_exact_silu rows: an exp and a division for each), at Sana-0.6B's batch-16 shape by default; the bytes each
+must move (read u, dout, dc once; write out, dc, du once) over the measured copy bandwidth give the roofline.
+The PyTorch reference (channels-first conv2d, cuDNN) is timed beside it. --sweep tries tile configurations
+(tile, warps, pipeline stages, register cap) per kernel and prints the best; CONFIG in kernels/triton_mixffn.py
+is set from it by hand.
 Writes mixffn_<gpu>.json.
 """
 from __future__ import annotations
@@ -45,11 +47,11 @@ def _kernels(u, w, bias, dout, dc_in, H, W):
 
     def exact(fn):  # the same with the exact SiLU (an exp and a division) instead of tanh.approx
         def run():
-            fast, tm.SILU_FAST = tm.SILU_FAST, False
+            fast, tm.SIGMOID_FAST = tm.SIGMOID_FAST, False
             try:
                 fn()
             finally:
-                tm.SILU_FAST = fast
+                tm.SIGMOID_FAST = fast
         return run
 
     return {"fwd": (fwd, n + n // 2), "bwd_conv": (bwd_conv, n + n // 2 + n), "bwd_input": (bwd_input, 3 * n),

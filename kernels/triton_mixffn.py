@@ -71,7 +71,7 @@ CONFIG = {
 }
 
 
-SILU_FAST = not INTERPRET  # tanh.approx for 16-bit inputs on the GPU; see _sigmoid and the module docstring
+SIGMOID_FAST = not INTERPRET  # tanh.approx for 16-bit inputs on the GPU; see _sigmoid and the module docstring
 
 
 @triton.jit
@@ -321,7 +321,7 @@ def _taps_major(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _fast_sigmoid(u: torch.Tensor) -> bool:
-    return SILU_FAST and u.dtype != torch.float32
+    return SIGMOID_FAST and u.dtype != torch.float32
 
 
 def _launch_forward(u: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, H: int, W: int):
