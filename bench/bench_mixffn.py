@@ -43,7 +43,11 @@ def _kernels(u, w, bias, dout, dc_in, H, W):
         got["dbias"] = tm._launch_backward_conv(u, wt, bias, dout, got["dc"], H, W)
 
     def bwd_input():  # reads the reference dc, so that its check does not depend on bwd_conv
-        got["dweight"] = tm._launch_backward_input(dc_in, u, wt, got["du"], H, W)
+        got["dweight"] = tm._launch_backward_input(dc_in, u, wt, got["du"], H, W, False)
+
+    def bwd_input_du_sum():  # as the model runs it: a tenth partial row, du's column sums (the expansion's bias)
+        part = tm._launch_backward_input(dc_in, u, wt, got["du"], H, W, True)
+        got["dweight"], got["du_sum"] = part[:, :9], part[:, 9]
 
     def exact(fn):  # the same with the exact SiLU (an exp and a division) instead of tanh.approx
         def run():
@@ -55,6 +59,7 @@ def _kernels(u, w, bias, dout, dc_in, H, W):
         return run
 
     return {"fwd": (fwd, n + n // 2), "bwd_conv": (bwd_conv, n + n // 2 + n), "bwd_input": (bwd_input, 3 * n),
+            "bwd_input_du_sum": (bwd_input_du_sum, 3 * n),
             "fwd_exact_silu": (exact(fwd), n + n // 2), "bwd_conv_exact_silu": (exact(bwd_conv), n + n // 2 + n),
             "bwd_input_exact_silu": (exact(bwd_input), 3 * n)}, got
 
@@ -72,18 +77,21 @@ def _reference(u, w, bias, dout, H, W):
     dc_tok = dc.flatten(2).transpose(1, 2).to(u.dtype)  # what bwd_input reads
     du, dw = torch.autograd.grad(conv, (uf, wf), dc_tok.float().transpose(1, 2).reshape(dc.shape))
     tok = lambda x: x.flatten(2).transpose(1, 2)  # noqa: E731
-    return dict(out=tok(out), dc=tok(dc), du=tok(du), dweight=dw.reshape(C2, 9).t(), dbias=dc.sum((0, 2, 3))), dc_tok
+    return dict(out=tok(out), dc=tok(dc), du=tok(du), dweight=dw.reshape(C2, 9).t(), dbias=dc.sum((0, 2, 3)),
+                du_sum=du.sum((0, 2, 3))), dc_tok
 
 
 def _errors(got, ref) -> dict:
     """Relative error of what each kernel wrote (partial sums reduced) against the float32 reference."""
     have = dict(out=got["out"], dc=got.get("dc"), du=got.get("du"),
                 dweight=got["dweight"].sum(0) if "dweight" in got else None,
-                dbias=got["dbias"].sum(0) if "dbias" in got else None)
+                dbias=got["dbias"].sum(0) if "dbias" in got else None,
+                du_sum=got["du_sum"].sum(0) if "du_sum" in got else None)
     return {k: ((v.float() - ref[k]).norm() / ref[k].norm()).item() for k, v in have.items() if v is not None}
 
 
 KERNEL_OUTPUTS = {"fwd": ("out",), "bwd_conv": ("dc", "dbias"), "bwd_input": ("du", "dweight"),
+                  "bwd_input_du_sum": ("du", "dweight", "du_sum"),
                   "fwd_exact_silu": ("out",), "bwd_conv_exact_silu": ("dc", "dbias"),
                   "bwd_input_exact_silu": ("du", "dweight")}
 TOLERANCE = 2e-2  # bf16 storage of out/dc/du
@@ -122,10 +130,10 @@ def main():
         rows[name] = dict(ms=ms, roofline_ms=nbytes / bw * 1e3, of_roofline=nbytes / bw * 1e3 / ms, rel_err=errs)
 
     def op_fwd():
-        return torch.ops.sana.depthwise_glu(u, w, bias, H, W)
+        return torch.ops.sana.depthwise_glu(u, w, bias, None, H, W)
 
     def op_bwd():
-        return torch.ops.sana.depthwise_glu_backward(dout, u, w, bias, H, W)
+        return torch.ops.sana.depthwise_glu_backward(dout, u, w, bias, H, W, False)
 
     rows["op forward"] = dict(ms=median_cuda_ms(op_fwd, args.iters))
     rows["op backward"] = dict(ms=median_cuda_ms(op_bwd, args.iters))

@@ -226,6 +226,35 @@ def run_variant(variant: str, mode: dict, args, flops: float, ceiling: float, pr
     return row
 
 
+def _gaps(prof, steps: int = 3, top: int = 25) -> str:
+    """Where the GPU idles: the kernel timeline's busy time against its span, the idle time in gaps by size, and
+    the largest gaps with the kernels on either side (a graph's kernels are recorded one by one too)."""
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+                     and e.time_range.end > e.time_range.start)
+    if not kernels:
+        return "no kernel events\n"
+    busy, gaps, end, prev = 0.0, [], kernels[0][0], kernels[0][2]
+    for s, e, name in kernels:
+        if s > end:
+            gaps.append((s - end, prev, name))
+        busy += max(0.0, e - max(s, end))
+        if e > end:
+            end, prev = e, name
+    span = end - kernels[0][0]
+    idle = span - busy
+    lines = [f"timeline over {steps} steps: span {span / 1e3:.1f} ms, kernels busy {busy / 1e3:.1f} ms, idle "
+             f"{idle / 1e3:.1f} ms ({idle / steps / 1e3:.2f} ms a step) in {len(gaps)} gaps; {len(kernels)} kernels"]
+    for lo, hi in ((0, 2), (2, 5), (5, 20), (20, 100), (100, 1e12)):
+        sel = [g for g, *_ in gaps if lo <= g < hi]
+        lines.append(f"  gaps {lo}-{hi if hi < 1e12 else 'inf'} us: {len(sel) / steps:.0f} a step, "
+                     f"{sum(sel) / steps / 1e3:.2f} ms a step")
+    lines.append("largest gaps (us, kernel before -> kernel after):")
+    for g, a, b in sorted(gaps, reverse=True)[:top]:
+        lines.append(f"  {g:9.1f}  {a[:70]} -> {b[:70]}")
+    return "\n".join(lines) + "\n"
+
+
 def _profile(step, path: Path) -> dict:
     """Three steps under torch.profiler: the kernel table to path, and GPU time by category."""
     from torch.profiler import ProfilerActivity, profile
@@ -235,13 +264,15 @@ def _profile(step, path: Path) -> dict:
             step()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    table = events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
+    table = events.table(sort_by="self_cuda_time_total", row_limit=150, max_name_column_width=90)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(table)
+    gaps = _gaps(prof)
+    path.write_text(table + "\n" + gaps)
     # The same by op and input shapes: which tensors the copies, adds and reductions move.
     path.with_suffix(".shapes.txt").write_text(prof.key_averages(group_by_input_shape=True).table(
         sort_by="self_cuda_time_total", row_limit=80, max_name_column_width=60, max_shapes_column_width=120))
     print("\n".join(line[:100] + line[-40:] for line in table.splitlines()[:22]))
+    print("\n".join(gaps.splitlines()[:12]))
     cats: dict[str, float] = {}
     for e in events:
         us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)

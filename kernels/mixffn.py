@@ -39,11 +39,19 @@ def depthwise_glu_reference(u: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 
 def depthwise_glu(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, hw: tuple[int, int],
-                  backend: str | None = None) -> torch.Tensor:
-    """u (B, N, 2*hid) -> (B, N, hid): silu, 3x3 depthwise conv on the (H, W) grid, x * silu(gate)."""
+                  backend: str | None = None, in_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """u (B, N, 2*hid) -> (B, N, hid): silu, 3x3 depthwise conv on the (H, W) grid, x * silu(gate).
+
+    in_bias (2*hid): the bias that the expansion GEMM has added into u with its gradient cut
+    (kernels.linear.linear_bias_out); its gradient, du's column sum, is taken here: on the Triton back-end by the
+    backward kernel that writes du (a tenth row of its partial sums), instead of a ones^T du GEMM of its own."""
     _check(u, weight, bias, hw)
+    if in_bias is not None and in_bias.shape != (u.shape[-1],):
+        raise ValueError(f"depthwise GLU: in_bias must be ({u.shape[-1]},), got {tuple(in_bias.shape)}")
     if resolve_block_backend(u, backend) == "triton":
         from kernels.triton_mixffn import depthwise_glu_triton
 
-        return depthwise_glu_triton(u, weight, bias, hw)
+        return depthwise_glu_triton(u, weight, bias, hw, in_bias)
+    if in_bias is not None:  # + 0 exactly, with in_bias's gradient du's column sum (as the uncut GEMM's bias)
+        u = u + (in_bias - in_bias.detach()).to(u.dtype)
     return depthwise_glu_reference(u, weight, bias, hw)

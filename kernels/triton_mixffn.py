@@ -227,13 +227,15 @@ def _conv_glu(u_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_
 
 @triton.jit
 def _bwd_input(dc_ptr, u_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, band,
-               BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr, FAST: tl.constexpr):
+               BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr, FAST: tl.constexpr,
+               DU_SUM: tl.constexpr):
     """The transposed conv: s[q] receives dc[q - off_k] * w[k] for the nine offsets off_k = (di, dj), so a
     loaded row r of dc (at columns j - dj) feeds ds at rows r + di; w[k] receives dc[q - off_k] * s[q], the
     same loads against the window of s rows r-1, r, r+1 (only this program's rows, so that every pair is
     counted by exactly one program). s = silu(u) and silu'(u) both come from one sigmoid of u, loaded once a row
     (s at its center column only is needed here, so it is not read back: a third less traffic than reading s
-    and u). STAGES and the weights as in _conv_glu."""
+    and u). STAGES and the weights as in _conv_glu. DU_SUM: a tenth partial row, the column sum of du (the
+    gradient of the expansion GEMM's bias, which that GEMM would otherwise compute as ones^T du)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C2
     b, j, r0, r1 = _strip(H, W, n_wseg, band, BLOCK_W)
@@ -256,6 +258,7 @@ def _bwd_input(dc_ptr, u_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, band,
     w6 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     w7 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     w8 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    dsum = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     for r in tl.range(r0 - 1, r1 + 1, num_stages=STAGES):
         # step r's loads: dc row r (xm = dc[r, j + 1] is dj = -1, xp = dc[r, j - 1] is dj = +1) and u row r + 1,
         # only within the band (rows r0 - 1 and r1 are other programs'): zero there, so s is zero as well
@@ -279,14 +282,16 @@ def _bwd_input(dc_ptr, u_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, band,
         w6 += lm * snext
         w7 += l0 * snext
         w8 += lp * snext
-        tl.store(_rowp(du_ptr, b, r - 1, H, W, C2) + offs, (done * gp).to(du_ptr.dtype.element_ty),
-                 mask=m_c & (r - 1 >= r0))
+        du = done * gp  # zero outside the image and before the band (gp is zeroed there)
+        tl.store(_rowp(du_ptr, b, r - 1, H, W, C2) + offs, du.to(du_ptr.dtype.element_ty), mask=m_c & (r - 1 >= r0))
+        if DU_SUM:
+            dsum += du
         dp, dcur = dcur, dnext
         # s row r is zero before the band already; the selects keep the loop pipelinable (Triton's pipeliner
         # refuses a loop that yields one of its own iteration arguments unchanged: a distance-2 dependence)
         sp, scur = tl.where(r >= r0, scur, 0.0), snext
         gp, gcur = tl.where(r >= r0, gcur, 0.0), gnext
-    part = part_ptr + tl.program_id(1).to(tl.int64) * 9 * C2 + c
+    part = part_ptr + tl.program_id(1).to(tl.int64) * (10 if DU_SUM else 9) * C2 + c
     tl.store(part, tl.sum(w0, axis=0), mask=cmask)
     tl.store(part + C2, tl.sum(w1, axis=0), mask=cmask)
     tl.store(part + 2 * C2, tl.sum(w2, axis=0), mask=cmask)
@@ -296,6 +301,8 @@ def _bwd_input(dc_ptr, u_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, band,
     tl.store(part + 6 * C2, tl.sum(w6, axis=0), mask=cmask)
     tl.store(part + 7 * C2, tl.sum(w7, axis=0), mask=cmask)
     tl.store(part + 8 * C2, tl.sum(w8, axis=0), mask=cmask)
+    if DU_SUM:
+        tl.store(part + 9 * C2, tl.sum(dsum, axis=0), mask=cmask)
 
 
 _conv_glu_launch = Launcher(_conv_glu)
@@ -339,28 +346,32 @@ def _launch_backward_conv(u, wt, bias, dout, dc, H: int, W: int) -> torch.Tensor
     B, N, C2 = u.shape
     dev = device_index(u)
     plan = _plan(B, H, W, C2 // 2, CONFIG["bwd_conv"], dev)
-    dbias = u.new_zeros((plan["strips"], C2), dtype=torch.float32)
+    dbias = (u.new_empty if u.numel() else u.new_zeros)((plan["strips"], C2), dtype=torch.float32)
     if u.numel():
         _conv_glu_launch(plan["grid"], dev, (u, wt, bias, dout, dc, dbias), (H, W, C2 // 2, *plan["scalars"]),
                          (*plan["consts"], True, *plan["flags"], _fast_sigmoid(u)), plan["options"])
     return dbias
 
 
-def _launch_backward_input(dc, u, wt, du, H: int, W: int) -> torch.Tensor:
-    """du into du (like u) -> the partial dweight rows (strips, 9, 2*hid) in float32."""
+def _launch_backward_input(dc, u, wt, du, H: int, W: int, du_sum: bool) -> torch.Tensor:
+    """du into du (like u) -> the partial dweight rows (strips, 9, 2*hid) in float32, with du_sum a tenth row
+    each: du's column sums."""
     B, N, C2 = u.shape
     dev = device_index(u)
     plan = _plan(B, H, W, C2, CONFIG["bwd_input"], dev)
-    dweight = u.new_zeros((plan["strips"], 9, C2), dtype=torch.float32)
+    # every program writes its rows in full: zeros only for an empty input (whose sums are zero)
+    part = (u.new_empty if u.numel() else u.new_zeros)((plan["strips"], 10 if du_sum else 9, C2), dtype=torch.float32)
     if u.numel():
-        _bwd_input_launch(plan["grid"], dev, (dc, u, wt, du, dweight), (H, W, C2, *plan["scalars"]),
-                          (*plan["consts"], *plan["flags"], _fast_sigmoid(u)), plan["options"])
-    return dweight
+        _bwd_input_launch(plan["grid"], dev, (dc, u, wt, du, part), (H, W, C2, *plan["scalars"]),
+                          (*plan["consts"], *plan["flags"], _fast_sigmoid(u), du_sum), plan["options"])
+    return part
 
 
 @kernel_op("sana::depthwise_glu")
-def _depthwise_glu_op(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """-> out (B, N, hid)."""
+def _depthwise_glu_op(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, in_bias: torch.Tensor | None,
+                      H: int, W: int) -> torch.Tensor:
+    """-> out (B, N, hid). in_bias: the expansion GEMM's bias, already in u; not read, here for its gradient
+    (du's column sum, which the backward kernel takes; see kernels.mixffn.depthwise_glu)."""
     if not supported_device(u):
         raise ValueError("depthwise GLU: the Triton kernel needs a CUDA tensor (or the CPU under TRITON_INTERPRET=1)")
     u, wt, bias = u.contiguous(), _taps_major(weight), bias.contiguous()
@@ -372,48 +383,54 @@ def _depthwise_glu_op(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
 
 @_depthwise_glu_op.register_fake
-def _(u, weight, bias, H, W):
+def _(u, weight, bias, in_bias, H, W):
     return u.new_empty((*u.shape[:-1], u.shape[-1] // 2))
 
 
 @kernel_op("sana::depthwise_glu_backward")
 def _depthwise_glu_backward_op(dout: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                               H: int, W: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> du (like u), dweight (2*hid, 1, 3, 3) and dbias (2*hid) in float32."""
+                               H: int, W: int, du_sum: bool
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> du (like u), dweight (2*hid, 1, 3, 3), dbias (2*hid) and, with du_sum, du's column sums (2*hid; else
+    an empty tensor), in float32."""
     dout, u = dout.contiguous(), u.contiguous()
     wt, bias = _taps_major(weight), bias.contiguous()
     C2 = u.shape[-1]
     du, dc = torch.empty(u.shape, dtype=u.dtype, device=u.device), torch.empty_like(u)
     dbias = _launch_backward_conv(u, wt, bias, dout, dc, H, W)
-    dweight = _launch_backward_input(dc, u, wt, du, H, W)
-    return du, dweight.sum(0).t().reshape(C2, 1, 3, 3).contiguous(), dbias.sum(0)
+    sums = _launch_backward_input(dc, u, wt, du, H, W, du_sum).sum(0)  # (9 or 10, 2*hid): one reduction
+    dsum = sums[9] if du_sum else sums.new_empty((0,))
+    return du, sums[:9].t().reshape(C2, 1, 3, 3).contiguous(), dbias.sum(0), dsum
 
 
 @_depthwise_glu_backward_op.register_fake
-def _(dout, u, weight, bias, H, W):
+def _(dout, u, weight, bias, H, W, du_sum):
     C2 = u.shape[-1]
     return (u.new_empty(u.shape), u.new_empty((C2, 1, 3, 3), dtype=torch.float32),
-            u.new_empty((C2,), dtype=torch.float32))
+            u.new_empty((C2,), dtype=torch.float32), u.new_empty((C2 if du_sum else 0,), dtype=torch.float32))
 
 
 def _setup(ctx, inputs, output):
-    u, weight, bias, H, W = inputs
+    u, weight, bias, in_bias, H, W = inputs
     ctx.hw = (H, W)
+    ctx.in_bias_dtype = None if in_bias is None else in_bias.dtype
     ctx.save_for_backward(u, weight, bias)
 
 
 def _backward(ctx, dout):
     u, weight, bias = ctx.saved_tensors
-    du, dweight, dbias = _depthwise_glu_backward_op.within(ctx)(dout, u, weight, bias, *ctx.hw)
-    return du, dweight.to(weight.dtype), dbias.to(bias.dtype), None, None
+    has_in_bias = ctx.in_bias_dtype is not None
+    du, dweight, dbias, dsum = _depthwise_glu_backward_op.within(ctx)(dout, u, weight, bias, *ctx.hw, has_in_bias)
+    return (du, dweight.to(weight.dtype), dbias.to(bias.dtype), dsum.to(ctx.in_bias_dtype) if has_in_bias else None,
+            None, None)
 
 
 _depthwise_glu_op.register_autograd(_backward, setup_context=_setup)
 
 
-def depthwise_glu_triton(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                         hw: tuple[int, int]) -> torch.Tensor:
+def depthwise_glu_triton(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, hw: tuple[int, int],
+                         in_bias: torch.Tensor | None = None) -> torch.Tensor:
     if not on_current_device(u):  # Triton launches on the current device's stream
         with torch.cuda.device(u.device):
-            return depthwise_glu_triton(u, weight, bias, hw)
-    return _depthwise_glu_op(u, weight, bias, int(hw[0]), int(hw[1]))
+            return depthwise_glu_triton(u, weight, bias, hw, in_bias)
+    return _depthwise_glu_op(u, weight, bias, in_bias, int(hw[0]), int(hw[1]))

@@ -215,6 +215,30 @@ def test_depthwise_glu_matches_float64(shape, dtype):
     _check(fast, ref, [u, weight, bias], dtype)
 
 
+# the reference conv needs its input in the weights' dtype (autocast casts them in the model)
+@pytest.mark.parametrize("backend,dtype", [("triton", torch.bfloat16), ("triton", torch.float32),
+                                           ("torch", torch.float32)], ids=str)
+@pytest.mark.parametrize("shape", GLU_SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
+def test_depthwise_glu_takes_the_expansion_bias_gradient(shape, dtype, backend):
+    """in_bias: the expansion GEMM's bias, added into u with its gradient cut (kernels.linear.linear_bias_out);
+    the GLU gives it du's column sums (on Triton a tenth partial row of the du kernel), as the uncut bias would
+    get them, against float64."""
+    B, H, W, hid = shape
+    u0 = _leaf(torch.randn(B, H * W, 2 * hid, device=DEVICE).to(dtype))
+    weight = _leaf(torch.randn(2 * hid, 1, 3, 3, device=DEVICE) / 3)
+    bias = _leaf(torch.randn(2 * hid, device=DEVICE))
+    in_bias = _leaf(torch.randn(2 * hid, device=DEVICE))  # float32, as the parameter
+
+    def fast(u0, weight, bias, in_bias):
+        u = u0 + in_bias.detach().to(u0.dtype)
+        return depthwise_glu(u, weight, bias, (H, W), backend=backend, in_bias=in_bias)
+
+    def ref(u0, weight, bias, in_bias):
+        return depthwise_glu_reference(u0 + in_bias, weight, bias, (H, W))
+
+    _check(fast, ref, [u0, weight, bias, in_bias], dtype)
+
+
 def test_depthwise_glu_shapes_cover_strips_and_bands():
     """The kernels split an image into column strips and row bands (each with halo rows); the shapes above
     must exercise both splits, or a seam bug would go unseen."""
@@ -259,7 +283,8 @@ def test_custom_ops_pass_opcheck():
                               (xin, _leaf(torch.randn(B, H * W, C, device=DEVICE)), shift, scale, EPS))
     u = _leaf(torch.randn(B, H * W, 2 * C, device=DEVICE))
     weight, bias = _leaf(torch.randn(2 * C, 1, 3, 3, device=DEVICE)), _leaf(torch.randn(2 * C, device=DEVICE))
-    torch.library.opcheck(torch.ops.sana.depthwise_glu, (u, weight, bias, H, W))
+    torch.library.opcheck(torch.ops.sana.depthwise_glu, (u, weight, bias, None, H, W))
+    torch.library.opcheck(torch.ops.sana.depthwise_glu, (u, weight, bias, _leaf(torch.randn(2 * C, device=DEVICE)), H, W))
     for fmt in ("int8", "fp8"):  # inference only: no autograd
         torch.library.opcheck(torch.ops.sana.modulate_quant, (x.detach(), shift.detach(), scale.detach(), EPS, fmt))
 
@@ -314,11 +339,12 @@ def test_eager_calls_match_the_dispatched_ops():
     u = _leaf(torch.randn(B, H * W, 2 * C, device=DEVICE))
     weight = _leaf(torch.randn(2 * C, 1, 3, 3, device=DEVICE) / 3)
     bias = _leaf(torch.randn(2 * C, device=DEVICE))
+    in_bias = _leaf(torch.randn(2 * C, device=DEVICE))
     branch = _leaf(torch.randn(B, H * W, C, device=DEVICE))
     cases = [(triton_adaln._modulate_op, torch.ops.sana.modulate, (x, rows, EPS), (x, rows)),
              (triton_adaln._gated_residual_op, torch.ops.sana.gated_residual, (x, rows, branch), (x, rows, branch)),
-             (triton_mixffn._depthwise_glu_op, torch.ops.sana.depthwise_glu, (u, weight, bias, H, W),
-              (u, weight, bias)),
+             (triton_mixffn._depthwise_glu_op, torch.ops.sana.depthwise_glu, (u, weight, bias, in_bias, H, W),
+              (u, weight, bias, in_bias)),
              (triton_adaln._add_modulate_op, torch.ops.sana.add_modulate, (x, branch, rows, EPS), (x, branch, rows))]
     views = {triton_adaln._modulate_op: lambda x, rows, eps: (x, rows[:, 0:1], rows[:, 1:2], eps),
              triton_adaln._gated_residual_op: lambda x, rows, br: (x, rows[:, 2:3], br),

@@ -90,6 +90,39 @@ def test_fast_path_matches_reference(latent, monkeypatch):
     assert not bad, f"fast path differs from the reference: {bad}"
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "inference"])
+def test_weights_are_cast_once_a_forward(grad, monkeypatch):
+    """Under autocast on the fast path the model casts its Linear weights and biases in one multi-tensor copy a
+    forward (kernels.linear.weight_casts): no weight is cast at a call, and the output and every gradient are bit
+    for bit those of the per-call casts."""
+    from kernels import linear as kl
+    from tests.kernels.test_linear import _CountCasts
+
+    monkeypatch.setenv("SANA_BLOCK_BACKEND", "triton")
+    torch.manual_seed(0)
+    model = LinearDiT(CFG).to(DEVICE)
+    inputs = _inputs(*LATENTS[0])
+    shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, Linear)}
+
+    def run(cast_once):
+        monkeypatch.setattr(kl, "CAST_ONCE", cast_once)
+        model.zero_grad(set_to_none=True)
+        counter = _CountCasts()
+        with torch.set_grad_enabled(grad), torch.autocast(DEVICE, dtype=torch.bfloat16), counter:
+            out = model(*inputs)
+        if grad:
+            out.float().square().mean().backward()
+        return out.detach(), {n: p.grad for n, p in model.named_parameters()}, counter
+
+    (out1, g1, c1), (out0, g0, c0) = run(True), run(False)
+    assert torch.equal(out1, out0)
+    for n in g0:
+        assert (g1[n] is None and g0[n] is None) or torch.equal(g1[n], g0[n]), n
+    assert c1.foreach == 1 and c0.foreach == 0
+    calls = 7 * CFG.depth + 5  # the blocks' linears and the embedders' and final one
+    assert sum(s in shapes for s in c0.shapes) >= calls and not any(s in shapes for s in c1.shapes), [s for s in c1.shapes if s in shapes]
+
+
 @gpu_only
 def test_fast_path_is_the_default_on_cuda():
     assert resolve_block_backend(torch.zeros(1, device="cuda")) == "triton"
@@ -117,27 +150,43 @@ def test_every_gemm_is_an_nn_linear_call(monkeypatch):
 
 def test_residual_gradients_meet_inside_the_kernels(monkeypatch):
     """With a gradient and no module hooks, the residual stream's second readers are the tees (the adds of x's
-    two gradients happen in modulate's backward kernel and in the query projection's GEMM); with a forward hook
-    on a projection, that projection is called as a module instead (the test above) and the result is the same."""
+    two gradients happen in modulate's backward kernel and in the query projection's GEMM), and Mix-FFN's
+    expansion bias gets its gradient from the GLU's backward (kernels.linear.linear_bias_out), not from its GEMM;
+    with a forward hook on a projection, that projection is called as a module instead (the test above) and the
+    result is the same."""
     monkeypatch.setenv("SANA_BLOCK_BACKEND", "triton")
     torch.manual_seed(0)
     model = LinearDiT(CFG).to(DEVICE)
     inputs = _inputs(*LATENTS[0])
+
+    def graph(out):
+        """-> the backward nodes' names, and for each block's expansion bias the node that hands it its gradient"""
+        biases = {id(b.mlp.inverted.bias): i for i, b in enumerate(model.blocks)}
+        names, feeds, stack, seen = [], {}, [out.grad_fn], set()
+        while stack:
+            fn = stack.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            names.append(fn.name())
+            for f, _ in fn.next_functions:
+                if f is not None and id(getattr(f, "variable", None)) in biases:
+                    feeds[biases[id(f.variable)]] = fn.name()
+                stack.append(f)
+        return names, feeds
+
     out = model(*inputs)
-    names, stack, seen = [], [out.grad_fn], set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.append(fn.name())
-        stack.extend(f for f, _ in fn.next_functions)
+    names, feeds = graph(out)
     assert names.count("_LinearTeeBackward") == CFG.depth and names.count("_ModulateTeeBackward") == CFG.depth
+    assert feeds == {i: "_EagerBackward" for i in range(CFG.depth)}  # the GLU op's eager autograd node
     out.square().mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     model.blocks[0].cross_attn.q.register_forward_hook(lambda *a: None)
-    model(*inputs).square().mean().backward()
+    model.blocks[0].mlp.inverted.register_forward_hook(lambda *a: None)
+    out = model(*inputs)
+    assert graph(out)[1][0] == "_LinearBackward"
+    out.square().mean().backward()
     # the same sums in another order (addmm's epilogue against an add kernel): float32 rounding apart, and on the
     # GPU cuBLAS's choice of reduction order as well (4e-5 seen); a missing gradient term would be O(1)
     for n, p in model.named_parameters():

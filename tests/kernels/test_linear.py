@@ -111,3 +111,57 @@ def test_linear_tee_adds_the_other_readers_gradient(shape, out_features, other):
     assert torch.equal(got[0], ref[0])
     for name, g, r in zip(("dx", "dW", "db"), got[1:], ref[1:]):
         assert g.dtype == r.dtype and _rel(g, r) < 1e-2, name
+
+
+class _CountCasts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the casts of float32 tensors to another dtype (aten._to_copy), and the multi-tensor copies."""
+
+    def __init__(self):
+        super().__init__()
+        self.casts, self.shapes, self.foreach = 0, [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32 and kwargs.get("dtype") not in (
+                None, torch.float32):
+            self.casts += 1
+            self.shapes.append(tuple(args[0].shape))
+        if func in (torch.ops.aten._foreach_copy_.default, torch.ops.aten._foreach_copy.default):
+            self.foreach += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "inference"])
+def test_weight_casts_cast_once_with_the_same_results(grad, monkeypatch):
+    """Within weight_casts the layers' float32 weights and biases are cast once, by one multi-tensor copy, and
+    linear() reads those copies: the outputs and every gradient are bit for bit those of the per-call casts, and
+    no weight is cast again at a call. Nothing is cast when the parameters are already in the autocast dtype."""
+    from kernels import linear as kl
+
+    torch.manual_seed(0)
+    layers = [(torch.randn(24, 16, device=DEVICE), torch.randn(24, device=DEVICE)),
+              (torch.randn(16, 24, device=DEVICE), None)]
+    x0 = torch.randn(3, 5, 16, device=DEVICE, dtype=torch.bfloat16)  # the residual stream: only weights cast
+
+    def run(cast_once: bool):
+        monkeypatch.setattr(kl, "CAST_ONCE", cast_once)
+        params = [t.clone().requires_grad_(grad) for w, b in layers for t in (w, b) if t is not None]
+        params = [torch.nn.Parameter(p, requires_grad=grad) for p in params]
+        (w1, b1, w2) = params
+        x = x0.clone().requires_grad_(grad)
+        counter = _CountCasts()
+        with torch.set_grad_enabled(grad), torch.autocast(DEVICE, dtype=torch.bfloat16):
+            with kl.weight_casts(params, torch.bfloat16), counter:
+                out = linear(linear(x, w1, b1, backend="triton"), w2, None, backend="triton")
+        grads = torch.autograd.grad(out.float().square().sum(), [x, *params]) if grad else []
+        return out, grads, counter
+
+    (out1, g1, c1), (out0, g0, c0) = run(True), run(False)
+    assert out1.dtype == torch.bfloat16 and torch.equal(out1, out0)
+    for a, b in zip(g1, g0):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert (c1.casts, c1.foreach) == (0, 0) and c0.casts == 3  # weight_casts' own copy ran before the counter
+    # parameters already bf16: nothing to cast, and nothing breaks
+    with torch.autocast(DEVICE, dtype=torch.bfloat16), kl.weight_casts([torch.nn.Parameter(layers[0][0].bfloat16())],
+                                                                       torch.bfloat16):
+        assert kl._CASTS.get() is None
