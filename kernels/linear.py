@@ -156,7 +156,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if not torch.compiler.is_compiling() and _CASTS.get() is not None and not (torch.is_grad_enabled() and (
                 weight.requires_grad or (bias is not None and bias.requires_grad))):
             kind = x.device.type
-            if torch.is_autocast_enabled(kind):
+            if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
                 dtype = torch.get_autocast_dtype(kind)
                 return F.linear(x, _cast(weight, dtype), _cast(bias, dtype))
         return F.linear(x, weight, bias)

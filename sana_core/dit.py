@@ -317,7 +317,7 @@ class LinearDiT(nn.Module):
         """On the fast path under autocast: the Linear layers' weights and biases cast once a forward, in one
         multi-tensor kernel (kernels.linear.weight_casts), not one cast kernel each a call."""
         kind = x.device.type
-        if (not torch.is_autocast_enabled(kind) or torch.compiler.is_compiling()
+        if (kind not in ("cuda", "cpu") or not torch.is_autocast_enabled(kind) or torch.compiler.is_compiling()
                 or resolve_block_backend(x) != "triton"):
             return contextlib.nullcontext()
         # not the layers of compiled blocks (sana_core.pipeline.compile_blocks): the compiler casts those itself

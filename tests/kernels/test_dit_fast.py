@@ -115,9 +115,12 @@ def test_weights_are_cast_once_a_forward(grad, monkeypatch):
         return out.detach(), {n: p.grad for n, p in model.named_parameters()}, counter
 
     (out1, g1, c1), (out0, g0, c0) = run(True), run(False)
-    assert torch.equal(out1, out0)
+    # the same casts and GEMMs; on the GPU the linear attention's float32 atomics sum in any order, which can move
+    # a bf16 rounding; on the CPU bit for bit
+    bound = TOL if ON_GPU else 0.0
+    assert _rel(out1, out0) <= bound
     for n in g0:
-        assert (g1[n] is None and g0[n] is None) or torch.equal(g1[n], g0[n]), n
+        assert (g1[n] is None and g0[n] is None) or _rel(g1[n], g0[n]) <= bound, n
     assert c1.foreach == 1 and c0.foreach == 0
     calls = 7 * CFG.depth + 5  # the blocks' linears and the embedders' and final one
     assert sum(s in shapes for s in c0.shapes) >= calls and not any(s in shapes for s in c1.shapes), [s for s in c1.shapes if s in shapes]
