@@ -210,12 +210,28 @@ def _check(x: torch.Tensor, what: str) -> torch.Tensor:
     return x.contiguous()
 
 
-def _reduce_rows(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Per-image partial sums (B, chunks, C) -> the gradient of a modulation row tensor of like's shape."""
-    d = part.sum(1)
+def _partials(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The backward kernels' partial-sum buffer, float32: every (image, chunk) program writes its row in full, so
+    no zero fill (a kernel launch) unless there is nothing to write (then the sums must be zero)."""
+    return (x.new_empty if x.numel() else x.new_zeros)(shape, dtype=torch.float32)
+
+
+def _fit(d: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-image sums (B, C) -> the gradient of a modulation row tensor of like's shape."""
     if like.numel() != d.numel():  # one row broadcast over the batch
         d = d.sum(0, keepdim=True)
     return d.reshape(like.shape).to(like.dtype)
+
+
+def _reduce_rows(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-image partial sums (B, chunks, C) -> the gradient of a modulation row tensor of like's shape."""
+    return _fit(part.sum(1), like)
+
+
+def _reduce_shift_scale(part: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
+    """modulate backward's partial sums (B, chunks, 2, C) -> (dshift, dscale), one reduction over the chunks."""
+    d = part.sum(1)  # (B, 2, C)
+    return _fit(d[:, 0], shift), _fit(d[:, 1], scale)
 
 
 def _modulate_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
@@ -289,7 +305,7 @@ def _modulate_backward_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor
     dx = x.new_empty(x.shape)
     block_r, block_c, opts = _tile(C, "modulate_bwd")
     chunks, tiles_per = _reduce_grid(B, N, block_r, device_index(x), "modulate_bwd")
-    part = x.new_zeros((B, chunks, 2, C), dtype=torch.float32)
+    part = _partials(x, (B, chunks, 2, C))
     acc = dres is not None
     if x.numel():
         _modulate_bwd_launch((B, chunks), device_index(x),
@@ -314,7 +330,7 @@ def _modulate_setup(ctx, inputs, output):
 def _modulate_backward(ctx, dy, _dmean, _drstd):
     x, shift, scale, mean, rstd = ctx.saved_tensors
     dx, part = _modulate_backward_op.within(ctx)(dy, x, scale, mean, rstd)
-    return dx, _reduce_rows(part[:, :, 0], shift), _reduce_rows(part[:, :, 1], scale), None
+    return dx, *_reduce_shift_scale(part, shift, scale), None
 
 
 _modulate_op.register_autograd(_modulate_backward, setup_context=_modulate_setup)
@@ -351,7 +367,7 @@ def _add_modulate_backward(ctx, dtotal, dy, _dmean, _drstd):
                 None)
     dx, part = _modulate_backward_op.within(ctx)(dy, total, scale, mean, rstd, dtotal)
     # x and branch get the same gradient (a sum's), one tensor for both
-    return (dx, dx.to(ctx.branch_dtype), _reduce_rows(part[:, :, 0], shift), _reduce_rows(part[:, :, 1], scale),
+    return (dx, dx.to(ctx.branch_dtype), *_reduce_shift_scale(part, shift, scale),
             None)
 
 
@@ -388,7 +404,7 @@ def _gated_residual_backward_op(dy: torch.Tensor, gate: torch.Tensor,
     dbranch = branch.new_empty(branch.shape)
     block_r, block_c, opts = _tile(C, "residual_bwd")
     chunks, tiles_per = _reduce_grid(B, N, block_r, device_index(branch), "residual_bwd")
-    part = branch.new_zeros((B, chunks, C), dtype=torch.float32)
+    part = _partials(branch, (B, chunks, C))
     if branch.numel():
         _residual_bwd_launch((B, chunks), device_index(branch), (dy, gate2, branch, dbranch, part),
                              (N, C, s_gate, tiles_per), (block_r, block_c, CONFIG["residual_bwd"]["STAGES"]), opts)
@@ -435,7 +451,7 @@ class _ModulateTee(torch.autograd.Function):
         if dy is None:
             return dres, None, None, None
         dx, part = _modulate_backward_op.fn(dy, x, scale, mean, rstd, dres)
-        return dx, _reduce_rows(part[:, :, 0], shift), _reduce_rows(part[:, :, 1], scale), None
+        return dx, *_reduce_shift_scale(part, shift, scale), None
 
 
 def _modulate_tee(x, shift, scale, eps):
