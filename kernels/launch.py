@@ -59,6 +59,12 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def partial_sums(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A backward kernel's float32 partial-sum buffer of `shape`, on like's device. Every program writes its rows
+    in full, so no zero fill (a kernel launch each) unless there is nothing to write (then the sums must be zero)."""
+    return (like.new_empty if like.numel() else like.new_zeros)(shape, dtype=torch.float32)
+
+
 def _hooked(hook) -> bool:
     """Whether a Triton launch hook does anything (None, or since 3.7 a HookChain, empty by default)."""
     return hook is not None and bool(getattr(hook, "calls", True))

@@ -30,6 +30,7 @@ from kernels.launch import (
     kernel_op,
     next_pow2,
     on_current_device,
+    partial_sums,
     sm_count,
     supported_device,
 )
@@ -210,12 +211,6 @@ def _check(x: torch.Tensor, what: str) -> torch.Tensor:
     return x.contiguous()
 
 
-def _partials(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The backward kernels' partial-sum buffer, float32: every (image, chunk) program writes its row in full, so
-    no zero fill (a kernel launch) unless there is nothing to write (then the sums must be zero)."""
-    return (x.new_empty if x.numel() else x.new_zeros)(shape, dtype=torch.float32)
-
-
 def _fit(d: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-image sums (B, C) -> the gradient of a modulation row tensor of like's shape."""
     if like.numel() != d.numel():  # one row broadcast over the batch
@@ -305,7 +300,7 @@ def _modulate_backward_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor
     dx = x.new_empty(x.shape)
     block_r, block_c, opts = _tile(C, "modulate_bwd")
     chunks, tiles_per = _reduce_grid(B, N, block_r, device_index(x), "modulate_bwd")
-    part = _partials(x, (B, chunks, 2, C))
+    part = partial_sums(x, (B, chunks, 2, C))
     acc = dres is not None
     if x.numel():
         _modulate_bwd_launch((B, chunks), device_index(x),
@@ -404,7 +399,7 @@ def _gated_residual_backward_op(dy: torch.Tensor, gate: torch.Tensor,
     dbranch = branch.new_empty(branch.shape)
     block_r, block_c, opts = _tile(C, "residual_bwd")
     chunks, tiles_per = _reduce_grid(B, N, block_r, device_index(branch), "residual_bwd")
-    part = _partials(branch, (B, chunks, C))
+    part = partial_sums(branch, (B, chunks, C))
     if branch.numel():
         _residual_bwd_launch((B, chunks), device_index(branch), (dy, gate2, branch, dbranch, part),
                              (N, C, s_gate, tiles_per), (block_r, block_c, CONFIG["residual_bwd"]["STAGES"]), opts)

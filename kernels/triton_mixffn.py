@@ -53,6 +53,7 @@ from kernels.launch import (
     kernel_op,
     next_pow2,
     on_current_device,
+    partial_sums,
     sm_count,
     supported_device,
 )
@@ -346,7 +347,7 @@ def _launch_backward_conv(u, wt, bias, dout, dc, H: int, W: int) -> torch.Tensor
     B, N, C2 = u.shape
     dev = device_index(u)
     plan = _plan(B, H, W, C2 // 2, CONFIG["bwd_conv"], dev)
-    dbias = (u.new_empty if u.numel() else u.new_zeros)((plan["strips"], C2), dtype=torch.float32)
+    dbias = partial_sums(u, (plan["strips"], C2))
     if u.numel():
         _conv_glu_launch(plan["grid"], dev, (u, wt, bias, dout, dc, dbias), (H, W, C2 // 2, *plan["scalars"]),
                          (*plan["consts"], True, *plan["flags"], _fast_sigmoid(u)), plan["options"])
@@ -359,8 +360,7 @@ def _launch_backward_input(dc, u, wt, du, H: int, W: int, du_sum: bool) -> torch
     B, N, C2 = u.shape
     dev = device_index(u)
     plan = _plan(B, H, W, C2, CONFIG["bwd_input"], dev)
-    # every program writes its rows in full: zeros only for an empty input (whose sums are zero)
-    part = (u.new_empty if u.numel() else u.new_zeros)((plan["strips"], 10 if du_sum else 9, C2), dtype=torch.float32)
+    part = partial_sums(u, (plan["strips"], 10 if du_sum else 9, C2))
     if u.numel():
         _bwd_input_launch(plan["grid"], dev, (dc, u, wt, du, part), (H, W, C2, *plan["scalars"]),
                           (*plan["consts"], *plan["flags"], _fast_sigmoid(u), du_sum), plan["options"])
