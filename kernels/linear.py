@@ -143,8 +143,15 @@ def _fast_dtype(x, weight, bias, backend) -> torch.dtype | None:
                                               or (bias is not None and bias.requires_grad))
     if not needs_grad or torch.compiler.is_compiling() or resolve_block_backend(x, backend) != "triton":
         return None
+    return autocast_dtype(x) or weight.dtype
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype where autocast is on for x's device (CUDA or the CPU), else None."""
     kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -155,9 +162,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         # inference within weight_casts (the copies carry no gradient: never where the weights need one)
         if not torch.compiler.is_compiling() and _CASTS.get() is not None and not (torch.is_grad_enabled() and (
                 weight.requires_grad or (bias is not None and bias.requires_grad))):
-            kind = x.device.type
-            if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
-                dtype = torch.get_autocast_dtype(kind)
+            dtype = autocast_dtype(x)
+            if dtype is not None:
                 return F.linear(x, _cast(weight, dtype), _cast(bias, dtype))
         return F.linear(x, weight, bias)
     return _Linear.apply(x, weight, bias, dtype)

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels import adaln
 from kernels.block_backend import resolve_block_backend
-from kernels.linear import linear, linear_bias_out, linear_tee, weight_casts
+from kernels.linear import autocast_dtype, linear, linear_bias_out, linear_tee, weight_casts
 from kernels.linear_attention import linear_attention_packed
 from kernels.mixffn import depthwise_glu
 from sana_core.errors import SanaError
@@ -229,8 +229,7 @@ class CrossAttention(nn.Module):
         x, q = tee(self.q, x)
         q = q.view(B, N, h, d).transpose(1, 2)  # (B, h, N, d)
         # unbind, not a permute of the (2, B, h, L, d) stack: the backward then stacks dk and dv straight into the
-        # projection's (B, L, 2, h, d) gradient (one vectorised cat, 5.9 us at bs16 on the H200, instead of a cat
-        # and a strided copy, 21.6 + 15.6 us a block)
+        # projection's (B, L, 2, h, d) gradient (one vectorised cat, instead of a cat and a strided copy a block)
         k, v = (t.transpose(1, 2) for t in self.kv(y).view(B, y.shape[1], 2, h, d).unbind(2))  # each (B, h, L, d)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return x, self.proj(out.transpose(1, 2).reshape(B, N, C))
@@ -316,16 +315,15 @@ class LinearDiT(nn.Module):
     def _weight_casts(self, x: torch.Tensor):
         """On the fast path under autocast: the Linear layers' weights and biases cast once a forward, in one
         multi-tensor kernel (kernels.linear.weight_casts), not one cast kernel each a call."""
-        kind = x.device.type
-        if (kind not in ("cuda", "cpu") or not torch.is_autocast_enabled(kind) or torch.compiler.is_compiling()
-                or resolve_block_backend(x) != "triton"):
+        dtype = autocast_dtype(x)
+        if dtype is None or torch.compiler.is_compiling() or resolve_block_backend(x) != "triton":
             return contextlib.nullcontext()
         # not the layers of compiled blocks (sana_core.pipeline.compile_blocks): the compiler casts those itself
         compiled = {id(m) for b in self.blocks if getattr(b, "_compiled_call_impl", None) is not None
                     for m in b.modules()}
         params = [p for m in self.modules() if isinstance(m, Linear) and id(m) not in compiled
                   for p in (m.weight, m.bias) if p is not None]
-        return weight_casts(params, torch.get_autocast_dtype(kind))
+        return weight_casts(params, dtype)
 
     def _forward(self, x, t, y, y_mask):
         B, C, H, W = x.shape

@@ -145,8 +145,7 @@ def test_weight_casts_cast_once_with_the_same_results(grad, monkeypatch):
 
     def run(cast_once: bool):
         monkeypatch.setattr(kl, "CAST_ONCE", cast_once)
-        params = [t.clone().requires_grad_(grad) for w, b in layers for t in (w, b) if t is not None]
-        params = [torch.nn.Parameter(p, requires_grad=grad) for p in params]
+        params = [torch.nn.Parameter(t.clone(), requires_grad=grad) for w, b in layers for t in (w, b) if t is not None]
         (w1, b1, w2) = params
         x = x0.clone().requires_grad_(grad)
         counter = _CountCasts()
