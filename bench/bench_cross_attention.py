@@ -1,16 +1,23 @@
-"""The Linear DiT's cross-attention (softmax attention of image tokens to a padded caption) per SDPA backend.
+"""The Linear DiT's cross-attention (softmax attention of image tokens to a padded caption): our Triton kernels
+against each SDPA backend.
 
-    python bench/bench_cross_attention.py [--shape B,N,L,heads,head_dim] [--out bench/results]
+    python bench/bench_cross_attention.py [--shape B,N,L,heads,head_dim] [--sweep] [--out bench/results]
 
-At Sana-0.6B's batch-16 training shape by default (1024 image tokens, 300 caption tokens of which a seeded
-random number per sample are padding, 16 heads of 72), bf16: times forward and forward + backward of
+At Sana-0.6B's batch-16 training shape by default with captions cut as the trainer cuts them (1024 image tokens,
+128 caption positions of which a seeded random number per sample are padding, 16 heads of 72; `--shape
+16,1024,300,16,72` is the uncut caption), bf16. Rows `triton` (kernels.triton_cross_attention: q, kv and out in
+token layout, one key tile) and `model-sdpa` (kernels.cross_attention_reference on the same token-layout tensors:
+SDPA plus the transposes and the k/v gradient cat it needs, what the model ran before) time what the model
+calls; the other rows time, on (B, heads, N, D) tensors, forward and forward + backward of
 F.scaled_dot_product_attention with the additive key-padding bias the model passes, under each backend that
 accepts it (cuDNN, memory-efficient, math; flash takes no mask), and checks each against a float32 math
 reference (output and the three input gradients). Also: flash attention on packed keys (`varlen`: the caption's
 real tokens gathered into one (total, heads, head_dim) tensor on the device, no host sync, the query read in token
-layout), and cuDNN / flash with no mask at all (what a batch without padding would cost). A Triton kernel of
-ours was measured here too and reverted (823f372: slower than cuDNN; bench/NOTES_block_fastpath.md).
-Prints a table, writes cross_attention_<gpu>.json.
+layout), and cuDNN / flash with no mask at all (what a batch without padding would cost). An earlier Triton
+kernel (online softmax over key blocks, a dq and a dk/dv kernel) was slower than cuDNN and reverted (823f372,
+bench/NOTES_block_fastpath.md). `--sweep` times the Triton forward and backward alone (CUDA graphs of 20 calls:
+no host time) over tile configurations and prints the best of each; timings with CUDA events (median of --iters).
+Prints a table, writes cross_attention_<gpu>[_NAME].json.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from bench.timing import median_cuda_ms, write_result  # noqa: E402
+from bench.timing import graphed_ms, median_cuda_ms, write_result  # noqa: E402
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "math": SDPBackend.MATH}
@@ -59,8 +66,10 @@ def varlen_cross_attention(q, k, v, mask):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="16,1024,300,16,72", help="B,N,L,heads,head_dim (Sana-0.6B, batch 16)")
+    p.add_argument("--shape", default="16,1024,128,16,72", help="B,N,L,heads,head_dim (Sana-0.6B, batch 16)")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--sweep", action="store_true", help="also sweep the Triton kernels' tile configurations")
+    p.add_argument("--name", default="", help="suffix of the result file")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -124,6 +133,8 @@ def main():
             fwd_ms = median_cuda_ms(fwd, args.iters)
         rows[name] = dict(fwd_ms=fwd_ms, fwd_bwd_ms=median_cuda_ms(fwd_bwd, args.iters), rel_err=errs,
                           ok=all(e <= TOLERANCE for e in errs.values()))
+    rows.update(_token_layout_rows(q, k, v, bias, dout, ref, ref_grads, args.iters))
+    sweep = _sweep(q, k, v, bias, dout) if args.sweep else None
     print(f"{gpu}: q (B={B}, heads={h}, N={N}, d={d}), {L} caption tokens, bf16")
     print(f"{'backend':<13} {'fwd ms':>8} {'fwd+bwd ms':>11}  relative error vs float32")
     for name, r in rows.items():
@@ -132,7 +143,91 @@ def main():
             continue
         err = " ".join(f"{k} {e:.1e}" for k, e in r["rel_err"].items())
         print(f"{name:<13} {r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>11.3f}  {err}{'' if r['ok'] else '  WRONG'}")
-    write_result(args.out, "cross_attention", dict(gpu=gpu, shape=dict(B=B, N=N, L=L, heads=h, head_dim=d), rows=rows))
+    result = dict(gpu=gpu, shape=dict(B=B, N=N, L=L, heads=h, head_dim=d), rows=rows)
+    if sweep is not None:
+        result["sweep"] = sweep
+    write_result(args.out, "cross_attention" + (f"_{args.name}" if args.name else ""), result)
+
+
+def _token(q, k, v):
+    """(B, h, N, d) q and (B, h, L, d) k, v -> the model's token layouts: q (B, N, h*d), kv (B, L, 2*h*d)."""
+    B, h, N, d = q.shape
+    return (q.transpose(1, 2).reshape(B, N, h * d).contiguous(),
+            torch.stack((k, v), 2).permute(0, 3, 2, 1, 4).reshape(B, k.shape[2], 2 * h * d).contiguous())
+
+
+def _from_token(dq, dkv, h):
+    """The token-layout gradients back to (B, h, n, d) dq, dk, dv, to compare with the reference's."""
+    B, N, C = dq.shape
+    dk, dv = dkv.view(B, dkv.shape[1], 2, h, C // h).unbind(2)
+    return dq.view(B, N, h, C // h).transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+def _token_layout_rows(q, k, v, bias, dout, ref, ref_grads, iters) -> dict:
+    """What the model calls, on token-layout tensors: our Triton kernels, and the SDPA path it replaced."""
+    from kernels.cross_attention import cross_attention_reference
+    from kernels.triton_cross_attention import cross_attention_triton
+
+    B, h, N, d = q.shape
+    bias2 = bias[:, 0, 0, :].float()  # (B, L) as LinearDiT passes it
+    g_out = dout.transpose(1, 2).reshape(B, N, h * d).contiguous()
+    rows = {}
+    for name, fn in (("triton", cross_attention_triton), ("model-sdpa", cross_attention_reference)):
+        qt, kvt = (t.detach().requires_grad_() for t in _token(q, k, v))
+
+        def fwd():
+            return fn(qt, kvt, bias2, h)
+
+        def fwd_bwd():
+            return torch.autograd.grad(fwd(), (qt, kvt), g_out)
+
+        out = fwd().view(B, N, h, d).transpose(1, 2)
+        grads = _from_token(*fwd_bwd(), h)
+        errs = {n: ((x.float() - r).norm() / r.norm()).item()
+                for n, x, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads))}
+        with torch.no_grad():
+            fwd_ms = median_cuda_ms(fwd, iters)
+        rows[name] = dict(fwd_ms=fwd_ms, fwd_bwd_ms=median_cuda_ms(fwd_bwd, iters), rel_err=errs,
+                          ok=all(e <= TOLERANCE for e in errs.values()))
+    return rows
+
+
+def _sweep(q, k, v, bias, dout) -> dict:
+    """The Triton forward and backward alone over tile configurations (graphed: kernel time, no host)."""
+    import itertools
+
+    from kernels import triton_cross_attention as tca
+
+    B, h, N, d = q.shape
+    qt, kvt = _token(q, k, v)
+    bias2 = bias[:, 0, 0, :].float()
+    g_out = dout.transpose(1, 2).reshape(B, N, h * d).contiguous()
+    calls = {"fwd": lambda: tca._cross_attention_op.fn(qt, kvt, bias2, h),
+             "bwd": lambda: tca._cross_attention_backward_op.fn(g_out, qt, kvt, bias2, h)}
+    grid = {"fwd": itertools.product((64, 128), (4, 8), (1, 2, 4), (1, 2, 3)),
+            "bwd": itertools.product((32, 64, 128), (4, 8), (1, 2), (1, 2))}
+    saved = {kind: dict(cfg) for kind, cfg in tca.CONFIG.items()}
+    result = {}
+    try:
+        for kind, combos in grid.items():
+            entries = []
+            for bm, warps, pps, stages in combos:
+                tca.CONFIG[kind] = dict(BLOCK_M=bm, num_warps=warps, PROGRAMS_PER_SM=pps, STAGES=stages)
+                try:
+                    ms = graphed_ms(calls[kind])
+                except Exception as e:  # noqa: BLE001 - a configuration the compiler or the GPU refuses
+                    entries.append(dict(tca.CONFIG[kind], error=str(e).splitlines()[0][:160]))
+                    continue
+                entries.append(dict(tca.CONFIG[kind], ms=ms))
+                print(f"sweep {kind} {tca.CONFIG[kind]}: {ms:.4f} ms", flush=True)
+            tca.CONFIG[kind] = saved[kind]
+            entries.sort(key=lambda e: e.get("ms", float("inf")))
+            result[kind] = entries
+            result[f"{kind}_committed_ms"] = graphed_ms(calls[kind])
+            print(f"best {kind}: {entries[0]}; committed {saved[kind]}: {result[f'{kind}_committed_ms']:.4f} ms")
+    finally:
+        tca.CONFIG.update(saved)
+    return result
 
 
 if __name__ == "__main__":

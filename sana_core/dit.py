@@ -15,8 +15,9 @@ conv shape diffusers stores; a load_state_dict pre-hook accepts those old 4-D we
 
 One block definition, two back-ends for the glue around the GEMMs, picked per call like
 kernels.linear_attention picks one (SANA_BLOCK_BACKEND, default "auto": Triton on CUDA, PyTorch elsewhere):
-`modulate` (LayerNorm + AdaLN scale/shift), the gated residual and Mix-FFN's depthwise 3x3 + SiLU gate run as
-fused kernels in token layout (kernels.adaln, kernels.mixffn), with activations in the residual stream's
+`modulate` (LayerNorm + AdaLN scale/shift), the gated residual, the cross-attention (captions of up to 128 tokens)
+and Mix-FFN's depthwise 3x3 + SiLU gate run as fused kernels in token layout (kernels.adaln,
+kernels.cross_attention, kernels.mixffn), with activations in the residual stream's
 dtype (bf16 under autocast). The PyTorch path is the reference. Every GEMM stays a call of an nn.Linear
 module (self.attn.qkv(x), self.mlp.inverted(x), ...) so that quantisation and LoRA can wrap them.
 """
@@ -27,12 +28,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels import adaln
 from kernels.block_backend import resolve_block_backend
+from kernels.cross_attention import cross_attention
 from kernels.linear import autocast_dtype, linear, linear_bias_out, linear_tee, weight_casts
 from kernels.linear_attention import linear_attention_packed
 from kernels.mixffn import depthwise_glu
@@ -223,16 +224,10 @@ class CrossAttention(nn.Module):
         self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (x, attention output): x handed on for the residual add (see tee), the output (B, N, C)."""
-        B, N, C = x.shape
-        h, d = self.heads, C // self.heads
+        """x (B, N, C), y (B, L, C), bias (B, L) -> (x, attention output (B, N, C)): x handed on for the residual
+        add (see tee). Heads are column slices of the projections, read in place by the fused kernel."""
         x, q = tee(self.q, x)
-        q = q.view(B, N, h, d).transpose(1, 2)  # (B, h, N, d)
-        # unbind, not a permute of the (2, B, h, L, d) stack: the backward then stacks dk and dv straight into the
-        # projection's (B, L, 2, h, d) gradient (one vectorised cat, instead of a cat and a strided copy a block)
-        k, v = (t.transpose(1, 2) for t in self.kv(y).view(B, y.shape[1], 2, h, d).unbind(2))  # each (B, h, L, d)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return x, self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return x, self.proj(cross_attention(q, self.kv(y), bias, self.heads))
 
 
 class MixFFN(nn.Module):
@@ -339,7 +334,7 @@ class LinearDiT(nn.Module):
         # Additive -10000 like diffusers (not -inf): an all-padding row then stays finite.
         if y_mask is None:
             y_mask = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)
-        y_bias = ((~y_mask.bool()).to(x.dtype) * -10000.0)[:, None, None, :]
+        y_bias = (~y_mask.bool()).float() * -10000.0  # (B, L)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, y, y_bias, t_mod, hw, use_reentrant=False)

@@ -1,0 +1,251 @@
+"""Fused Triton softmax cross-attention to a short caption (see kernels.cross_attention), forward and backward,
+as torch.library custom ops with fake implementations.
+
+Built for what the Linear DiT's cross-attention is once captions are cut to their batch's longest (the trainer's
+and the pipeline's `caption_bucket`): at most MAX_KEYS keys, so every key of an (image, head) fits in one tile.
+Then:
+- a program loads K, V and the key bias of its (image, head) once and walks query blocks (a Triton software
+  pipeline over them: the next blocks' q loads are in flight while one is computed), so the whole softmax of a
+  query block is one tile: no online rescaling in forward, and no log-sum-exp saved for backward (backward
+  takes the softmax again from the same tile);
+- backward is one kernel: dq of a query block is complete after its one key tile (stored, no atomics), and
+  dk, dv accumulate in registers over the program's query blocks; delta = rowsum(P * dP) comes from the same
+  tile (equal to rowsum(dO * O)), so the output is not read back;
+- q, kv, out and every gradient stay in the projections' token layouts ((B, N, H*D), (B, L, 2*H*D)): a head is a
+  column slice, read and written in place; a head of D channels is one power-of-two tile DP >= D, masked.
+
+A first Triton kernel (823f372, reverted) walked keys in blocks with an online softmax, one query block a program,
+and split backward into a dq and a dk/dv kernel (FlashAttention-2's form, for any number of keys): on the H200 it
+lost to cuDNN (bench/NOTES_block_fastpath.md). Its programs were too short to hide their load latency.
+
+    forward   s = q k^T / sqrt(D) + bias (log2 units), p = softmax(s), out = p v
+    backward  dp = dO v^T, ds = p * (dp - rowsum(p * dp)),
+              dq = ds k / sqrt(D), dk = ds^T q / sqrt(D), dv = p^T dO
+
+The bias is the caller's additive key bias (the model's -10000 on padding, as diffusers): a caption of padding
+only then attends to all its keys as if unmasked, as the reference does (never NaN). Key slots past L get -inf.
+Precision: products accumulated in float32; p and ds are rounded to the input dtype for their tl.dot, as
+FlashAttention does; float32 inputs use IEEE float32 dots (no tf32).
+With more than one program an (image, head) in backward (SPLIT, to fill the GPU at small batches), each writes
+float32 partial dk, dv rows that are summed afterwards: deterministic, no atomics.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.cross_attention import MAX_HEAD_DIM, MAX_KEYS
+from kernels.cross_attention import fused_supported as supports
+from kernels.launch import (
+    Launcher,
+    cdiv,
+    device_index,
+    kernel_op,
+    next_pow2,
+    on_current_device,
+    sm_count,
+    supported_device,
+)
+
+LOG2E = 1.4426950408889634
+
+# BLOCK_M queries a step; PROGRAMS_PER_SM: query blocks are split between programs of one (image, head) until
+# the grid has about this many programs an SM; STAGES: the software pipeline over query blocks.
+# Picked by `python bench/bench_cross_attention.py --sweep` on the H200 at Sana-0.6B's batch-16 shape.
+CONFIG = {
+    "fwd": {"BLOCK_M": 128, "num_warps": 8, "PROGRAMS_PER_SM": 4, "STAGES": 2},
+    "bwd": {"BLOCK_M": 64, "num_warps": 8, "PROGRAMS_PER_SM": 1, "STAGES": 2},
+}
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _keys(kv_ptr, bias_ptr, b, h, L, H, D, skv_b, skv_n, DP: tl.constexpr, BLOCK_L: tl.constexpr):
+    """K and V of image b, head h as (BLOCK_L, DP) tiles (zero past L and D), and the key bias in log2 units
+    (-inf past L)."""
+    lk = tl.arange(0, BLOCK_L)
+    d = tl.arange(0, DP)
+    m = (lk < L)[:, None] & (d < D)[None, :]
+    base = kv_ptr + b.to(tl.int64) * skv_b + h * D + lk[:, None] * skv_n + d[None, :]
+    k = tl.load(base, mask=m, other=0.0)
+    v = tl.load(base + H * D, mask=m, other=0.0)
+    bias = tl.load(bias_ptr + b.to(tl.int64) * L + lk, mask=lk < L, other=float("-inf")).to(tl.float32)
+    return k, v, bias * 1.4426950408889634
+
+
+@triton.jit
+def _softmax(q, kt, bias, qk_scale, IEEE: tl.constexpr):
+    """softmax over the one key tile of q's rows: (BLOCK_M, BLOCK_L) float32, and its row sums' reciprocal
+    left to the caller (forward divides the output, backward the probabilities)."""
+    s = _dot(q, kt, IEEE) * qk_scale + bias[None, :]
+    p = tl.exp2(s - tl.max(s, 1)[:, None])
+    return p, tl.sum(p, 1)
+
+
+@triton.jit
+def _fwd(q_ptr, kv_ptr, bias_ptr, o_ptr, N, L, H, D, sq_b, sq_n, skv_b, skv_n, qk_scale,
+         DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr):
+    """Query blocks program_id(0), + num_programs(0), ... of (image, head) program_id(1)."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    k, v, bias = _keys(kv_ptr, bias_ptr, b, h, L, H, D, skv_b, skv_n, DP, BLOCK_L)
+    kt = tl.trans(k)
+    d = tl.arange(0, DP)
+    dmask = (d < D)[None, :]
+    q_base = q_ptr + b.to(tl.int64) * sq_b + h * D + d[None, :]
+    o_base = o_ptr + b.to(tl.int64) * N * H * D + h * D + d[None, :]  # out: contiguous (B, N, C)
+    for mb in tl.range(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.num_programs(0), num_stages=STAGES):
+        m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        mm = (m < N)[:, None] & dmask
+        q = tl.load(q_base + m[:, None] * sq_n, mask=mm, other=0.0)  # (BLOCK_M, DP)
+        p, den = _softmax(q, kt, bias, qk_scale, IEEE)
+        o = _dot(p.to(v.dtype), v, IEEE) / den[:, None]
+        tl.store(o_base + m[:, None] * (H * D), o.to(o_ptr.dtype.element_ty), mask=mm)
+
+
+@triton.jit
+def _bwd(q_ptr, kv_ptr, bias_ptr, do_ptr, dq_ptr, dkv_ptr, N, L, H, D, sq_b, sq_n, skv_b, skv_n, sdkv_s,
+         qk_scale, sm_scale,
+         DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr):
+    """dq of query blocks program_id(0), + num_programs(0), ... of (image, head) program_id(1), and their share
+    of dk, dv (the whole of it with one program an (image, head)) into dkv + program_id(0) * sdkv_s."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    k, v, bias = _keys(kv_ptr, bias_ptr, b, h, L, H, D, skv_b, skv_n, DP, BLOCK_L)
+    kt = tl.trans(k)
+    vt = tl.trans(v)
+    d = tl.arange(0, DP)
+    dmask = (d < D)[None, :]
+    C = H * D
+    q_base = q_ptr + b.to(tl.int64) * sq_b + h * D + d[None, :]
+    t_off = b.to(tl.int64) * N * C + h * D + d[None, :]  # dout and dq: contiguous (B, N, C)
+    dk = tl.zeros((BLOCK_L, DP), tl.float32)
+    dv = tl.zeros((BLOCK_L, DP), tl.float32)
+    for mb in tl.range(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.num_programs(0), num_stages=STAGES):
+        m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        mm = (m < N)[:, None] & dmask
+        q = tl.load(q_base + m[:, None] * sq_n, mask=mm, other=0.0)  # (BLOCK_M, DP)
+        do = tl.load(do_ptr + t_off + m[:, None] * C, mask=mm, other=0.0)
+        p, den = _softmax(q, kt, bias, qk_scale, IEEE)
+        p = p / den[:, None]  # rows past N: dO is zero there, so dp, ds and their share of dv are zero too
+        dp = _dot(do, vt, IEEE)
+        ds = p * (dp - tl.sum(p * dp, 1)[:, None])  # (BLOCK_M, BLOCK_L); zero on key slots past L (p = 0)
+        dq = _dot(ds.to(k.dtype), k, IEEE) * sm_scale
+        tl.store(dq_ptr + t_off + m[:, None] * C, dq.to(dq_ptr.dtype.element_ty), mask=mm)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    lk = tl.arange(0, BLOCK_L)
+    base = (dkv_ptr + tl.program_id(0).to(tl.int64) * sdkv_s + b.to(tl.int64) * L * 2 * C + h * D
+            + lk[:, None] * (2 * C) + d[None, :])  # dkv: contiguous (B, L, 2C)
+    km = (lk < L)[:, None] & dmask
+    tl.store(base, (dk * sm_scale).to(dkv_ptr.dtype.element_ty), mask=km)
+    tl.store(base + C, dv.to(dkv_ptr.dtype.element_ty), mask=km)
+
+
+_fwd_launch = Launcher(_fwd)
+_bwd_launch = Launcher(_bwd)
+
+
+def _plan(B: int, N: int, L: int, heads: int, cfg: dict, device: int) -> tuple[int, tuple, tuple]:
+    """-> (programs an (image, head), constexprs, launch options)."""
+    n_blocks = cdiv(N, cfg["BLOCK_M"])
+    split = max(1, min(n_blocks, cdiv(cfg["PROGRAMS_PER_SM"] * sm_count(device), B * heads)))
+    consts = (cfg["BLOCK_M"], max(16, next_pow2(L)), int(cfg["STAGES"]))
+    return split, consts, (("num_warps", cfg["num_warps"]),)
+
+
+def _head_tile(d: int) -> int:
+    return max(16, next_pow2(d))
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any row strides but need the channels contiguous."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@kernel_op("sana::cross_attention")
+def _cross_attention_op(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
+    """-> out (B, N, C) contiguous."""
+    q, kv, bias = _unit_last(q), _unit_last(kv), bias.contiguous()
+    B, N, C = q.shape
+    L, D = kv.shape[1], C // heads
+    o = q.new_empty((B, N, C))
+    if o.numel():
+        dev = device_index(q)
+        split, consts, options = _plan(B, N, L, heads, CONFIG["fwd"], dev)
+        _fwd_launch((split, B * heads), dev, (q, kv, bias, o),
+                    (N, L, heads, D, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), LOG2E / math.sqrt(D)),
+                    (_head_tile(D), *consts, q.dtype == torch.float32), options)
+    return o
+
+
+@_cross_attention_op.register_fake
+def _(q, kv, bias, heads):
+    return q.new_empty(q.shape)
+
+
+@kernel_op("sana::cross_attention_backward")
+def _cross_attention_backward_op(do: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor,
+                                 heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> dq (B, N, C) and dkv (B, L, 2C), contiguous."""
+    q, kv, bias, do = _unit_last(q), _unit_last(kv), bias.contiguous(), do.contiguous()
+    B, N, C = q.shape
+    L, D = kv.shape[1], C // heads
+    dq = q.new_empty(q.shape)
+    if not q.numel():
+        return dq, kv.new_zeros(kv.shape)
+    dev = device_index(q)
+    split, consts, options = _plan(B, N, L, heads, CONFIG["bwd"], dev)
+    # one program an (image, head) writes dk, dv in place; more write float32 partials, summed here
+    dkv = kv.new_empty((B, L, 2 * C)) if split == 1 else q.new_empty((split, B, L, 2 * C), dtype=torch.float32)
+    _bwd_launch((split, B * heads), dev, (q, kv, bias, do, dq, dkv),
+                (N, L, heads, D, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), B * L * 2 * C,
+                 LOG2E / math.sqrt(D), 1.0 / math.sqrt(D)),
+                (_head_tile(D), *consts, q.dtype == torch.float32), options)
+    return dq, (dkv if split == 1 else dkv.sum(0).to(kv.dtype))
+
+
+@_cross_attention_backward_op.register_fake
+def _(do, q, kv, bias, heads):
+    return q.new_empty(q.shape), kv.new_empty(kv.shape)
+
+
+def _setup(ctx, inputs, output):
+    q, kv, bias, ctx.heads = inputs
+    ctx.save_for_backward(q, kv, bias)
+
+
+def _backward(ctx, do):
+    q, kv, bias = ctx.saved_tensors
+    dq, dkv = _cross_attention_backward_op.within(ctx)(do, q, kv, bias, ctx.heads)
+    return dq, dkv, None, None
+
+
+_cross_attention_op.register_autograd(_backward, setup_context=_setup)
+
+
+def cross_attention_triton(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
+    """q (B, N, C), kv (B, L, 2C), any row strides; bias (B, L) -> out (B, N, C) contiguous."""
+    if not supports(q, kv, heads):
+        raise ValueError(f"triton cross-attention takes up to {MAX_KEYS} keys, head dims up to {MAX_HEAD_DIM} and "
+                         f"q, kv of one float dtype; got {kv.shape[1]} keys, head dim {q.shape[-1] // heads}, "
+                         f"{q.dtype} and {kv.dtype}")
+    if not (supported_device(q) and q.device == kv.device == bias.device):
+        raise ValueError("triton cross-attention needs q, kv and bias on one CUDA device (or on the CPU with "
+                         "TRITON_INTERPRET=1)")
+    if not on_current_device(q):  # Triton launches on the current device's stream
+        with torch.cuda.device(q.device):
+            return cross_attention_triton(q, kv, bias, heads)
+    return _cross_attention_op(q, kv, bias, int(heads))
