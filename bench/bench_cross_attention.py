@@ -204,8 +204,8 @@ def _sweep(q, k, v, bias, dout) -> dict:
     g_out = dout.transpose(1, 2).reshape(B, N, h * d).contiguous()
     calls = {"fwd": lambda: tca._cross_attention_op.fn(qt, kvt, bias2, h),
              "bwd": lambda: tca._cross_attention_backward_op.fn(g_out, qt, kvt, bias2, h)}
-    grid = {"fwd": itertools.product((64, 128), (4, 8), (1, 2, 4), (1, 2, 3)),
-            "bwd": itertools.product((32, 64, 128), (4, 8), (1, 2), (1, 2))}
+    grid = {"fwd": itertools.product((64, 128), (4, 8), (1, 2), (2, 3)),
+            "bwd": itertools.product((16, 32, 64), (4, 8), (1,), (1, 2))}
     saved = {kind: dict(cfg) for kind, cfg in tca.CONFIG.items()}
     result = {}
     try:

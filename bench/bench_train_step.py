@@ -16,6 +16,8 @@ Variants (the same weights, copied through to_diffusers_state_dict, and the same
                       real tokens in 128 positions instead of 300; same loss up to rounding); its MFU counts
                       the 300-token model FLOPs of the other rows, so it reads as work done per second
   ours-graphed-cut    both: what the trainer runs with model.cuda_graphs=true and its default caption_bucket
+  ours-graphed-cut-sdpa  the same with the cross-attention on SDPA (cuDNN) instead of our Triton kernels
+                      (SANA_CROSS_ATTENTION_BACKEND=torch)
 Training step = rectified-flow MSE loss (sana_core.flow.flow_loss, fixed noise and t) forward + backward +
 gradient clipping + fused AdamW, bf16 autocast; inference = one forward under no_grad, bf16 autocast. Text:
 300 tokens of which 120 real. MFU = model FLOPs (torch's FlopCounterMode on meta tensors for the forward; a
@@ -55,7 +57,7 @@ MODES = {
     "infer-0.6b-4k-b2": dict(kind="infer", config="sana-0.6b", batch=2, latent=128),
 }
 VARIANTS = ("diffusers", "diffusers-compiled", "ours", "ours-compiled", "ours-graphed", "ours-reference", "ours-cut",
-            "ours-graphed-cut")
+            "ours-graphed-cut", "ours-graphed-cut-sdpa")
 TEXT_TOKENS, REAL_TOKENS = 300, 120
 
 
@@ -74,6 +76,7 @@ class _Diffusers(nn.Module):
 def _set_backends(variant: str) -> None:
     backend = "torch" if variant == "ours-reference" else "auto"
     os.environ["SANA_BLOCK_BACKEND"] = os.environ["SANA_ATTENTION_BACKEND"] = backend
+    os.environ["SANA_CROSS_ATTENTION_BACKEND"] = "torch" if variant.endswith("-sdpa") else ""
 
 
 def _build(variant: str, cfg) -> nn.Module:
@@ -186,7 +189,7 @@ def run_variant(variant: str, mode: dict, args, flops: float, ceiling: float, pr
     try:
         model = _build(variant, cfg)
         inp = _inputs(cfg, B, mode["latent"])
-        if variant.endswith("-cut"):
+        if "-cut" in variant:
             inp["y"], inp["y_mask"] = trim_padding(inp["y"], inp["y_mask"], REAL_TOKENS, CAPTION_BUCKET, TEXT_TOKENS)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()  # from here: a CUDA graph's pool is allocated at capture
@@ -344,7 +347,8 @@ def main():
             print(f"ours eager vs diffusers compiled blocks: {speedup:.2f}x")
         labels = {"ours-graphed": "ours eager + CUDA graphs",
                   "ours-cut": f"ours eager on captions cut to {CAPTION_BUCKET}-token buckets",
-                  "ours-graphed-cut": f"ours + CUDA graphs on captions cut to {CAPTION_BUCKET}-token buckets"}
+                  "ours-graphed-cut": f"ours + CUDA graphs on captions cut to {CAPTION_BUCKET}-token buckets",
+                  "ours-graphed-cut-sdpa": "the same with SDPA cross-attention"}
         for v, label in labels.items():
             if v in by and "diffusers-compiled" in by:
                 print(f"{label} vs diffusers compiled blocks: "

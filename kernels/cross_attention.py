@@ -12,14 +12,17 @@ token layouts, and is built for a caption cut to its batch's longest (the traine
 `caption_bucket`): up to MAX_KEYS keys, every key of an (image, head) in one tile. Longer captions (a
 caption_bucket of 0 pads every caption to 300) and head dims over MAX_HEAD_DIM take the reference.
 
-Backend choice: kernels.block_backend (SANA_BLOCK_BACKEND), like the block's other fused ops.
+Backend choice: argument `backend`, else SANA_CROSS_ATTENTION_BACKEND where set, else SANA_BLOCK_BACKEND (the
+rule of kernels.block_backend: "auto" is Triton for CUDA tensors).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 
-from kernels.block_backend import resolve_block_backend
+from kernels.block_backend import TRITON_AVAILABLE, resolve
 
 MAX_KEYS = 128  # one key tile: the Triton backward keeps dk and dv (keys x head, float32) in registers
 MAX_HEAD_DIM = 128
@@ -53,11 +56,16 @@ def fused_supported(q: torch.Tensor, kv: torch.Tensor, heads: int) -> bool:
             and q.dtype in (torch.float16, torch.bfloat16, torch.float32))
 
 
+def resolve_backend(x: torch.Tensor, backend: str | None = None) -> str:
+    env = "SANA_CROSS_ATTENTION_BACKEND" if os.environ.get("SANA_CROSS_ATTENTION_BACKEND") else "SANA_BLOCK_BACKEND"
+    return resolve(x, backend, env, "cross-attention", TRITON_AVAILABLE)
+
+
 def cross_attention(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, heads: int,
                     backend: str | None = None) -> torch.Tensor:
     """q (B, N, C), kv (B, L, 2C), bias (B, L) -> (B, N, C)."""
     _check(q, kv, bias, heads)
-    if resolve_block_backend(q, backend) == "triton" and fused_supported(q, kv, heads):
+    if resolve_backend(q, backend) == "triton" and fused_supported(q, kv, heads):
         from kernels.triton_cross_attention import cross_attention_triton
 
         return cross_attention_triton(q, kv, bias, heads)

@@ -13,6 +13,11 @@ Then:
   tile (equal to rowsum(dO * O)), so the output is not read back;
 - q, kv, out and every gradient stay in the projections' token layouts ((B, N, H*D), (B, L, 2*H*D)): a head is a
   column slice, read and written in place; a head of D channels is one power-of-two tile DP >= D, masked.
+  D is a compile-time constant: a head's column offset h * D and the d < D mask are then known multiples of D's
+  power-of-two factor (8 for Sana's 72 and 112), so the loads vectorise to 16 bytes and pipeline as async
+  copies. With D a runtime int the compiler could prove no alignment and every load was one 2-byte element, no
+  async copy (seen in the TTGIR of an offline sm_90 compile: sizePerThread [1, 1]; 0.10 ms forward, 0.30 ms
+  backward at Sana-0.6B's batch-16 shape on an H100, no faster than cuDNN).
 
 A first Triton kernel (823f372, reverted) walked keys in blocks with an online softmax, one query block a program,
 and split backward into a dq and a dk/dv kernel (FlashAttention-2's form, for any number of keys): on the H200 it
@@ -53,11 +58,14 @@ from kernels.launch import (
 LOG2E = 1.4426950408889634
 
 # BLOCK_M queries a step; PROGRAMS_PER_SM: query blocks are split between programs of one (image, head) until
-# the grid has about this many programs an SM; STAGES: the software pipeline over query blocks.
-# Picked by `python bench/bench_cross_attention.py --sweep` on the H200 at Sana-0.6B's batch-16 shape.
+# the grid has about this many programs an SM; STAGES: the software pipeline over query blocks. Picked by
+# `python bench/bench_cross_attention.py --sweep` (bench/results/cross_attention_*.json). float32 inputs (IEEE
+# dots, twice the shared memory a tile) take smaller tiles that fit an SM's 227 KiB.
 CONFIG = {
-    "fwd": {"BLOCK_M": 128, "num_warps": 8, "PROGRAMS_PER_SM": 4, "STAGES": 2},
-    "bwd": {"BLOCK_M": 64, "num_warps": 8, "PROGRAMS_PER_SM": 1, "STAGES": 2},
+    "fwd": {"BLOCK_M": 128, "num_warps": 8, "PROGRAMS_PER_SM": 1, "STAGES": 2},
+    "bwd": {"BLOCK_M": 32, "num_warps": 8, "PROGRAMS_PER_SM": 1, "STAGES": 2},
+    "fwd_fp32": {"BLOCK_M": 64, "num_warps": 8, "PROGRAMS_PER_SM": 1, "STAGES": 1},
+    "bwd_fp32": {"BLOCK_M": 16, "num_warps": 8, "PROGRAMS_PER_SM": 1, "STAGES": 1},
 }
 
 
@@ -70,7 +78,7 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _keys(kv_ptr, bias_ptr, b, h, L, H, D, skv_b, skv_n, DP: tl.constexpr, BLOCK_L: tl.constexpr):
+def _keys(kv_ptr, bias_ptr, b, h, L, H, D: tl.constexpr, skv_b, skv_n, DP: tl.constexpr, BLOCK_L: tl.constexpr):
     """K and V of image b, head h as (BLOCK_L, DP) tiles (zero past L and D), and the key bias in log2 units
     (-inf past L)."""
     lk = tl.arange(0, BLOCK_L)
@@ -93,7 +101,7 @@ def _softmax(q, kt, bias, qk_scale, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _fwd(q_ptr, kv_ptr, bias_ptr, o_ptr, N, L, H, D, sq_b, sq_n, skv_b, skv_n, qk_scale,
+def _fwd(q_ptr, kv_ptr, bias_ptr, o_ptr, N, L, H, sq_b, sq_n, skv_b, skv_n, qk_scale, D: tl.constexpr,
          DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr):
     """Query blocks program_id(0), + num_programs(0), ... of (image, head) program_id(1)."""
     bh = tl.program_id(1)
@@ -115,8 +123,8 @@ def _fwd(q_ptr, kv_ptr, bias_ptr, o_ptr, N, L, H, D, sq_b, sq_n, skv_b, skv_n, q
 
 
 @triton.jit
-def _bwd(q_ptr, kv_ptr, bias_ptr, do_ptr, dq_ptr, dkv_ptr, N, L, H, D, sq_b, sq_n, skv_b, skv_n, sdkv_s,
-         qk_scale, sm_scale,
+def _bwd(q_ptr, kv_ptr, bias_ptr, do_ptr, dq_ptr, dkv_ptr, N, L, H, sq_b, sq_n, skv_b, skv_n, sdkv_s,
+         qk_scale, sm_scale, D: tl.constexpr,
          DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr):
     """dq of query blocks program_id(0), + num_programs(0), ... of (image, head) program_id(1), and their share
     of dk, dv (the whole of it with one program an (image, head)) into dkv + program_id(0) * sdkv_s."""
@@ -158,8 +166,9 @@ _fwd_launch = Launcher(_fwd)
 _bwd_launch = Launcher(_bwd)
 
 
-def _plan(B: int, N: int, L: int, heads: int, cfg: dict, device: int) -> tuple[int, tuple, tuple]:
+def _plan(B: int, N: int, L: int, heads: int, kind: str, dtype: torch.dtype, device: int) -> tuple[int, tuple, tuple]:
     """-> (programs an (image, head), constexprs, launch options)."""
+    cfg = CONFIG[kind + ("_fp32" if dtype == torch.float32 else "")]
     n_blocks = cdiv(N, cfg["BLOCK_M"])
     split = max(1, min(n_blocks, cdiv(cfg["PROGRAMS_PER_SM"] * sm_count(device), B * heads)))
     consts = (cfg["BLOCK_M"], max(16, next_pow2(L)), int(cfg["STAGES"]))
@@ -184,10 +193,10 @@ def _cross_attention_op(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, h
     o = q.new_empty((B, N, C))
     if o.numel():
         dev = device_index(q)
-        split, consts, options = _plan(B, N, L, heads, CONFIG["fwd"], dev)
+        split, consts, options = _plan(B, N, L, heads, "fwd", q.dtype, dev)
         _fwd_launch((split, B * heads), dev, (q, kv, bias, o),
-                    (N, L, heads, D, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), LOG2E / math.sqrt(D)),
-                    (_head_tile(D), *consts, q.dtype == torch.float32), options)
+                    (N, L, heads, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), LOG2E / math.sqrt(D)),
+                    (D, _head_tile(D), *consts, q.dtype == torch.float32), options)
     return o
 
 
@@ -207,13 +216,13 @@ def _cross_attention_backward_op(do: torch.Tensor, q: torch.Tensor, kv: torch.Te
     if not q.numel():
         return dq, kv.new_zeros(kv.shape)
     dev = device_index(q)
-    split, consts, options = _plan(B, N, L, heads, CONFIG["bwd"], dev)
+    split, consts, options = _plan(B, N, L, heads, "bwd", q.dtype, dev)
     # one program an (image, head) writes dk, dv in place; more write float32 partials, summed here
     dkv = kv.new_empty((B, L, 2 * C)) if split == 1 else q.new_empty((split, B, L, 2 * C), dtype=torch.float32)
     _bwd_launch((split, B * heads), dev, (q, kv, bias, do, dq, dkv),
-                (N, L, heads, D, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), B * L * 2 * C,
+                (N, L, heads, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), B * L * 2 * C,
                  LOG2E / math.sqrt(D), 1.0 / math.sqrt(D)),
-                (_head_tile(D), *consts, q.dtype == torch.float32), options)
+                (D, _head_tile(D), *consts, q.dtype == torch.float32), options)
     return dq, (dkv if split == 1 else dkv.sum(0).to(kv.dtype))
 
 

@@ -79,7 +79,7 @@ def test_query_blocks_split_between_programs(programs, monkeypatch):
     than there are query blocks (capped: every program has a block) give the same gradients."""
     from kernels import triton_cross_attention as tca
 
-    for kind in ("fwd", "bwd"):
+    for kind in tca.CONFIG:
         monkeypatch.setitem(tca.CONFIG, kind, dict(tca.CONFIG[kind], BLOCK_M=16, PROGRAMS_PER_SM=programs))
     q, kv, _, bias, _ = _case(2, 70, 24, 2, 24, torch.float32, seed=4)
     _check_against_float64(q, kv, bias, 2, torch.float32, TOL[torch.float32])
@@ -124,6 +124,21 @@ def test_long_captions_take_the_reference():
     torch.testing.assert_close(out, cross_attention_reference(q, kv, bias, 2), rtol=0, atol=0)
     with pytest.raises(ValueError, match=f"up to {MAX_KEYS} keys"):
         cross_attention_triton(q, kv, bias, 2)
+
+
+def test_backend_switch(monkeypatch):
+    """SANA_CROSS_ATTENTION_BACKEND picks the cross-attention's backend alone; unset, SANA_BLOCK_BACKEND does."""
+    from kernels.cross_attention import resolve_backend
+
+    q = torch.zeros(1, device=DEVICE)
+    monkeypatch.setenv("SANA_BLOCK_BACKEND", "triton")
+    monkeypatch.delenv("SANA_CROSS_ATTENTION_BACKEND", raising=False)
+    assert resolve_backend(q) == "triton"
+    monkeypatch.setenv("SANA_CROSS_ATTENTION_BACKEND", "torch")
+    assert resolve_backend(q) == "torch"
+    monkeypatch.setenv("SANA_CROSS_ATTENTION_BACKEND", "fast")
+    with pytest.raises(ValueError, match="cross-attention backend must be one of"):
+        resolve_backend(q)
 
 
 def test_custom_op_passes_opcheck():
