@@ -16,8 +16,10 @@ Variants (the same weights, copied through to_diffusers_state_dict, and the same
                       real tokens in 128 positions instead of 300; same loss up to rounding); its MFU counts
                       the 300-token model FLOPs of the other rows, so it reads as work done per second
   ours-graphed-cut    both: what the trainer runs with model.cuda_graphs=true and its default caption_bucket
-  ours-graphed-cut-sdpa  the same with the cross-attention on SDPA (cuDNN) instead of our Triton kernels
-                      (SANA_CROSS_ATTENTION_BACKEND=torch)
+  ours-graphed-cut-xattn  the same with our Triton cross-attention (SANA_CROSS_ATTENTION_BACKEND=triton; opt-in,
+                      the default is SDPA on cuDNN: kernels.cross_attention). The results of 2026-12-05
+                      (`*_xattn.json`) were measured while the Triton kernels were the default: their
+                      `ours-graphed-cut` row is this variant and their `ours-graphed-cut-sdpa` row today's default
 Training step = rectified-flow MSE loss (sana_core.flow.flow_loss, fixed noise and t) forward + backward +
 gradient clipping + fused AdamW, bf16 autocast; inference = one forward under no_grad, bf16 autocast. Text:
 300 tokens of which 120 real. MFU = model FLOPs (torch's FlopCounterMode on meta tensors for the forward; a
@@ -57,7 +59,7 @@ MODES = {
     "infer-0.6b-4k-b2": dict(kind="infer", config="sana-0.6b", batch=2, latent=128),
 }
 VARIANTS = ("diffusers", "diffusers-compiled", "ours", "ours-compiled", "ours-graphed", "ours-reference", "ours-cut",
-            "ours-graphed-cut", "ours-graphed-cut-sdpa")
+            "ours-graphed-cut", "ours-graphed-cut-xattn")
 TEXT_TOKENS, REAL_TOKENS = 300, 120
 
 
@@ -76,7 +78,7 @@ class _Diffusers(nn.Module):
 def _set_backends(variant: str) -> None:
     backend = "torch" if variant == "ours-reference" else "auto"
     os.environ["SANA_BLOCK_BACKEND"] = os.environ["SANA_ATTENTION_BACKEND"] = backend
-    os.environ["SANA_CROSS_ATTENTION_BACKEND"] = "torch" if variant.endswith("-sdpa") else ""
+    os.environ["SANA_CROSS_ATTENTION_BACKEND"] = "triton" if variant.endswith("-xattn") else ""
 
 
 def _build(variant: str, cfg) -> nn.Module:
@@ -348,7 +350,7 @@ def main():
         labels = {"ours-graphed": "ours eager + CUDA graphs",
                   "ours-cut": f"ours eager on captions cut to {CAPTION_BUCKET}-token buckets",
                   "ours-graphed-cut": f"ours + CUDA graphs on captions cut to {CAPTION_BUCKET}-token buckets",
-                  "ours-graphed-cut-sdpa": "the same with SDPA cross-attention"}
+                  "ours-graphed-cut-xattn": "the same with our Triton cross-attention"}
         for v, label in labels.items():
             if v in by and "diffusers-compiled" in by:
                 print(f"{label} vs diffusers compiled blocks: "

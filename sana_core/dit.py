@@ -15,9 +15,8 @@ conv shape diffusers stores; a load_state_dict pre-hook accepts those old 4-D we
 
 One block definition, two back-ends for the glue around the GEMMs, picked per call like
 kernels.linear_attention picks one (SANA_BLOCK_BACKEND, default "auto": Triton on CUDA, PyTorch elsewhere):
-`modulate` (LayerNorm + AdaLN scale/shift), the gated residual, the cross-attention (captions of up to 128 tokens)
-and Mix-FFN's depthwise 3x3 + SiLU gate run as fused kernels in token layout (kernels.adaln,
-kernels.cross_attention, kernels.mixffn), with activations in the residual stream's
+`modulate` (LayerNorm + AdaLN scale/shift), the gated residual and Mix-FFN's depthwise 3x3 + SiLU gate run as
+fused kernels in token layout (kernels.adaln, kernels.mixffn), with activations in the residual stream's
 dtype (bf16 under autocast). The PyTorch path is the reference. Every GEMM stays a call of an nn.Linear
 module (self.attn.qkv(x), self.mlp.inverted(x), ...) so that quantisation and LoRA can wrap them.
 """
@@ -225,7 +224,8 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, N, C), y (B, L, C), bias (B, L) -> (x, attention output (B, N, C)): x handed on for the residual
-        add (see tee). Heads are column slices of the projections, read in place by the fused kernel."""
+        add (see tee). kernels.cross_attention: SDPA, or opt-in Triton kernels that read the heads in place as
+        column slices of the projections."""
         x, q = tee(self.q, x)
         return x, self.proj(cross_attention(q, self.kv(y), bias, self.heads))
 

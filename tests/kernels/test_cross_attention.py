@@ -127,15 +127,19 @@ def test_long_captions_take_the_reference():
 
 
 def test_backend_switch(monkeypatch):
-    """SANA_CROSS_ATTENTION_BACKEND picks the cross-attention's backend alone; unset, SANA_BLOCK_BACKEND does."""
+    """The Triton kernels are opt-in: SDPA unless SANA_CROSS_ATTENTION_BACKEND (or the argument) asks for them,
+    whatever the block backend."""
     from kernels.cross_attention import resolve_backend
 
     q = torch.zeros(1, device=DEVICE)
     monkeypatch.setenv("SANA_BLOCK_BACKEND", "triton")
     monkeypatch.delenv("SANA_CROSS_ATTENTION_BACKEND", raising=False)
-    assert resolve_backend(q) == "triton"
-    monkeypatch.setenv("SANA_CROSS_ATTENTION_BACKEND", "torch")
     assert resolve_backend(q) == "torch"
+    assert resolve_backend(q, "triton") == "triton"
+    monkeypatch.setenv("SANA_CROSS_ATTENTION_BACKEND", "triton")
+    assert resolve_backend(q) == "triton"
+    monkeypatch.setenv("SANA_CROSS_ATTENTION_BACKEND", "auto")
+    assert resolve_backend(q) == ("triton" if ON_GPU else "torch")
     monkeypatch.setenv("SANA_CROSS_ATTENTION_BACKEND", "fast")
     with pytest.raises(ValueError, match="cross-attention backend must be one of"):
         resolve_backend(q)

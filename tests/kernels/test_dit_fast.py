@@ -38,8 +38,10 @@ def _inputs(B, H, W, L=9):
             torch.randn(B, L, CFG.caption_channels, device=DEVICE), y_mask)
 
 
-def _run(model, inputs, backend, monkeypatch, autocast: bool):
+def _run(model, inputs, backend, monkeypatch, autocast: bool, xattn: str = "torch"):
+    """xattn: the cross-attention's backend on the fast path (the reference path is SDPA throughout)."""
     monkeypatch.setenv("SANA_BLOCK_BACKEND", backend)
+    monkeypatch.setenv("SANA_CROSS_ATTENTION_BACKEND", xattn if backend == "triton" else "torch")
     model.zero_grad(set_to_none=True)
     with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
         out = model(*inputs)
@@ -69,11 +71,27 @@ def test_w8a8_fast_path_matches_the_reference_path(mode, monkeypatch):
 
 @pytest.mark.parametrize("latent", LATENTS, ids=lambda s: "x".join(map(str, s)))
 def test_fast_path_matches_reference(latent, monkeypatch):
+    _check_fast_path(latent, monkeypatch)
+
+
+def test_fast_path_with_the_triton_cross_attention_matches_reference(monkeypatch):
+    """The opt-in cross-attention kernels (SANA_CROSS_ATTENTION_BACKEND=triton) inside the model: called, and the
+    output and every gradient as close to the reference as the default path's, padded captions included."""
+    from kernels import triton_cross_attention as tca
+
+    calls = []
+    kernel = tca.cross_attention_triton
+    monkeypatch.setattr(tca, "cross_attention_triton", lambda *a: calls.append(1) or kernel(*a))
+    _check_fast_path(LATENTS[0], monkeypatch, xattn="triton")
+    assert len(calls) == CFG.depth  # each block of the fast run; the reference run is SDPA
+
+
+def _check_fast_path(latent, monkeypatch, xattn: str = "torch"):
     torch.manual_seed(0)
     model = LinearDiT(CFG).to(DEVICE)
     inputs = _inputs(*latent)
     ref_out, ref_grads = _run(model, inputs, "torch", monkeypatch, autocast=False)
-    out, grads = _run(model, inputs, "triton", monkeypatch, autocast=ON_GPU)
+    out, grads = _run(model, inputs, "triton", monkeypatch, autocast=ON_GPU, xattn=xattn)
     errs = {"output": _rel(out, ref_out)} | {n: _rel(grads[n], g) for n, g in ref_grads.items()}
     if ON_GPU:  # how far bf16 autocast alone takes the reference path, for scale
         bf_out, bf_grads = _run(model, inputs, "torch", monkeypatch, autocast=True)
