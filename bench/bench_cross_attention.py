@@ -127,12 +127,7 @@ def main():
         except (RuntimeError, ImportError) as e:  # the backend refuses this shape or mask, or is missing
             rows[name] = dict(error=str(e).splitlines()[0][:200])
             continue
-        errs = {n: ((x.float() - r).norm() / r.norm()).item()
-                for n, x, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (r_out, *r_grads))}
-        with torch.no_grad():
-            fwd_ms = median_cuda_ms(fwd, args.iters)
-        rows[name] = dict(fwd_ms=fwd_ms, fwd_bwd_ms=median_cuda_ms(fwd_bwd, args.iters), rel_err=errs,
-                          ok=all(e <= TOLERANCE for e in errs.values()))
+        rows[name] = _row(fwd, fwd_bwd, (out, *grads), (r_out, *r_grads), args.iters)
     rows.update(_token_layout_rows(q, k, v, bias, dout, ref, ref_grads, args.iters))
     sweep = _sweep(q, k, v, bias, dout) if args.sweep else None
     print(f"{gpu}: q (B={B}, heads={h}, N={N}, d={d}), {L} caption tokens, bf16")
@@ -147,6 +142,15 @@ def main():
     if sweep is not None:
         result["sweep"] = sweep
     write_result(args.out, "cross_attention" + (f"_{args.name}" if args.name else ""), result)
+
+
+def _row(fwd, fwd_bwd, got, refs, iters) -> dict:
+    """One table row: fwd and fwd_bwd timed, (out, dq, dk, dv) against the float32 reference's."""
+    errs = {n: ((x.float() - r).norm() / r.norm()).item() for n, x, r in zip(("out", "dq", "dk", "dv"), got, refs)}
+    with torch.no_grad():
+        fwd_ms = median_cuda_ms(fwd, iters)
+    return dict(fwd_ms=fwd_ms, fwd_bwd_ms=median_cuda_ms(fwd_bwd, iters), rel_err=errs,
+                ok=all(e <= TOLERANCE for e in errs.values()))
 
 
 def _token(q, k, v):
@@ -181,14 +185,8 @@ def _token_layout_rows(q, k, v, bias, dout, ref, ref_grads, iters) -> dict:
         def fwd_bwd():
             return torch.autograd.grad(fwd(), (qt, kvt), g_out)
 
-        out = fwd().view(B, N, h, d).transpose(1, 2)
-        grads = _from_token(*fwd_bwd(), h)
-        errs = {n: ((x.float() - r).norm() / r.norm()).item()
-                for n, x, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads))}
-        with torch.no_grad():
-            fwd_ms = median_cuda_ms(fwd, iters)
-        rows[name] = dict(fwd_ms=fwd_ms, fwd_bwd_ms=median_cuda_ms(fwd_bwd, iters), rel_err=errs,
-                          ok=all(e <= TOLERANCE for e in errs.values()))
+        got = (fwd().view(B, N, h, d).transpose(1, 2), *_from_token(*fwd_bwd(), h))
+        rows[name] = _row(fwd, fwd_bwd, got, (ref, *ref_grads), iters)
     return rows
 
 

@@ -93,8 +93,8 @@ def _keys(kv_ptr, bias_ptr, b, h, L, H, D: tl.constexpr, skv_b, skv_n, DP: tl.co
 
 @triton.jit
 def _softmax(q, kt, bias, qk_scale, IEEE: tl.constexpr):
-    """softmax over the one key tile of q's rows: (BLOCK_M, BLOCK_L) float32, and its row sums' reciprocal
-    left to the caller (forward divides the output, backward the probabilities)."""
+    """The softmax of q's rows over the one key tile, unnormalised: (exp2(s - rowmax), row sums), float32. The
+    caller divides (forward the output, backward the probabilities)."""
     s = _dot(q, kt, IEEE) * qk_scale + bias[None, :]
     p = tl.exp2(s - tl.max(s, 1)[:, None])
     return p, tl.sum(p, 1)
