@@ -41,8 +41,9 @@ class ModelConfig:
     # and cheaper: cross-attention and its projections scale with the tokens kept. With cuda_graphs each length
     # is one more captured graph (they share one memory pool, training/graphs.py).
     caption_bucket: int = CAPTION_BUCKET
-    # Embeddings of recent captions kept on the host (entries; 0 = off). The encoder is frozen and encodes each
-    # prompt independently of its batch, so a hit equals a recomputation; it only saves time on small data.
+    # Embeddings of recent captions kept on the host (entries; 0 = off). The encoder is frozen and, with the cache
+    # on, encodes each missed caption on its own (batched, the last bits depend on the batch's padded length), so
+    # a hit equals a recomputation and resume stays exact; it only saves time on small data.
     text_cache: int = 0
     gradient_checkpointing: bool = False
     # Replay the DiT's forward and backward as CUDA graphs, one per input shape (training/graphs.py): removes

@@ -196,9 +196,16 @@ class Trainer:
         with torch.no_grad():
             found = {c: cache[c] for c in captions if c in cache}
             misses = [c for c in dict.fromkeys(captions) if c not in found and c != ""]
-            if misses:
-                ym, mm, um = self.text_encoder.encode_lengths(misses)
-                found.update((c, (e[:u], m[:u])) for c, e, m, u in zip(misses, ym, mm, um))  # the positions used
+            # With the cache on, each miss is encoded on its own. The encoder's output at a caption's real
+            # positions depends, in the last bits, on the length its batch is padded to (the batch's longest
+            # prompt: the attention and GEMM shapes change with it), so a caption encoded beside others would be
+            # cached with values that depend on which batch first met it: a run resumed from a checkpoint
+            # (empty cache) re-encodes it in another batch and drifts by an ulp. Alone, a caption's embedding
+            # is a function of the caption only, and a hit equals a recomputation. Without the cache the step's
+            # own batch is encoded together: a function of that batch only, which a resumed run sees alike.
+            for group in ([c] for c in misses) if size > 0 else [misses] if misses else []:
+                ym, mm, um = self.text_encoder.encode_lengths(group)
+                found.update((c, (e[:u], m[:u])) for c, e, m, u in zip(group, ym, mm, um))  # the positions used
             if size > 0:
                 cache.update((c, (found[c][0].clone(), found[c][1].clone())) for c in misses)
                 for c in captions:
