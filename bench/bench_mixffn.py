@@ -1,13 +1,13 @@
 """Mix-FFN's fused depthwise GLU (kernels.triton_mixffn) against its HBM roofline and PyTorch, on the GPU.
 
-    python bench/bench_mixffn.py [--shape B,H,W,hid] [--sweep] [--out bench/results]
+    python bench/bench_mixffn.py [--shape B,H,W,hid] [--sweep [--sweep-kernels fwd,bwd_conv,bwd_input]] [--out bench/results]
 
 Times, with CUDA events (median of --iters), the forward op (one kernel), the backward op (two kernels +
 partial-sum reductions) and each kernel alone, also with the exact sigmoid in place of tanh.approx (the
 *_exact_silu rows: an exp and a division for each), at Sana-0.6B's batch-16 shape by default; the bytes each
 must move (read u, dout, dc once; write out, dc, du once) over the measured copy bandwidth give the roofline.
 The PyTorch reference (channels-first conv2d, cuDNN) is timed beside it. --sweep tries tile configurations
-(tile, warps, pipeline stages, register cap) per kernel and prints the best; CONFIG in kernels/triton_mixffn.py
+(channels, warps, pipeline stages, programs an SM) per kernel and prints the best; CONFIG in kernels/triton_mixffn.py
 is set from it by hand.
 Writes mixffn_<gpu>.json.
 """
@@ -102,6 +102,7 @@ def main():
     p.add_argument("--shape", default="16,32,32,2880", help="B,H,W,hid (Sana-0.6B at 1024 px, batch 16)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--sweep", action="store_true", help="try tile configurations per kernel")
+    p.add_argument("--sweep-kernels", default="fwd,bwd_conv,bwd_input", help="which kernels --sweep tries")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -157,19 +158,18 @@ def main():
         print(f"WRONG RESULTS (relative error > {TOLERANCE}) from: {wrong}")
 
     if args.sweep:
-        # tiles x pipeline stages, and a register cap (maxnreg) that fits four 4-warp programs an SM
-        tiles = [(16, 32, 4), (16, 64, 4), (16, 32, 8), (16, 64, 8)]  # 32 x 64 and 32 x 32 at 4 warps spill
-        combos = [(*t, st, None) for t in tiles for st in (1, 2, 3, 4)] + [(16, 32, 4, st, None) for st in (5, 6)]
-        combos += [(bw, bc, nw, st, 128) for bw, bc, nw in ((16, 32, 4), (16, 64, 8)) for st in (2, 3, 4)]
+        # channels x warps (1-2 channels a thread) x pipeline stages, and programs an SM
+        cols = [dict(BLOCK_C=bc, num_warps=nw, STAGES=st)
+                for bc, nw in ((128, 4), (256, 4), (256, 8), (512, 8)) for st in (3, 4)]
+        cols += [dict(BLOCK_C=256, num_warps=4, STAGES=4, PROGRAMS_PER_SM=pps) for pps in (2, 8)]
         sweep = {}
-        for name in (k for k in kernels if k in tm.CONFIG):
+        for name in (k for k in kernels if k in tm.CONFIG and k in args.sweep_kernels.split(",")):
             keep = dict(tm.CONFIG[name])
             sweep[name] = {}
-            for bw, bc, nw, st, maxnreg in combos:
-                key = f"{bw}x{bc}w{nw}s{st}" + (f"m{maxnreg}" if maxnreg else "")
-                cfg = dict(keep, BLOCK_W=bw, BLOCK_C=bc, num_warps=nw, STAGES=st)
-                cfg.pop("maxnreg", None)
-                tm.CONFIG[name] = dict(cfg, **({"maxnreg": maxnreg} if maxnreg else {}))
+            for change in cols:
+                key = "_".join(f"{k}{v}" for k, v in change.items())
+                cfg = {k: v for k, v in keep.items() if k != "maxnreg"}
+                tm.CONFIG[name] = dict(cfg, **change)
                 launcher = tm._bwd_input_launch if name == "bwd_input" else tm._conv_glu_launch
                 launcher.kernels.clear()
                 for t in (got["out"], got["dc"], got["du"]):  # a configuration that writes nothing fails its check

@@ -2,23 +2,32 @@
 torch.library custom ops with fake implementations.
 
 u is (B*N, 2*hid) row-major, N = H*W tokens in grid order: a token's channels are contiguous. A program owns
-a (BLOCK_W columns x BLOCK_C channels) strip of one image and walks down a band of its rows, one image row
-an iteration, keeping the three output rows that the loaded input row feeds in registers (a sliding window
-over rows): each input row is read once from HBM, its three horizontal shifts (j-1, j, j+1) are three loads
-of which two hit L1. A tile's offsets and shift masks are computed once a program, so that a load is a row
-pointer plus them: per-element 64-bit index arithmetic at every load was most of the instructions (forward
-0.27 -> 0.20 ms, backward 0.36 + 0.49 -> 0.28 + 0.42 ms a block at Sana-0.6B's batch-16 shape on the H200).
-Then the row loop became a Triton software pipeline (tl.range num_stages: the next rows' loads are async copies
-into shared memory while a row is computed): 0.20 -> 0.165, 0.28 + 0.42 -> 0.25 + 0.355 ms. The kernels were
-bound by load latency, not bandwidth (one row in flight a program, few programs an SM for their registers).
-Taking the j +- 1 shifts from the center tile with tl.gather plus two halo columns, instead of three loads of
-which two hit the cache, was twice as slow (0.31 ms forward at the best tile, measured beside it).
-The first version loaded a tile at all nine taps (nine shifted reads of every element: 0.28 ms forward and
-1.1 ms backward a block).
+a strip of one image (some columns x BLOCK_C channels) and walks down a band of its rows, one image row an
+iteration, keeping the three output rows that the loaded input row feeds in registers (a sliding window over
+rows), so each input row is read once from HBM. The forward and the first backward kernel (_conv_glu) hold
+their COLS = 4 output columns as separate vectors and load the six input columns a row step needs once each:
+the horizontal shifts (j-1, j, j+1) are other variables, so every loaded element gets one SiLU. The second
+backward kernel (_bwd_input) has the same layout.
+
+How they got here (Sana-0.6B's batch-16 shape on the H200, ms a block): the first version loaded a tile at all
+nine taps (0.28 forward, 1.1 backward). The sliding window over rows with a tile's offsets and shift masks
+computed once a program (per-element 64-bit index arithmetic at every load was most of the instructions): 0.20
+forward, 0.28 + 0.42 backward. The row loop as a Triton software pipeline (tl.range num_stages: the next rows'
+loads are async copies into shared memory while a row is computed; one row in flight a program, at few
+programs an SM for their registers, had left HBM at a third of its bandwidth): 0.165, 0.25 + 0.355. The SASS of
+an offline sm_90 compile then showed the tile kernels bound by instruction issue (355 instructions a row step
+for 4 outputs a thread; 28 of them tanh, which share a quarter-rate unit): the SiLU at each of three shifted
+loads was a third of it, and `acc + (l0 k0 + l1 k1 + l2 k2)` a multiply, two FMAs and an add where a chain from
+acc is three FMAs. Chained FMAs, x sigmoid(x) as h + h tanh(h) and the column-vector _conv_glu: 59 instructions
+an output instead of 89 (forward), 79 instead of 102 (backward conv); measured in bench/NOTES_block_fastpath.md.
+Tried and dropped: taking the j +- 1 shifts from the center tile with tl.gather plus two halo columns (twice as
+slow: 0.31 ms forward); the loads' SiLU two bf16 at a time (tanh.approx.bf16x2: ptxas splits it into two
+scalar tanh ops, so 327 -> 320 instructions a step, not worth a second code path).
 Outside the image the taps read zero (zero padding; silu(0) = 0, so padding before or after the SiLU is the
 same).
 
-The SiLU of u is taken at the loads (three times an element, one per horizontal shift), so the op is one
+The SiLU of u is taken at the loads (in _conv_glu once an element, 1.5 times with the halo columns; it was
+three times, one per horizontal shift, in the tile kernel these measurements come from), so the op is one
 kernel and nothing but u is saved for backward. With the exact SiLU (an exp and a division: two special-function
 ops) that lost to a PyTorch silu pass plus a kernel reading s (the loads' special-function throughput is the
 limit: 0.33 ms against 0.16 + 0.12; first measured in 6e70ef5 at 0.46-0.59 ms); with x sigmoid(x) as
@@ -51,28 +60,34 @@ from kernels.launch import (
     cdiv,
     device_index,
     kernel_op,
-    next_pow2,
     on_current_device,
     partial_sums,
     sm_count,
     supported_device,
 )
 
-# BLOCK_W columns x BLOCK_C channels a program; PROGRAMS_PER_SM: enough row bands that the grid has about this
-# many programs an SM (a band costs two halo rows, so fewer, longer bands where the grid is already full);
-# STAGES: see _conv_glu. The best of a checked sweep on the H200 at Sana-0.6B's batch-16 shape
-# (`python bench/bench_mixffn.py --sweep`, bench/results/mixffn_h200.json, which also lists each configuration's
-# registers and spills): forward 0.165 ms, backward 0.251 + 0.355 ms a block (HBM rooflines 0.072, 0.120, 0.192;
-# without the pipeline, STAGES 1: 0.227, 0.314, 0.441). Four stages beat three at every tile; larger tiles hold
-# more registers and fewer programs an SM, and lose.
+# COLS columns x BLOCK_C channels a program (BLOCK_C / (32 num_warps) channels a thread); PROGRAMS_PER_SM: enough
+# row bands that the grid has about this many programs an SM (a band costs two halo rows, so fewer, longer bands
+# where the grid is already full); STAGES: see _conv_glu. The best of a checked sweep on the H100 at Sana-0.6B's
+# batch-16 shape (`python bench/bench_mixffn.py --sweep`, bench/results/mixffn_h100_cols.json, which also lists
+# each configuration's registers and spills): forward 0.149 ms, backward 0.223 + 0.296 ms a block (HBM
+# rooflines at the H100's measured copy bandwidth 0.098, 0.163, 0.195). Two channels a thread at 4 warps beat
+# one (BLOCK_C 128) and 8 warps (BLOCK_C 256 or 512) at every stage count.
 CONFIG = {
-    "fwd": {"BLOCK_W": 16, "BLOCK_C": 32, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 4},
-    "bwd_conv": {"BLOCK_W": 16, "BLOCK_C": 32, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 4},
-    "bwd_input": {"BLOCK_W": 16, "BLOCK_C": 32, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 4},
+    "fwd": {"BLOCK_C": 256, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 3},
+    "bwd_conv": {"BLOCK_C": 256, "num_warps": 4, "PROGRAMS_PER_SM": 2, "STAGES": 4},
+    "bwd_input": {"BLOCK_C": 256, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 3},
 }
 
 
+COLS = 4  # output columns a _conv_glu program computes (written out in the kernel: one variable each)
 SIGMOID_FAST = not INTERPRET  # tanh.approx for 16-bit inputs on the GPU; see _sigmoid and the module docstring
+
+
+@triton.jit
+def _tanh_approx(x):
+    """The GPU's tanh.approx.f32: one special-function op, relative error 2^-11."""
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -80,42 +95,27 @@ def _sigmoid(x, FAST: tl.constexpr):
     """sigmoid(x) in float32. FAST: as 0.5 + 0.5 tanh(x / 2) with the GPU's tanh.approx (one special-function
     op instead of an exp and a division; |error| <= 2.5e-4)."""
     if FAST:
-        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x * 0.5], dtype=tl.float32,
-                                      is_pure=True, pack=1)
-        return 0.5 + 0.5 * t
+        return 0.5 + 0.5 * _tanh_approx(x * 0.5)
     else:
         return tl.sigmoid(x)
 
 
 @triton.jit
 def _silu(x, FAST: tl.constexpr):
-    return x * _sigmoid(x, FAST)
-
-
-@triton.jit
-def _tile(j, c, jmask, cmask, W, stride):
-    """Offsets within an image row of a (BLOCK_W, BLOCK_C) tile (`stride` channels a token), computed once a
-    program, and the masks of its three horizontal shifts (columns j-1, j, j+1; zero outside the image).
-    Every load is then a row pointer (one scalar an iteration) plus these: per-element 64-bit index arithmetic
-    at each load was most of the kernels' instructions."""
-    offs = j[:, None] * stride + c[None, :]
-    cm = cmask[None, :]
-    return (offs, (jmask & (j >= 1))[:, None] & cm, jmask[:, None] & cm, (jmask & (j + 1 < W))[:, None] & cm)
+    """x sigmoid(x). FAST: as h + h tanh(h), h = x / 2: three instructions (a multiply, the tanh, an FMA) where
+    x * sigmoid(x) takes four. The forward kernel is bound by instruction issue (388 a row step, 24 SiLUs among
+    them, in the SASS of an offline sm_90 compile), so an instruction an element is worth taking."""
+    if FAST:
+        h = x * 0.5
+        return h + h * _tanh_approx(h)
+    else:
+        return x * tl.sigmoid(x)
 
 
 @triton.jit
 def _rowp(ptr, b, r, H, W, stride):
     """Pointer to the first channel of row r of image b (int64: no overflow at large batches)."""
     return ptr + ((b * H + r) * W).to(tl.int64) * stride
-
-
-@triton.jit
-def _rows3(ptr, b, r, ok, offs, m_l, m_c, m_r, H, W, stride):
-    """Row r at the three horizontal shifts a kernel row reads, zero where not `ok` (a row outside the image or
-    band) or outside the image: the loads of one window step, in the tensor's dtype."""
-    p = _rowp(ptr, b, r, H, W, stride) + offs
-    return (tl.load(p - stride, mask=m_l & ok, other=0.0), tl.load(p, mask=m_c & ok, other=0.0),
-            tl.load(p + stride, mask=m_r & ok, other=0.0))
 
 
 @triton.jit
@@ -135,175 +135,261 @@ def _taps(wt_ptr, c, cmask, C2):
 
 
 @triton.jit
-def _mix(l0, l1, l2, k0, k1, k2):
-    """One kernel row (taps k0, k1, k2) applied to three horizontal shifts l0, l1, l2 (columns j-1, j, j+1)."""
-    return (l0.to(tl.float32) * k0[None, :] + l1.to(tl.float32) * k1[None, :]
-            + l2.to(tl.float32) * k2[None, :])
+def _mix(acc, l0, l1, l2, k0, k1, k2):
+    """acc plus one kernel row (taps k0, k1, k2) applied to three horizontal shifts l0, l1, l2 (columns j-1, j,
+    j+1), written as a chain from acc so that it compiles to three FMAs (acc + (l0 k0 + l1 k1 + l2 k2) was a
+    multiply, two FMAs and an add)."""
+    return acc + l0.to(tl.float32) * k0 + l1.to(tl.float32) * k1 + l2.to(tl.float32) * k2
 
 
 @triton.jit
-def _strip(H, W, n_wseg, band, BLOCK_W: tl.constexpr):
-    """This program's image b, columns j and row band [r0, r1) from program_id(1)."""
+def _mix0(l0, l1, l2, k0, k1, k2):
+    """One kernel row applied to three horizontal shifts, from nothing (see _mix)."""
+    return l0.to(tl.float32) * k0 + l1.to(tl.float32) * k1 + l2.to(tl.float32) * k2
+
+
+@triton.jit
+def _strip_start(H, W, n_wseg, band, cols):
+    """This program's image b, first column j0 (of `cols`) and row band [r0, r1) from program_id(1)."""
     pid = tl.program_id(1)
     n_bands = tl.cdiv(H, band)
     b = (pid // (n_wseg * n_bands)).to(tl.int64)
     rest = pid % (n_wseg * n_bands)
-    j = (rest // n_bands) * BLOCK_W + tl.arange(0, BLOCK_W)
     r0 = (rest % n_bands) * band
-    r1 = tl.minimum(r0 + band, H)
-    return b, j, r0, r1
+    return b, (rest // n_bands) * cols, r0, tl.minimum(r0 + band, H)
 
 
 @triton.jit
-def _feed(l0, l1, l2, k0, k1, k2, k3, k4, k5, k6, k7, k8, acc_p, acc_c):
-    """Feed input row r (three shifts) into the window: -> (row r-1 complete, row r, row r+1 started); an input
-    row r feeds output row r - di through kernel row di + 1."""
-    return (acc_p + _mix(l0, l1, l2, k6, k7, k8), acc_c + _mix(l0, l1, l2, k3, k4, k5), _mix(l0, l1, l2, k0, k1, k2))
+def _feed(l0, l1, l2, k0, k1, k2, k3, k4, k5, k6, k7, k8, acc_p, acc_c, bias):
+    """Feed input row r (three shifts) into the window: -> (row r-1 complete, row r, row r+1 started from the
+    bias); an input row r feeds output row r - di through kernel row di + 1."""
+    return (_mix(acc_p, l0, l1, l2, k6, k7, k8), _mix(acc_c, l0, l1, l2, k3, k4, k5),
+            _mix(bias, l0, l1, l2, k0, k1, k2))
+
+
+@triton.jit
+def _load_silu(row, j, W, stride, m, FAST: tl.constexpr):
+    """silu(u) at column j of a row (`row` points at its first token's channels), zero outside the image."""
+    x = tl.load(row + j * stride, mask=m & (j >= 0) & (j < W), other=0.0)
+    return _silu(x.to(tl.float32), FAST)
+
+
+@triton.jit
+def _glu_out(out_ptr, b, ro, j, H, W, HID, c, m, a, g, FAST: tl.constexpr):
+    """out = a * silu(g) at (row ro, column j)."""
+    p = _rowp(out_ptr, b, ro, H, W, HID) + j * HID + c
+    tl.store(p, (a * _silu(g, FAST)).to(out_ptr.dtype.element_ty), mask=m & (j < W))
+
+
+@triton.jit
+def _glu_grad(dout_ptr, dc_ptr, b, ro, j, H, W, HID, c, m, a, g, db_a, db_g, FAST: tl.constexpr):
+    """dc = (da, dg) at (row ro, column j) from dout; -> the dbias sums with them added (zero where masked: dout
+    reads zero there)."""
+    mj = m & (j < W)
+    d = tl.load(_rowp(dout_ptr, b, ro, H, W, HID) + j * HID + c, mask=mj, other=0.0).to(tl.float32)
+    sg = _sigmoid(g, FAST)
+    grad_a = d * g * sg
+    grad_g = d * a * sg * (1.0 + g * (1.0 - sg))
+    p = _rowp(dc_ptr, b, ro, H, W, 2 * HID) + j * (2 * HID) + c
+    tl.store(p, grad_a.to(dc_ptr.dtype.element_ty), mask=mj)
+    tl.store(p + HID, grad_g.to(dc_ptr.dtype.element_ty), mask=mj)
+    return db_a + grad_a, db_g + grad_g
 
 
 @triton.jit
 def _conv_glu(u_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_wseg, band,
-              BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BACKWARD: tl.constexpr, STAGES: tl.constexpr,
-              FAST: tl.constexpr):
-    """a = conv(silu(u_a)) + bias_a, g = conv(silu(u_g)) + bias_g over this program's rows, then
-    forward (BACKWARD False): out = a * silu(g), (B*N, HID);
+              BLOCK_C: tl.constexpr, BACKWARD: tl.constexpr, STAGES: tl.constexpr, FAST: tl.constexpr):
+    """a = conv(silu(u_a)) + bias_a, g = conv(silu(u_g)) + bias_g over this program's COLS = 4 columns and rows,
+    then forward (BACKWARD False): out = a * silu(g), (B*N, HID);
     backward: dc = (da, dg) from dout into out (B*N, 2*HID), and this program's partial dbias row.
+
+    A program holds its four output columns as separate (BLOCK_C,) vectors (a thread: a few channels of every
+    column) and reads the six input columns j0-1 .. j0+4 of each row once: the horizontal shifts of a kernel row
+    are other variables, not other loads, so each loaded element gets one SiLU (1.5 a row's output instead of
+    the three of a (columns x channels) tile, whose j +- 1 shifts are other threads' data and were loaded and
+    activated again). The kernel is bound by instruction issue, and the SiLUs were a third of it.
     STAGES: Triton's software pipeline over the row loop (tl.range num_stages): the loads of the next STAGES - 1
-    rows are in flight (async copies into shared memory) while a row is computed. The kernels are bound by the
-    latency of their loads, not by bandwidth: registers (the 18 hoisted tap weights take 18 for each channel a
-    thread holds) allow 2-4 programs an SM, and one row in flight a program left HBM at a third of its bandwidth.
-    The tap weights are loaded once a program; loading them from L1 each row was slower at every swept tile (the
-    "h0" entries of bench/results/mixffn_h200.json as committed in 86db365, swept with a HOIST flag there)."""
+    rows are in flight (async copies into shared memory) while a row is computed. The tap weights are loaded
+    once a program (18 registers for each channel a thread holds)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < HID
-    b, j, r0, r1 = _strip(H, W, n_wseg, band, BLOCK_W)
-    jmask = j < W
+    b, j0, r0, r1 = _strip_start(H, W, n_wseg, band, 4)
     C2 = 2 * HID
-    offs, m_l, m_c, m_r = _tile(j, c, jmask, cmask, W, C2)  # u and dc: 2*HID channels a token
-    offs_o = j[:, None] * HID + c[None, :]  # out and dout: HID
     a0, a1, a2, a3, a4, a5, a6, a7, a8 = _taps(w_ptr, c, cmask, C2)
     g0, g1, g2, g3, g4, g5, g6, g7, g8 = _taps(w_ptr + HID, c, cmask, C2)
     bias_a = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     bias_g = tl.load(bias_ptr + HID + c, mask=cmask, other=0.0).to(tl.float32)
-    pa = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    ca = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    pg = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    cg = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    # dbias: summed over the strip's tokens elementwise, reduced over its columns once at the end
-    db_a = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    db_g = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    z = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    # the window, per output column q: rows r-1 (p*) and r (c*) of a and g
+    pa0, pa1, pa2, pa3, ca0, ca1, ca2, ca3 = z, z, z, z, z, z, z, z
+    pg0, pg1, pg2, pg3, cg0, cg1, cg2, cg3 = z, z, z, z, z, z, z, z
+    db_a, db_g = z, z  # dbias, summed over the program's tokens
     for r in tl.range(r0 - 1, r1 + 1, num_stages=STAGES):  # input row r completes output row r - 1
-        ok = (r >= 0) & (r < H)
-        ua0, ua1, ua2 = _rows3(u_ptr, b, r, ok, offs, m_l, m_c, m_r, H, W, C2)
-        ug0, ug1, ug2 = _rows3(u_ptr + HID, b, r, ok, offs, m_l, m_c, m_r, H, W, C2)
-        # the SiLU at every load; silu(0) = 0 keeps the zero padding
-        xa0, xa1, xa2 = _silu(ua0.to(tl.float32), FAST), _silu(ua1.to(tl.float32), FAST), _silu(ua2.to(tl.float32), FAST)
-        xg0, xg1, xg2 = _silu(ug0.to(tl.float32), FAST), _silu(ug1.to(tl.float32), FAST), _silu(ug2.to(tl.float32), FAST)
+        m = cmask & (r >= 0) & (r < H)
+        row = _rowp(u_ptr, b, r, H, W, C2) + c
+        # input columns j0 - 1 + i, their SiLU once; silu(0) = 0 keeps the zero padding
+        xa0 = _load_silu(row, j0 - 1, W, C2, m, FAST)
+        xa1 = _load_silu(row, j0, W, C2, m, FAST)
+        xa2 = _load_silu(row, j0 + 1, W, C2, m, FAST)
+        xa3 = _load_silu(row, j0 + 2, W, C2, m, FAST)
+        xa4 = _load_silu(row, j0 + 3, W, C2, m, FAST)
+        xa5 = _load_silu(row, j0 + 4, W, C2, m, FAST)
+        xg0 = _load_silu(row + HID, j0 - 1, W, C2, m, FAST)
+        xg1 = _load_silu(row + HID, j0, W, C2, m, FAST)
+        xg2 = _load_silu(row + HID, j0 + 1, W, C2, m, FAST)
+        xg3 = _load_silu(row + HID, j0 + 2, W, C2, m, FAST)
+        xg4 = _load_silu(row + HID, j0 + 3, W, C2, m, FAST)
+        xg5 = _load_silu(row + HID, j0 + 4, W, C2, m, FAST)
+        # output column q reads input columns q, q + 1, q + 2 (j - 1, j, j + 1)
+        oa0, ca0, na0 = _feed(xa0, xa1, xa2, a0, a1, a2, a3, a4, a5, a6, a7, a8, pa0, ca0, bias_a)
+        oa1, ca1, na1 = _feed(xa1, xa2, xa3, a0, a1, a2, a3, a4, a5, a6, a7, a8, pa1, ca1, bias_a)
+        oa2, ca2, na2 = _feed(xa2, xa3, xa4, a0, a1, a2, a3, a4, a5, a6, a7, a8, pa2, ca2, bias_a)
+        oa3, ca3, na3 = _feed(xa3, xa4, xa5, a0, a1, a2, a3, a4, a5, a6, a7, a8, pa3, ca3, bias_a)
+        og0, cg0, ng0 = _feed(xg0, xg1, xg2, g0, g1, g2, g3, g4, g5, g6, g7, g8, pg0, cg0, bias_g)
+        og1, cg1, ng1 = _feed(xg1, xg2, xg3, g0, g1, g2, g3, g4, g5, g6, g7, g8, pg1, cg1, bias_g)
+        og2, cg2, ng2 = _feed(xg2, xg3, xg4, g0, g1, g2, g3, g4, g5, g6, g7, g8, pg2, cg2, bias_g)
+        og3, cg3, ng3 = _feed(xg3, xg4, xg5, g0, g1, g2, g3, g4, g5, g6, g7, g8, pg3, cg3, bias_g)
         ro = r - 1
-        mask = m_c & (ro >= r0)
+        mo = cmask & (ro >= r0)
         if BACKWARD:
-            d = tl.load(_rowp(dout_ptr, b, ro, H, W, HID) + offs_o, mask=mask, other=0.0)
-        da, ca, na = _feed(xa0, xa1, xa2, a0, a1, a2, a3, a4, a5, a6, a7, a8, pa, ca)
-        dg, cg, ng = _feed(xg0, xg1, xg2, g0, g1, g2, g3, g4, g5, g6, g7, g8, pg, cg)
-        a = da + bias_a[None, :]
-        g = dg + bias_g[None, :]
-        sg = _sigmoid(g, FAST)
-        if BACKWARD:
-            df = d.to(tl.float32)  # zero where the row is not this program's
-            grad_a = df * g * sg
-            grad_g = df * a * sg * (1.0 + g * (1.0 - sg))
-            p = _rowp(out_ptr, b, ro, H, W, C2) + offs
-            tl.store(p, grad_a.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.store(p + HID, grad_g.to(out_ptr.dtype.element_ty), mask=mask)
-            db_a += grad_a
-            db_g += grad_g
+            db_a, db_g = _glu_grad(dout_ptr, out_ptr, b, ro, j0, H, W, HID, c, mo, oa0, og0, db_a, db_g, FAST)
+            db_a, db_g = _glu_grad(dout_ptr, out_ptr, b, ro, j0 + 1, H, W, HID, c, mo, oa1, og1, db_a, db_g, FAST)
+            db_a, db_g = _glu_grad(dout_ptr, out_ptr, b, ro, j0 + 2, H, W, HID, c, mo, oa2, og2, db_a, db_g, FAST)
+            db_a, db_g = _glu_grad(dout_ptr, out_ptr, b, ro, j0 + 3, H, W, HID, c, mo, oa3, og3, db_a, db_g, FAST)
         else:
-            tl.store(_rowp(out_ptr, b, ro, H, W, HID) + offs_o, (a * g * sg).to(out_ptr.dtype.element_ty), mask=mask)
-        pa, ca, pg, cg = ca, na, cg, ng
+            _glu_out(out_ptr, b, ro, j0, H, W, HID, c, mo, oa0, og0, FAST)
+            _glu_out(out_ptr, b, ro, j0 + 1, H, W, HID, c, mo, oa1, og1, FAST)
+            _glu_out(out_ptr, b, ro, j0 + 2, H, W, HID, c, mo, oa2, og2, FAST)
+            _glu_out(out_ptr, b, ro, j0 + 3, H, W, HID, c, mo, oa3, og3, FAST)
+        pa0, pa1, pa2, pa3, pg0, pg1, pg2, pg3 = ca0, ca1, ca2, ca3, cg0, cg1, cg2, cg3
+        ca0, ca1, ca2, ca3, cg0, cg1, cg2, cg3 = na0, na1, na2, na3, ng0, ng1, ng2, ng3
     if BACKWARD:
         part = part_ptr + tl.program_id(1).to(tl.int64) * C2
-        tl.store(part + c, tl.sum(db_a, axis=0), mask=cmask)
-        tl.store(part + HID + c, tl.sum(db_g, axis=0), mask=cmask)
+        tl.store(part + c, db_a, mask=cmask)
+        tl.store(part + HID + c, db_g, mask=cmask)
+
+
+@triton.jit
+def _dc_col(row, j, W, stride, m):
+    """dc at column j of a row (`row` points at its first token's channels), zero outside the image, float32."""
+    return tl.load(row + j * stride, mask=m & (j >= 0) & (j < W), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _s_col(row, j, W, stride, m, FAST: tl.constexpr):
+    """s = silu(u) and silu'(u) at column j of a row, both zero outside the image and where m is off (rows
+    outside the band): s from the zero load, silu'(0) = 1/2 by the select."""
+    mj = m & (j < W)
+    u = tl.load(row + j * stride, mask=mj, other=0.0).to(tl.float32)
+    su = _sigmoid(u, FAST)
+    return u * su, tl.where(mj, su * (1.0 + u * (1.0 - su)), 0.0)
+
+
+@triton.jit
+def _ds_col(dp, dcur, lm, l0, lp, k0, k1, k2, k3, k4, k5, k6, k7, k8):
+    """One column's ds window fed by dc row r (lm = dc[r, j + 1] is dj = -1, lp = dc[r, j - 1] is dj = +1):
+    kernel row 0 (di = -1) completes ds row r - 1, row 1 adds to r, row 2 starts r + 1."""
+    return _mix(dp, lm, l0, lp, k0, k1, k2), _mix(dcur, lm, l0, lp, k3, k4, k5), _mix0(lm, l0, lp, k6, k7, k8)
+
+
+@triton.jit
+def _dw_row(wa, wb, wc, lm, l0, lp, s):
+    """Three taps' dweight sums plus one column's dc row r against its s of one row."""
+    return wa + lm * s, wb + l0 * s, wc + lp * s
+
+
+@triton.jit
+def _du_col(du_ptr, b, ro, j, H, W, stride, c, m, done, g):
+    """du = ds * silu'(u) at (row ro, column j); -> it (zero where g is: outside the image and the band)."""
+    du = done * g
+    tl.store(_rowp(du_ptr, b, ro, H, W, stride) + j * stride + c, du.to(du_ptr.dtype.element_ty), mask=m & (j < W))
+    return du
 
 
 @triton.jit
 def _bwd_input(dc_ptr, u_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, band,
-               BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr, FAST: tl.constexpr,
-               DU_SUM: tl.constexpr):
+               BLOCK_C: tl.constexpr, STAGES: tl.constexpr, FAST: tl.constexpr, DU_SUM: tl.constexpr):
     """The transposed conv: s[q] receives dc[q - off_k] * w[k] for the nine offsets off_k = (di, dj), so a
     loaded row r of dc (at columns j - dj) feeds ds at rows r + di; w[k] receives dc[q - off_k] * s[q], the
-    same loads against the window of s rows r-1, r, r+1 (only this program's rows, so that every pair is
-    counted by exactly one program). s = silu(u) and silu'(u) both come from one sigmoid of u, loaded once a row
-    (s at its center column only is needed here, so it is not read back: a third less traffic than reading s
-    and u). STAGES and the weights as in _conv_glu. DU_SUM: a tenth partial row, the column sum of du (the
-    gradient of the expansion GEMM's bias, which that GEMM would otherwise compute as ones^T du)."""
+    same loads against the window of s rows r-1, r, r+1 (only this program's rows and columns, so that every
+    pair is counted by exactly one program). s = silu(u) and silu'(u) both come from one sigmoid of u, loaded
+    once a row (s at the program's own columns only is needed here, so it is not read back: a third less
+    traffic than reading s and u). Columns as in _conv_glu: COLS = 4 output columns as separate vectors, the
+    six dc columns of a row loaded once. STAGES and the weights as in _conv_glu. DU_SUM: a tenth partial row,
+    the column sum of du (the gradient of the expansion GEMM's bias, which that GEMM would otherwise compute as
+    ones^T du)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C2
-    b, j, r0, r1 = _strip(H, W, n_wseg, band, BLOCK_W)
-    jmask = j < W
-    offs, m_l, m_c, m_r = _tile(j, c, jmask, cmask, W, C2)
+    b, j0, r0, r1 = _strip_start(H, W, n_wseg, band, 4)
     k0, k1, k2, k3, k4, k5, k6, k7, k8 = _taps(w_ptr, c, cmask, C2)
-    dp = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # ds of rows r-1, r
-    dcur = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    sp = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # s of rows r-1, r (zero outside the band)
-    scur = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    gp = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # silu'(u) of rows r-1, r
-    gcur = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    # dweight per tap, summed over the strip's tokens elementwise (nine register tiles), reduced at the end
-    w0 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    w1 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    w2 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    w3 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    w4 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    w5 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    w6 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    w7 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    w8 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    dsum = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    z = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dp0, dp1, dp2, dp3, dc0, dc1, dc2, dc3 = z, z, z, z, z, z, z, z  # ds of rows r-1, r, per column
+    sp0, sp1, sp2, sp3, sc0, sc1, sc2, sc3 = z, z, z, z, z, z, z, z  # s of rows r-1, r (zero outside the band)
+    gp0, gp1, gp2, gp3, gc0, gc1, gc2, gc3 = z, z, z, z, z, z, z, z  # silu'(u) of rows r-1, r
+    w0, w1, w2, w3, w4, w5, w6, w7, w8 = z, z, z, z, z, z, z, z, z  # dweight per tap, over the program's tokens
+    dsum = z
     for r in tl.range(r0 - 1, r1 + 1, num_stages=STAGES):
-        # step r's loads: dc row r (xm = dc[r, j + 1] is dj = -1, xp = dc[r, j - 1] is dj = +1) and u row r + 1,
-        # only within the band (rows r0 - 1 and r1 are other programs'): zero there, so s is zero as well
-        xp, x0, xm = _rows3(dc_ptr, b, r, (r >= 0) & (r < H), offs, m_l, m_c, m_r, H, W, C2)
-        xu = tl.load(_rowp(u_ptr, b, r + 1, H, W, C2) + offs, mask=m_c & (r + 1 < r1), other=0.0)
-        lm, l0, lp = xm.to(tl.float32), x0.to(tl.float32), xp.to(tl.float32)
-        u = xu.to(tl.float32)
-        su = _sigmoid(u, FAST)
-        snext = u * su
-        gnext = su * (1.0 + u * (1.0 - su))
-        # kernel row 0 (di = -1) -> ds row r - 1, row 1 -> r, row 2 -> r + 1
-        done = dp + _mix(lm, l0, lp, k0, k1, k2)
-        dcur = dcur + _mix(lm, l0, lp, k3, k4, k5)
-        dnext = _mix(lm, l0, lp, k6, k7, k8)
-        w0 += lm * sp
-        w1 += l0 * sp
-        w2 += lp * sp
-        w3 += lm * scur
-        w4 += l0 * scur
-        w5 += lp * scur
-        w6 += lm * snext
-        w7 += l0 * snext
-        w8 += lp * snext
-        du = done * gp  # zero outside the image and before the band (gp is zeroed there)
-        tl.store(_rowp(du_ptr, b, r - 1, H, W, C2) + offs, du.to(du_ptr.dtype.element_ty), mask=m_c & (r - 1 >= r0))
+        # step r's loads: dc row r at columns j0 - 1 .. j0 + 4, u row r + 1 at the program's columns, only within
+        # the band (rows r0 - 1 and r1 are other programs'): zero there, so s and silu' are zero as well
+        row = _rowp(dc_ptr, b, r, H, W, C2) + c
+        m = cmask & (r >= 0) & (r < H)
+        x0 = _dc_col(row, j0 - 1, W, C2, m)
+        x1 = _dc_col(row, j0, W, C2, m)
+        x2 = _dc_col(row, j0 + 1, W, C2, m)
+        x3 = _dc_col(row, j0 + 2, W, C2, m)
+        x4 = _dc_col(row, j0 + 3, W, C2, m)
+        x5 = _dc_col(row, j0 + 4, W, C2, m)
+        urow = _rowp(u_ptr, b, r + 1, H, W, C2) + c
+        mu = cmask & (r + 1 < r1)
+        sn0, gn0 = _s_col(urow, j0, W, C2, mu, FAST)
+        sn1, gn1 = _s_col(urow, j0 + 1, W, C2, mu, FAST)
+        sn2, gn2 = _s_col(urow, j0 + 2, W, C2, mu, FAST)
+        sn3, gn3 = _s_col(urow, j0 + 3, W, C2, mu, FAST)
+        # column q: dc[r, j - 1], dc[r, j], dc[r, j + 1] are x_q, x_{q+1}, x_{q+2}
+        done0, dc0, dn0 = _ds_col(dp0, dc0, x2, x1, x0, k0, k1, k2, k3, k4, k5, k6, k7, k8)
+        done1, dc1, dn1 = _ds_col(dp1, dc1, x3, x2, x1, k0, k1, k2, k3, k4, k5, k6, k7, k8)
+        done2, dc2, dn2 = _ds_col(dp2, dc2, x4, x3, x2, k0, k1, k2, k3, k4, k5, k6, k7, k8)
+        done3, dc3, dn3 = _ds_col(dp3, dc3, x5, x4, x3, k0, k1, k2, k3, k4, k5, k6, k7, k8)
+        w0, w1, w2 = _dw_row(w0, w1, w2, x2, x1, x0, sp0)
+        w0, w1, w2 = _dw_row(w0, w1, w2, x3, x2, x1, sp1)
+        w0, w1, w2 = _dw_row(w0, w1, w2, x4, x3, x2, sp2)
+        w0, w1, w2 = _dw_row(w0, w1, w2, x5, x4, x3, sp3)
+        w3, w4, w5 = _dw_row(w3, w4, w5, x2, x1, x0, sc0)
+        w3, w4, w5 = _dw_row(w3, w4, w5, x3, x2, x1, sc1)
+        w3, w4, w5 = _dw_row(w3, w4, w5, x4, x3, x2, sc2)
+        w3, w4, w5 = _dw_row(w3, w4, w5, x5, x4, x3, sc3)
+        w6, w7, w8 = _dw_row(w6, w7, w8, x2, x1, x0, sn0)
+        w6, w7, w8 = _dw_row(w6, w7, w8, x3, x2, x1, sn1)
+        w6, w7, w8 = _dw_row(w6, w7, w8, x4, x3, x2, sn2)
+        w6, w7, w8 = _dw_row(w6, w7, w8, x5, x4, x3, sn3)
+        mo = cmask & (r - 1 >= r0)
+        du0 = _du_col(du_ptr, b, r - 1, j0, H, W, C2, c, mo, done0, gp0)
+        du1 = _du_col(du_ptr, b, r - 1, j0 + 1, H, W, C2, c, mo, done1, gp1)
+        du2 = _du_col(du_ptr, b, r - 1, j0 + 2, H, W, C2, c, mo, done2, gp2)
+        du3 = _du_col(du_ptr, b, r - 1, j0 + 3, H, W, C2, c, mo, done3, gp3)
         if DU_SUM:
-            dsum += du
-        dp, dcur = dcur, dnext
+            dsum += (du0 + du1) + (du2 + du3)
+        dp0, dp1, dp2, dp3, dc0, dc1, dc2, dc3 = dc0, dc1, dc2, dc3, dn0, dn1, dn2, dn3
         # s row r is zero before the band already; the selects keep the loop pipelinable (Triton's pipeliner
         # refuses a loop that yields one of its own iteration arguments unchanged: a distance-2 dependence)
-        sp, scur = tl.where(r >= r0, scur, 0.0), snext
-        gp, gcur = tl.where(r >= r0, gcur, 0.0), gnext
+        keep = r >= r0
+        sp0, sp1 = tl.where(keep, sc0, 0.0), tl.where(keep, sc1, 0.0)
+        sp2, sp3 = tl.where(keep, sc2, 0.0), tl.where(keep, sc3, 0.0)
+        gp0, gp1 = tl.where(keep, gc0, 0.0), tl.where(keep, gc1, 0.0)
+        gp2, gp3 = tl.where(keep, gc2, 0.0), tl.where(keep, gc3, 0.0)
+        sc0, sc1, sc2, sc3, gc0, gc1, gc2, gc3 = sn0, sn1, sn2, sn3, gn0, gn1, gn2, gn3
     part = part_ptr + tl.program_id(1).to(tl.int64) * (10 if DU_SUM else 9) * C2 + c
-    tl.store(part, tl.sum(w0, axis=0), mask=cmask)
-    tl.store(part + C2, tl.sum(w1, axis=0), mask=cmask)
-    tl.store(part + 2 * C2, tl.sum(w2, axis=0), mask=cmask)
-    tl.store(part + 3 * C2, tl.sum(w3, axis=0), mask=cmask)
-    tl.store(part + 4 * C2, tl.sum(w4, axis=0), mask=cmask)
-    tl.store(part + 5 * C2, tl.sum(w5, axis=0), mask=cmask)
-    tl.store(part + 6 * C2, tl.sum(w6, axis=0), mask=cmask)
-    tl.store(part + 7 * C2, tl.sum(w7, axis=0), mask=cmask)
-    tl.store(part + 8 * C2, tl.sum(w8, axis=0), mask=cmask)
+    tl.store(part, w0, mask=cmask)
+    tl.store(part + C2, w1, mask=cmask)
+    tl.store(part + 2 * C2, w2, mask=cmask)
+    tl.store(part + 3 * C2, w3, mask=cmask)
+    tl.store(part + 4 * C2, w4, mask=cmask)
+    tl.store(part + 5 * C2, w5, mask=cmask)
+    tl.store(part + 6 * C2, w6, mask=cmask)
+    tl.store(part + 7 * C2, w7, mask=cmask)
+    tl.store(part + 8 * C2, w8, mask=cmask)
     if DU_SUM:
-        tl.store(part + 9 * C2, tl.sum(dsum, axis=0), mask=cmask)
+        tl.store(part + 9 * C2, dsum, mask=cmask)
 
 
 _conv_glu_launch = Launcher(_conv_glu)
@@ -311,15 +397,14 @@ _bwd_input_launch = Launcher(_bwd_input)
 
 
 def _plan(B: int, H: int, W: int, channels: int, cfg: dict, device: int) -> dict:
-    """Grid of a kernel: channel blocks x (images x column strips x row bands), enough programs to fill the GPU
-    with the fewest bands (each band re-reads two halo rows)."""
-    block_w = max(2, min(cfg["BLOCK_W"], next_pow2(W)))
-    c_blocks, n_wseg = cdiv(channels, cfg["BLOCK_C"]), cdiv(W, block_w)
+    """Grid of a kernel: channel blocks x (images x column strips of COLS x row bands), enough programs to fill
+    the GPU with the fewest bands (each band re-reads two halo rows)."""
+    c_blocks, n_wseg = cdiv(channels, cfg["BLOCK_C"]), cdiv(W, COLS)
     want = cdiv(cfg["PROGRAMS_PER_SM"] * sm_count(device), c_blocks * B * n_wseg)
     band = cdiv(H, min(H, max(1, want)))
     strips = B * n_wseg * cdiv(H, band)
-    return dict(grid=(c_blocks, strips), strips=strips, scalars=(n_wseg, band),
-                consts=(block_w, cfg["BLOCK_C"]), flags=(int(cfg["STAGES"]),),
+    return dict(grid=(c_blocks, strips), strips=strips, scalars=(n_wseg, band), consts=(cfg["BLOCK_C"],),
+                flags=(int(cfg["STAGES"]),),
                 options=(("num_warps", cfg["num_warps"]),) + ((("maxnreg", cfg["maxnreg"]),) if cfg.get("maxnreg") else ()))
 
 
@@ -330,6 +415,7 @@ def _taps_major(weight: torch.Tensor) -> torch.Tensor:
 
 def _fast_sigmoid(u: torch.Tensor) -> bool:
     return SIGMOID_FAST and u.dtype != torch.float32
+
 
 
 def _launch_forward(u: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, H: int, W: int):

@@ -29,8 +29,10 @@ EPS = 1e-6
 # (B, N, C) for the AdaLN ops: N = 1, odd token counts and channel counts that are not powers of two.
 ADALN_SHAPES = pick(small=[(2, 15, 64), (3, 1, 40), (1, 527, 96), (2, 17 * 31, 24)],
                     real=[(16, 1024, 1152), (8, 1024, 2240), (2, 16384, 1152), (3, 1, 1152), (5, 527, 72)])
-# (B, H, W, hid) for the depthwise GLU: odd latent sizes (3x5, 17x31), a single token, Sana's real sizes.
-GLU_SHAPES = pick(small=[(2, 3, 5, 24), (1, 1, 1, 8), (1, 17, 31, 8), (3, 4, 4, 72), (2, 5, 37, 16)],
+# (B, H, W, hid) for the depthwise GLU: odd latent sizes (3x5, 17x11, 17x31), a single token, Sana's real sizes;
+# several column strips of 4 (the last one partial) and row bands. The interpreter's shapes are kept small: it
+# runs a program's four columns as separate ops (17x31 took a minute a test there).
+GLU_SHAPES = pick(small=[(2, 3, 5, 24), (1, 1, 1, 8), (1, 17, 11, 8), (3, 4, 4, 72), (2, 5, 13, 16)],
                   real=[(16, 32, 32, 2880), (8, 32, 32, 5600), (1, 128, 128, 2880), (3, 3, 5, 2880),
                         (2, 17, 31, 72), (2, 1, 1, 2880)])
 
