@@ -293,9 +293,13 @@ def _ds_col(dp, dcur, lm, l0, lp, k0, k1, k2, k3, k4, k5, k6, k7, k8):
 
 
 @triton.jit
-def _dw_row(wa, wb, wc, lm, l0, lp, s):
-    """Three taps' dweight sums plus one column's dc row r against its s of one row."""
-    return wa + lm * s, wb + l0 * s, wc + lp * s
+def _dw_row(wa, wb, wc, x0, x1, x2, x3, x4, x5, s0, s1, s2, s3):
+    """Three taps' dweight sums (one kernel row) plus dc row r against one row of s at the four columns: column
+    q pairs s_q with dc[r, j + 1], dc[r, j], dc[r, j - 1] = x_{q+2}, x_{q+1}, x_q."""
+    wa = wa + x2 * s0 + x3 * s1 + x4 * s2 + x5 * s3
+    wb = wb + x1 * s0 + x2 * s1 + x3 * s2 + x4 * s3
+    wc = wc + x0 * s0 + x1 * s1 + x2 * s2 + x3 * s3
+    return wa, wb, wc
 
 
 @triton.jit
@@ -350,18 +354,9 @@ def _bwd_input(dc_ptr, u_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, band,
         done1, dc1, dn1 = _ds_col(dp1, dc1, x3, x2, x1, k0, k1, k2, k3, k4, k5, k6, k7, k8)
         done2, dc2, dn2 = _ds_col(dp2, dc2, x4, x3, x2, k0, k1, k2, k3, k4, k5, k6, k7, k8)
         done3, dc3, dn3 = _ds_col(dp3, dc3, x5, x4, x3, k0, k1, k2, k3, k4, k5, k6, k7, k8)
-        w0, w1, w2 = _dw_row(w0, w1, w2, x2, x1, x0, sp0)
-        w0, w1, w2 = _dw_row(w0, w1, w2, x3, x2, x1, sp1)
-        w0, w1, w2 = _dw_row(w0, w1, w2, x4, x3, x2, sp2)
-        w0, w1, w2 = _dw_row(w0, w1, w2, x5, x4, x3, sp3)
-        w3, w4, w5 = _dw_row(w3, w4, w5, x2, x1, x0, sc0)
-        w3, w4, w5 = _dw_row(w3, w4, w5, x3, x2, x1, sc1)
-        w3, w4, w5 = _dw_row(w3, w4, w5, x4, x3, x2, sc2)
-        w3, w4, w5 = _dw_row(w3, w4, w5, x5, x4, x3, sc3)
-        w6, w7, w8 = _dw_row(w6, w7, w8, x2, x1, x0, sn0)
-        w6, w7, w8 = _dw_row(w6, w7, w8, x3, x2, x1, sn1)
-        w6, w7, w8 = _dw_row(w6, w7, w8, x4, x3, x2, sn2)
-        w6, w7, w8 = _dw_row(w6, w7, w8, x5, x4, x3, sn3)
+        w0, w1, w2 = _dw_row(w0, w1, w2, x0, x1, x2, x3, x4, x5, sp0, sp1, sp2, sp3)  # s row r - 1
+        w3, w4, w5 = _dw_row(w3, w4, w5, x0, x1, x2, x3, x4, x5, sc0, sc1, sc2, sc3)  # s row r
+        w6, w7, w8 = _dw_row(w6, w7, w8, x0, x1, x2, x3, x4, x5, sn0, sn1, sn2, sn3)  # s row r + 1
         mo = cmask & (r - 1 >= r0)
         du0 = _du_col(du_ptr, b, r - 1, j0, H, W, C2, c, mo, done0, gp0)
         du1 = _du_col(du_ptr, b, r - 1, j0 + 1, H, W, C2, c, mo, done1, gp1)
