@@ -168,8 +168,7 @@ def main():
             sweep[name] = {}
             for change in cols:
                 key = "_".join(f"{k}{v}" for k, v in change.items())
-                cfg = {k: v for k, v in keep.items() if k != "maxnreg"}
-                tm.CONFIG[name] = dict(cfg, **change)
+                tm.CONFIG[name] = dict(keep, **change)
                 launcher = tm._bwd_input_launch if name == "bwd_input" else tm._conv_glu_launch
                 launcher.kernels.clear()
                 for t in (got["out"], got["dc"], got["du"]):  # a configuration that writes nothing fails its check

@@ -27,12 +27,13 @@ from kernels import triton_mixffn as now  # noqa: E402
 SHAPES = "16,32,32,2880;32,32,32,2880;8,32,32,5600;2,128,128,2880"
 
 
-def load_before(path: str):
-    """The earlier kernels module, its ops renamed from sana:: to sana_before::."""
-    src = Path(path).read_text().replace('"sana::', '"sana_before::')
-    tmp = Path(tempfile.mkdtemp()) / "before_mixffn.py"
+def load_before(path: str, namespace: str = "sana_before"):
+    """A kernels/triton_mixffn.py (an earlier version) as a module, its ops renamed from sana:: to namespace::
+    (registering them under sana:: again would clash with today's)."""
+    src = Path(path).read_text().replace('"sana::', f'"{namespace}::')
+    tmp = Path(tempfile.mkdtemp()) / f"{namespace}_mixffn.py"
     tmp.write_text(src)
-    spec = importlib.util.spec_from_file_location("before_mixffn", tmp)
+    spec = importlib.util.spec_from_file_location(f"{namespace}_mixffn", tmp)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

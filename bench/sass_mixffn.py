@@ -13,7 +13,6 @@ Writes sass_mixffn.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import json
 import os
@@ -29,19 +28,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from bench.compare_mixffn import load_before  # noqa: E402
+
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 POINTERS = {"u_ptr": "*bf16", "dc_ptr": "*bf16", "dout_ptr": "*bf16", "out_ptr": "*bf16", "du_ptr": "*bf16",
             "w_ptr": "*fp32", "bias_ptr": "*fp32", "part_ptr": "*fp32"}
-
-
-def _load(path: str, name: str):
-    src = Path(path).read_text().replace('"sana::', f'"sana_{name}::')  # its ops must not clash with today's
-    tmp = Path(tempfile.mkdtemp()) / f"{name}_mixffn.py"
-    tmp.write_text(src)
-    spec = importlib.util.spec_from_file_location(f"{name}_mixffn", tmp)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _loop(sass: list[str]) -> list[str]:
@@ -110,9 +101,10 @@ def main():
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     B, H, W, hid = map(int, args.shape.split(","))
-    versions = {"now": _load(str(Path(__file__).resolve().parents[1] / "kernels" / "triton_mixffn.py"), "now")}
+    # today's module loaded the same way, so that pointing its _plan at args.sms leaves kernels.triton_mixffn alone
+    versions = {"now": load_before(str(Path(__file__).resolve().parents[1] / "kernels" / "triton_mixffn.py"), "sana_now")}
     if args.before:
-        versions = {"before": _load(args.before, "before"), **versions}
+        versions = {"before": load_before(args.before), **versions}
     result = dict(shape=args.shape, sms=args.sms)
     print(f"{'version':<8} {'kernel':<10} {'regs':>5} {'loop instr':>11} {'tanh':>5} {'outputs/thread':>15} "
           f"{'instr/output':>13}")

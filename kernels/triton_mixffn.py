@@ -80,7 +80,8 @@ CONFIG = {
 }
 
 
-COLS = 4  # output columns a _conv_glu program computes (written out in the kernel: one variable each)
+COLS = 4  # output columns a program computes (written out in the kernels: one variable each)
+COLS_: tl.constexpr = tl.constexpr(COLS)  # the same, as the kernels read it
 SIGMOID_FAST = not INTERPRET  # tanh.approx for 16-bit inputs on the GPU; see _sigmoid and the module docstring
 
 
@@ -103,8 +104,8 @@ def _sigmoid(x, FAST: tl.constexpr):
 @triton.jit
 def _silu(x, FAST: tl.constexpr):
     """x sigmoid(x). FAST: as h + h tanh(h), h = x / 2: three instructions (a multiply, the tanh, an FMA) where
-    x * sigmoid(x) takes four. The forward kernel is bound by instruction issue (388 a row step, 24 SiLUs among
-    them, in the SASS of an offline sm_90 compile), so an instruction an element is worth taking."""
+    x * sigmoid(x) takes four. The kernels are bound by instruction issue (bench/sass_mixffn.py), so an
+    instruction an element is worth taking."""
     if FAST:
         h = x * 0.5
         return h + h * _tanh_approx(h)
@@ -149,7 +150,7 @@ def _mix0(l0, l1, l2, k0, k1, k2):
 
 
 @triton.jit
-def _strip_start(H, W, n_wseg, band, cols):
+def _strip_start(H, n_wseg, band, cols):
     """This program's image b, first column j0 (of `cols`) and row band [r0, r1) from program_id(1)."""
     pid = tl.program_id(1)
     n_bands = tl.cdiv(H, band)
@@ -213,7 +214,7 @@ def _conv_glu(u_ptr, w_ptr, bias_ptr, dout_ptr, out_ptr, part_ptr, H, W, HID, n_
     once a program (18 registers for each channel a thread holds)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < HID
-    b, j0, r0, r1 = _strip_start(H, W, n_wseg, band, 4)
+    b, j0, r0, r1 = _strip_start(H, n_wseg, band, COLS_)
     C2 = 2 * HID
     a0, a1, a2, a3, a4, a5, a6, a7, a8 = _taps(w_ptr, c, cmask, C2)
     g0, g1, g2, g3, g4, g5, g6, g7, g8 = _taps(w_ptr + HID, c, cmask, C2)
@@ -324,7 +325,7 @@ def _bwd_input(dc_ptr, u_ptr, w_ptr, du_ptr, part_ptr, H, W, C2, n_wseg, band,
     ones^T du)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C2
-    b, j0, r0, r1 = _strip_start(H, W, n_wseg, band, 4)
+    b, j0, r0, r1 = _strip_start(H, n_wseg, band, COLS_)
     k0, k1, k2, k3, k4, k5, k6, k7, k8 = _taps(w_ptr, c, cmask, C2)
     z = tl.zeros((BLOCK_C,), dtype=tl.float32)
     dp0, dp1, dp2, dp3, dc0, dc1, dc2, dc3 = z, z, z, z, z, z, z, z  # ds of rows r-1, r, per column
@@ -400,7 +401,7 @@ def _plan(B: int, H: int, W: int, channels: int, cfg: dict, device: int) -> dict
     strips = B * n_wseg * cdiv(H, band)
     return dict(grid=(c_blocks, strips), strips=strips, scalars=(n_wseg, band), consts=(cfg["BLOCK_C"],),
                 flags=(int(cfg["STAGES"]),),
-                options=(("num_warps", cfg["num_warps"]),) + ((("maxnreg", cfg["maxnreg"]),) if cfg.get("maxnreg") else ()))
+                options=(("num_warps", cfg["num_warps"]),))
 
 
 def _taps_major(weight: torch.Tensor) -> torch.Tensor:
@@ -410,7 +411,6 @@ def _taps_major(weight: torch.Tensor) -> torch.Tensor:
 
 def _fast_sigmoid(u: torch.Tensor) -> bool:
     return SIGMOID_FAST and u.dtype != torch.float32
-
 
 
 def _launch_forward(u: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, H: int, W: int):

@@ -203,7 +203,8 @@ class Trainer:
             # (empty cache) re-encodes it in another batch and drifts by an ulp. Alone, a caption's embedding
             # is a function of the caption only, and a hit equals a recomputation. Without the cache the step's
             # own batch is encoded together: a function of that batch only, which a resumed run sees alike.
-            for group in ([c] for c in misses) if size > 0 else [misses] if misses else []:
+            groups = [[c] for c in misses] if size > 0 else [misses]
+            for group in (g for g in groups if g):
                 ym, mm, um = self.text_encoder.encode_lengths(group)
                 found.update((c, (e[:u], m[:u])) for c, e, m, u in zip(group, ym, mm, um))  # the positions used
             if size > 0:
