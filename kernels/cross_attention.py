@@ -13,10 +13,11 @@ token layouts, and is built for a caption cut to its batch's longest (the traine
 caption_bucket of 0 pads every caption to 300) and head dims over MAX_HEAD_DIM take the reference.
 
 Backend choice: argument `backend`, else SANA_CROSS_ATTENTION_BACKEND ("torch" | "auto" | "triton"), else
-"torch": the Triton kernels are opt-in. They are tested against float64 on the CPU and the GPU and equal cuDNN's
-speed (forward faster, backward on par: bench/NOTES_block_fastpath.md), but one GPU test run on an H100, with the
-tiles before the committed ones, failed at one shape that later passed on an H200 and was not re-run there; until
-the GPU test file passes in full on both, SDPA stays the default. "auto" is Triton for CUDA tensors.
+"torch": the Triton kernels are opt-in. They are tested against float64 on the CPU and the GPU (the GPU test file
+passes in full on an H100: tests/kernels/test_cross_attention.py, 32 tests) and equal cuDNN's speed (forward
+faster, backward on par: bench/NOTES_block_fastpath.md); in the training step they gained 1.5-1.8 ms on an H100
+and lost 2.0 ms at Sana-1.6B on an H200, about 1% either way, so SDPA, the proven path, stays the default. "auto" is
+Triton for CUDA tensors.
 """
 from __future__ import annotations
 
@@ -43,7 +44,19 @@ def _check(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, heads: int) ->
         raise ValueError("cross-attention needs at least one key (caption token)")
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy of it where its first element is not at a 16-byte boundary. SDPA's memory-efficient CUDA kernel
+    (what float32 takes) reads with 16-byte loads without checking the address: a float32 column slice of a wider
+    projection at a 12-byte offset failed with cudaErrorMisalignedAddress on an H100, and a CUDA error poisons the
+    process. Projection outputs (the model's q and kv) are aligned and pass through; traced code (torch.compile:
+    fake tensors have no address) is left as it is."""
+    if t.is_cuda and not torch.compiler.is_compiling() and t.data_ptr() % 16:
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
 def cross_attention_reference(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
+    q, kv = _aligned(q), _aligned(kv)
     B, N, C = q.shape
     d = C // heads
     qh = q.view(B, N, heads, d).transpose(1, 2)  # (B, H, N, D)
