@@ -21,20 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.bench_train_step import (  # noqa: E402
-    MODES,
-    REAL_TOKENS,
-    TEXT_TOKENS,
-    _build,
-    _inputs,
-    _set_backends,
-)
+from bench.bench_train_step import MODES, build_case, train_parts  # noqa: E402
 from bench.timing import write_result  # noqa: E402
-from sana_core.dit import DIT_CONFIGS  # noqa: E402
-from sana_core.flow import FlowConfig, flow_loss  # noqa: E402
-from sana_core.text_encoder import CAPTION_BUCKET, trim_padding  # noqa: E402
-from training.graphs import GraphedModel  # noqa: E402
-from training.optim import clip_gradients  # noqa: E402
 
 VARIANT = "ours-graphed-cut"
 
@@ -54,22 +42,9 @@ def _per_step_ms(fn, iters: int) -> float:
 
 
 def measure(mode_name: str, iters: int) -> dict:
-    mode = MODES[mode_name]
-    _set_backends(VARIANT)
-    cfg = DIT_CONFIGS[mode["config"]]
-    model = _build(VARIANT, cfg)
-    inp = _inputs(cfg, mode["batch"], mode["latent"])
-    inp["y"], inp["y_mask"] = trim_padding(inp["y"], inp["y_mask"], REAL_TOKENS, CAPTION_BUCKET, TEXT_TOKENS)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    forward, flow = GraphedModel(model), FlowConfig(shift=3.0)
-    amp = dict(device_type="cuda", dtype=torch.bfloat16, cache_enabled=False)
+    model, inp = build_case(VARIANT, MODES[mode_name])
+    opt, forward_backward = train_parts(model, inp, graphed=True)
     side = torch.cuda.Stream()
-
-    def forward_backward():
-        with torch.autocast(**amp):
-            loss, _ = flow_loss(forward, inp["x0"], inp["y"], inp["y_mask"], flow, noise=inp["noise"], t=inp["t"])
-        loss.backward()
-        clip_gradients(opt, model.parameters(), 1.0)
 
     def update():
         opt.step()

@@ -139,27 +139,55 @@ def matmul_ceiling_tflops(n: int = 8192, iters: int = 30) -> float:
     return 2 * n**3 * iters / (start.elapsed_time(end) * 1e-3) / 1e12
 
 
-def _step_fn(model, inp: dict, kind: str, graphed: bool = False):
+def _amp(graphed: bool) -> dict:
     # Autocast's weight cache must be off under CUDA-graph capture (its casts would be captured once, stale after).
-    amp = dict(device_type="cuda", dtype=torch.bfloat16, cache_enabled=not graphed)
+    return dict(device_type="cuda", dtype=torch.bfloat16, cache_enabled=not graphed)
+
+
+def _step_fn(model, inp: dict, kind: str, graphed: bool = False):
+    amp = _amp(graphed)
     if kind == "infer":
         def step():
             with torch.no_grad(), torch.autocast(**amp):
                 return model(inp["x0"], inp["t"], inp["y"], inp["y_mask"]).float().square().mean()
         return _graph(step) if graphed else step
+    opt, forward_backward = train_parts(model, inp, graphed)
+
+    def step():
+        loss = forward_backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def train_parts(model, inp: dict, graphed: bool):
+    """A training step in two parts: -> (fused AdamW over the model's parameters, forward_backward), where
+    forward_backward() runs the loss, its backward and the gradient clipping and returns the loss; the step is
+    forward_backward() then the optimizer's step and zero_grad (bench_optimizer_overlap.py runs them apart)."""
+    amp = _amp(graphed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     flow = FlowConfig(shift=3.0)
     forward = GraphedModel(model) if graphed else model  # what the trainer runs with model.cuda_graphs=true
 
-    def step():
+    def forward_backward():
         with torch.autocast(**amp):
             loss, _ = flow_loss(forward, inp["x0"], inp["y"], inp["y_mask"], flow, noise=inp["noise"], t=inp["t"])
         loss.backward()
         clip_gradients(opt, model.parameters(), 1.0)  # as the trainer clips: in fused AdamW's kernel
-        opt.step()
-        opt.zero_grad(set_to_none=True)
         return loss.detach()
-    return step
+    return opt, forward_backward
+
+
+def build_case(variant: str, mode: dict) -> tuple[nn.Module, dict]:
+    """The variant's model (back-ends set for it) and the mode's inputs, captions cut for the -cut variants."""
+    _set_backends(variant)
+    cfg = DIT_CONFIGS[mode["config"]]
+    model = _build(variant, cfg)
+    inp = _inputs(cfg, mode["batch"], mode["latent"])
+    if "-cut" in variant:
+        inp["y"], inp["y_mask"] = trim_padding(inp["y"], inp["y_mask"], REAL_TOKENS, CAPTION_BUCKET, TEXT_TOKENS)
+    return model, inp
 
 
 def _graph(step):
@@ -184,15 +212,10 @@ def _graph(step):
 
 
 def run_variant(variant: str, mode: dict, args, flops: float, ceiling: float, profile_dir: Path | None) -> dict:
-    _set_backends(variant)
-    cfg = DIT_CONFIGS[mode["config"]]
     B = mode["batch"]
     row = dict(variant=variant)
     try:
-        model = _build(variant, cfg)
-        inp = _inputs(cfg, B, mode["latent"])
-        if "-cut" in variant:
-            inp["y"], inp["y_mask"] = trim_padding(inp["y"], inp["y_mask"], REAL_TOKENS, CAPTION_BUCKET, TEXT_TOKENS)
+        model, inp = build_case(variant, mode)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()  # from here: a CUDA graph's pool is allocated at capture
         t0 = time.perf_counter()

@@ -48,8 +48,9 @@ from kernels.launch import (
 # gained nothing (36.7 us at 1 stage, 37.0 at 3), so it stays unpipelined. Swept again on an H100 at both
 # Sana-0.6B's shape and Sana-1.6B's (x (8, 1024, 2240): `--shape 8,1024,2240`; bench/results/adaln_h100*.json):
 # the backward reductions at one row a tile (ELEMENTS 2048) and 4 warps were best or within 2% at both; at 1.6B's
-# width the 4- and 2-row tiles had left modulate backward at 69.8 us (now 58.6) and residual backward at 54.1 us
-# (now 45.9), 0.8 ms a 1.6B step; at 0.6B's 57.1 -> 54.3 and 46.8 -> 46.7 us.
+# width the 8192-element tiles (two rows there) had left modulate backward at 69.8 us and residual backward at
+# 54.1 us, now 58.5 and 46.1 (bench/results/adaln_h100_1.6b_config.json; 0.8 ms a 1.6B step); at 0.6B's width
+# 57.1 -> 54.0 and 46.8 -> 46.7 us (adaln_h100_config.json).
 CONFIG = {
     "modulate_fwd": {"ELEMENTS": 1024, "num_warps": 2},
     "modulate_bwd": {"ELEMENTS": 2048, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 3},
