@@ -16,6 +16,9 @@ Variants (the same weights, copied through to_diffusers_state_dict, and the same
                       real tokens in 128 positions instead of 300; same loss up to rounding); its MFU counts
                       the 300-token model FLOPs of the other rows, so it reads as work done per second
   ours-graphed-cut    both: what the trainer runs with model.cuda_graphs=true and its default caption_bucket
+  ours-graphed-cut-topt  ours-graphed-cut with the trainer's default optimizer on CUDA, training.optim.TritonAdamW
+                      (the same AdamW step in one Triton kernel that also writes the bf16 weight copies the next
+                      forward reads); every other variant runs torch's fused AdamW
   ours-graphed-cut-xattn  the same with our Triton cross-attention (SANA_CROSS_ATTENTION_BACKEND=triton; opt-in,
                       the default is SDPA on cuDNN: kernels.cross_attention). The results of 2026-12-05
                       (`*_xattn.json`) were measured while the Triton kernels were the default: their
@@ -36,6 +39,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,11 +48,12 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bench.timing import gpu_tag  # noqa: E402
+from kernels.linear import copies_checked_by_caller  # noqa: E402
 from sana_core.dit import DIT_CONFIGS, LinearDiT, to_diffusers_state_dict  # noqa: E402
 from sana_core.flow import FlowConfig, flow_loss  # noqa: E402
 from sana_core.text_encoder import CAPTION_BUCKET, trim_padding  # noqa: E402
 from training.graphs import GraphedModel  # noqa: E402
-from training.optim import clip_gradients  # noqa: E402
+from training.optim import TritonAdamW, clip_gradients  # noqa: E402
 
 PEAK_TFLOPS = 989.0  # dense bf16, H100/H200 SXM
 MODES = {
@@ -59,7 +64,7 @@ MODES = {
     "infer-0.6b-4k-b2": dict(kind="infer", config="sana-0.6b", batch=2, latent=128),
 }
 VARIANTS = ("diffusers", "diffusers-compiled", "ours", "ours-compiled", "ours-graphed", "ours-reference", "ours-cut",
-            "ours-graphed-cut", "ours-graphed-cut-xattn")
+            "ours-graphed-cut", "ours-graphed-cut-topt", "ours-graphed-cut-xattn")
 TEXT_TOKENS, REAL_TOKENS = 300, 120
 
 
@@ -144,14 +149,14 @@ def _amp(graphed: bool) -> dict:
     return dict(device_type="cuda", dtype=torch.bfloat16, cache_enabled=not graphed)
 
 
-def _step_fn(model, inp: dict, kind: str, graphed: bool = False):
+def _step_fn(model, inp: dict, kind: str, graphed: bool = False, triton_adamw: bool = False):
     amp = _amp(graphed)
     if kind == "infer":
         def step():
             with torch.no_grad(), torch.autocast(**amp):
                 return model(inp["x0"], inp["t"], inp["y"], inp["y_mask"]).float().square().mean()
         return _graph(step) if graphed else step
-    opt, forward_backward = train_parts(model, inp, graphed)
+    opt, forward_backward = train_parts(model, inp, graphed, triton_adamw)
 
     def step():
         loss = forward_backward()
@@ -161,12 +166,13 @@ def _step_fn(model, inp: dict, kind: str, graphed: bool = False):
     return step
 
 
-def train_parts(model, inp: dict, graphed: bool):
+def train_parts(model, inp: dict, graphed: bool, triton_adamw: bool = False):
     """A training step in two parts: -> (fused AdamW over the model's parameters, forward_backward), where
     forward_backward() runs the loss, its backward and the gradient clipping and returns the loss; the step is
-    forward_backward() then the optimizer's step and zero_grad (bench_optimizer_overlap.py runs them apart)."""
+    forward_backward() then the optimizer's step and zero_grad (bench_optimizer_overlap.py runs them apart).
+    triton_adamw: training.optim.TritonAdamW instead of torch's fused kernel."""
     amp = _amp(graphed)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = (TritonAdamW if triton_adamw else partial(torch.optim.AdamW, fused=True))(model.parameters(), lr=1e-4)
     flow = FlowConfig(shift=3.0)
     forward = GraphedModel(model) if graphed else model  # what the trainer runs with model.cuda_graphs=true
 
@@ -199,7 +205,7 @@ def _graph(step):
         first = step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph), copies_checked_by_caller():  # the weights do not change: as in the pipeline
         out = step()
     calls = [first]  # the first call returns the warm-up's result; replays run the captured forward
 
@@ -219,7 +225,7 @@ def run_variant(variant: str, mode: dict, args, flops: float, ceiling: float, pr
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()  # from here: a CUDA graph's pool is allocated at capture
         t0 = time.perf_counter()
-        step = _step_fn(model, inp, mode["kind"], graphed="graphed" in variant)
+        step = _step_fn(model, inp, mode["kind"], graphed="graphed" in variant, triton_adamw=variant.endswith("-topt"))
         first_loss = step().item()
         row["first_step_s"] = time.perf_counter() - t0
         for _ in range(args.warmup):

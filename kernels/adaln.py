@@ -1,7 +1,7 @@
 """AdaLN-single's two per-block idioms, with a PyTorch reference and fused Triton kernels.
 
     modulate:        y = layer_norm(x) * (1 + scale) + shift      (no affine weights)
-    gated residual:  y = x + gate * branch
+    gated residual:  y = x + gate * branch   (optionally also giving the gradient of a bias already in branch)
     add + modulate:  s = x + branch, y = modulate(s)   (a residual add whose sum is then modulated, in one pass)
     modulate tee:    (x, modulate(x)) for an x that the residual stream also carries on: the backward adds
                      the stream's gradient of x into modulate's dx in its kernel (no separate add kernel)
@@ -91,10 +91,21 @@ def modulate_tee(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps:
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor,
-                   backend: str | None = None) -> torch.Tensor:
-    """x + gate * branch; x and branch (B, N, C), gate (B, 1, C)."""
+                   backend: str | None = None, branch_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x + gate * branch; x and branch (B, N, C), gate (B, 1, C).
+
+    branch_bias (C): the bias that the branch's last GEMM has added into branch with its gradient cut
+    (kernels.linear.linear_bias_out); its gradient, the column sums of dbranch = gate * dy over (B, N), is taken
+    here, in branch_bias's dtype: on the Triton back-end by the backward kernel that writes dbranch (a second
+    partial row beside dgate's), instead of a ones^T dbranch GEMM of its own. On the reference path it is added
+    as an exact + 0 that carries that gradient (the model never passes one there: off the fast path
+    linear_bias_out leaves the bias to its GEMM and gives None)."""
+    if branch_bias is not None and branch_bias.shape != branch.shape[-1:]:
+        raise ValueError(f"gated residual: branch_bias must be ({branch.shape[-1]},), got {tuple(branch_bias.shape)}")
     if resolve_block_backend(x, backend) == "triton":
         from kernels.triton_adaln import gated_residual_triton
 
-        return gated_residual_triton(x, gate, branch)
+        return gated_residual_triton(x, gate, branch, branch_bias)
+    if branch_bias is not None:  # + 0 exactly, with branch_bias's gradient dbranch's column sum
+        branch = branch + (branch_bias - branch_bias.detach()).to(branch.dtype)
     return gated_residual_reference(x, gate, branch)

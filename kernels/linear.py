@@ -24,10 +24,19 @@ gradient in its epilogue (addmm, beta 1).
 gradient itself, from a kernel that has the column sums of dy in registers as it writes dy (kernels.mixffn's
 depthwise GLU): the ones^T dy GEMM goes (48.7 us a block for Mix-FFN's 5760 columns at batch 16).
 
-`weight_casts(params, dtype)`: within it, linear() reads `dtype` copies of the given float32 weights and biases
-made on entry by one multi-tensor cast (torch._foreach_copy_ into one buffer), instead of a cast kernel per
-weight and bias at each call: at Sana-0.6B's training step that was 413 small kernels a step (1.6 ms of GPU time
-on the H200 and a launch gap each). The model's forward opens it (sana_core.dit.LinearDiT) on the fast path.
+`weight_casts(params, dtype, copies)`: within it, linear() reads `dtype` copies of the given float32 weights and
+biases instead of a cast kernel per weight and bias at each call (at Sana-0.6B's training step that was 413 small
+kernels a step, 1.6 ms of GPU time on the H200 and a launch gap each): one multi-tensor cast (torch._foreach_copy_)
+into a buffer made on entry. Where an optimizer writes the copies as it steps (kernels.adamw via
+training.optim.TritonAdamW, which asks with `keep_copies`), they are instead a persistent `WeightCopies`, recast
+only when a parameter changed since the copies were written, which its version counter and address tell (every
+in-place op bumps the version; the optimizer bumps it after its kernel and marks the copies written). The
+model's forward opens weight_casts (sana_core.dit.LinearDiT) on the fast path.
+
+A CUDA graph that captures a forward reads the copies' buffer at replay without the check, so a capture uses
+them only inside `copies_checked_by_caller()`, which a caller opens when it refreshes them before each replay
+(training.graphs) or replays only while the weights cannot change (one sampling call); other captures cast into
+a buffer of their own each replay, as before.
 
 Backend choice: kernels.block_backend (SANA_BLOCK_BACKEND), with the block's other fused ops; under
 torch.compile the plain F.linear (the compiler plans its own backward). Inference (no gradient) is F.linear.
@@ -40,32 +49,121 @@ from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from kernels.block_backend import resolve_block_backend
 
 CAST_ONCE = True  # False: weight_casts does nothing (every call casts its own weight, as before; tests compare)
 _CASTS: ContextVar[dict[int, torch.Tensor] | None] = ContextVar("sana_weight_casts", default=None)
+_CAPTURE_OK: ContextVar[bool] = ContextVar("sana_copies_checked_by_caller", default=False)
+# parameter -> (its WeightCopies, its copy): how kernels.adamw's optimizer finds the copies it writes
+_COPY_OF = WeakIdKeyDictionary()  # by identity: tensors compare elementwise
+_WRITERS = WeakIdKeyDictionary()  # parameter -> True: an optimizer writes its copy (keep_copies)
+
+
+class WeightCopies:
+    """Persistent `dtype` copies of float32 parameters in one buffer (see the module docstring)."""
+
+    def __init__(self, params: list[torch.Tensor], dtype: torch.dtype):
+        self.params, self.dtype = params, dtype
+        # each copy at a 128-byte boundary of the one buffer (the optimizer's kernel moves aligned ones 16 bytes
+        # at a time)
+        pad = 128 // torch.empty((), dtype=dtype).element_size()
+        sizes = [-(-p.numel() // pad) * pad for p in params]
+        flat = torch.empty(sum(sizes), dtype=dtype, device=params[0].device)
+        self.copies = [v[:p.numel()].view(p.shape) for v, p in zip(flat.split(sizes), params)]
+        self._stamp: list[tuple[int, int]] | None = None  # (address, version) of each parameter when cast
+        for p, c in zip(params, self.copies):
+            _COPY_OF[p] = (self, c)
+
+    def matches(self, params: list[torch.Tensor], dtype: torch.dtype) -> bool:
+        """Whether these are copies of exactly `params` in dtype, on their device (a model moves as a whole)."""
+        return (dtype == self.dtype and len(params) == len(self.params)
+                and all(a is b for a, b in zip(params, self.params)) and params[0].device == self.copies[0].device)
+
+    def _now(self) -> list[tuple[int, int]]:
+        return [(p.data_ptr(), p._version) for p in self.params]
+
+    def fresh(self) -> bool:
+        return self._stamp == self._now()
+
+    def refresh(self) -> None:
+        """Cast again if any parameter changed since the copies were last written."""
+        if not self.fresh():
+            with torch.no_grad():
+                torch._foreach_copy_(self.copies, self.params)
+            self._stamp = self._now()
+
+    def written(self) -> None:
+        """The copies were just written from the current parameters (by the optimizer's kernel)."""
+        self._stamp = self._now()
+
+    def release(self) -> None:
+        """Forget these copies (replaced by others): the optimizer stops writing them."""
+        for p in self.params:
+            if _COPY_OF.get(p, (None,))[0] is self:
+                del _COPY_OF[p]
+
+
+def copy_of(p: torch.Tensor) -> tuple[WeightCopies, torch.Tensor] | None:
+    """(the WeightCopies holding p, p's copy), or None."""
+    return _COPY_OF.get(p)
+
+
+def keep_copies(params: Iterable[torch.Tensor]) -> None:
+    """An optimizer that writes these parameters' copies as it steps them (kernels.adamw) asks for persistent
+    ones: without such a writer a model casts into a fresh buffer each forward (nothing to gain from keeping
+    copies that every step makes stale, and nothing held between forwards)."""
+    for p in params:
+        _WRITERS[p] = True
+
+
+def copies_kept(params: list[torch.Tensor]) -> bool:
+    return bool(params) and all(p in _WRITERS for p in params)
 
 
 @contextlib.contextmanager
-def weight_casts(params: Iterable[torch.Tensor], dtype: torch.dtype) -> Iterator[None]:
-    """Within: linear() takes these parameters as `dtype` copies cast here in one multi-tensor kernel (see the
-    module docstring). Parameters already in `dtype`, or not plain CUDA/CPU parameters (an FSDP2 DTensor, which
-    its own hooks unshard later), are left to the per-call cast."""
+def copies_checked_by_caller() -> Iterator[None]:
+    """Within: a CUDA-graph capture may read persistent weight copies (the caller refreshes them before every
+    replay, or replays only while the weights cannot change)."""
+    token = _CAPTURE_OK.set(True)
+    try:
+        yield
+    finally:
+        _CAPTURE_OK.reset(token)
+
+
+def castable(params: Iterable[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """The parameters weight_casts takes: plain (not FSDP2 DTensor, which its own hooks unshard later)
+    floating-point Parameters not already in dtype, each once."""
     seen: dict[int, torch.Tensor] = {}
     for p in params:
         if (p is not None and type(p) is torch.nn.Parameter and p.dtype != dtype and p.is_floating_point()
                 and id(p) not in seen):
             seen[id(p)] = p
-    if not CAST_ONCE or not seen or _CASTS.get() is not None:
+    return list(seen.values())
+
+
+@contextlib.contextmanager
+def weight_casts(params: Iterable[torch.Tensor], dtype: torch.dtype,
+                 copies: WeightCopies | None = None) -> Iterator[None]:
+    """Within: linear() takes these parameters (those castable() keeps) as `dtype` copies: `copies`' when they
+    hold exactly those (refreshed here where a parameter changed), else (or inside a CUDA-graph capture not opted
+    in) a buffer cast here in one multi-tensor kernel (see the module docstring)."""
+    params = castable(params, dtype)
+    if not CAST_ONCE or not params or _CASTS.get() is not None:
         yield
         return
-    src = list(seen.values())
-    flat = torch.empty(sum(p.numel() for p in src), dtype=dtype, device=src[0].device)
-    dst = [v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in src]), src)]
-    with torch.no_grad():
-        torch._foreach_copy_(dst, src)
-    token = _CASTS.set(dict(zip(seen, dst)))
+    capturing = params[0].is_cuda and torch.cuda.is_current_stream_capturing()
+    if copies is not None and copies.matches(params, dtype) and (not capturing or _CAPTURE_OK.get()):
+        copies.refresh()
+        dst = copies.copies
+    else:
+        flat = torch.empty(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
+        dst = [v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in params]), params)]
+        with torch.no_grad():
+            torch._foreach_copy_(dst, params)
+    token = _CASTS.set({id(p): c for p, c in zip(params, dst)})
     try:
         yield
     finally:

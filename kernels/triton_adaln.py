@@ -9,11 +9,13 @@ graph breaks; autograd, activation checkpointing and FSDP2 see ordinary ops).
                    modulate's with s's own gradient added in the kernel (x and branch both get the sum)
     residual fwd   x, gate, branch         -> x + gate * branch
     residual bwd   dy, gate, branch        -> dbranch = gate * dy, dgate = sum_n dy * branch   (dx = dy)
+                   (with a branch bias: also dbias = sum_b gate_b * sum_n dy, the column sums of dbranch, for
+                   a bias that the branch's last GEMM added with its gradient cut, kernels.linear.linear_bias_out)
 
 Each forward reads its inputs once and writes y once in x's dtype (bf16 in training), the float32
 LayerNorm output and the float32 product that eager PyTorch materialises under autocast never exist.
 The backward kernels loop over the tokens of one image, keep the per-channel sums (dshift, dscale,
-dgate) in float32 registers and write one partial row per program, summed afterwards (a few MB,
+dgate, dbias) in float32 registers and write one partial row per program, summed afterwards (a few MB,
 deterministic: no atomics).
 """
 from __future__ import annotations
@@ -156,13 +158,17 @@ def _residual_fwd(x_ptr, gate_ptr, branch_ptr, y_ptr, M, N, C, s_gate,
 
 @triton.jit
 def _residual_bwd(dy_ptr, gate_ptr, branch_ptr, dbranch_ptr, part_ptr, N, C, s_gate, tiles_per_prog,
-                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr, BIAS_SUM: tl.constexpr):
+    """BIAS_SUM: a second partial row, dbranch's column sum over the program's tokens (the gradient of a bias
+    already in branch), taken as gate * sum_n dy: the gate is one row for the whole program, so it costs an
+    add an element, where the branch's linear would run a ones^T dbranch GEMM of its own."""
     b = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
     gate = tl.load(gate_ptr + b * s_gate + cols, mask=cmask, other=0.0).to(tl.float32)
     dgate = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for i in tl.range(tiles_per_prog, num_stages=STAGES):
         n = (chunk * tiles_per_prog + i) * BLOCK_R + tl.arange(0, BLOCK_R)
         mask = (n < N)[:, None] & cmask[None, :]
@@ -170,8 +176,15 @@ def _residual_bwd(dy_ptr, gate_ptr, branch_ptr, dbranch_ptr, part_ptr, N, C, s_g
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         branch = tl.load(branch_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dgate += tl.sum(dy * branch, axis=0)
+        if BIAS_SUM:
+            dsum += tl.sum(dy, axis=0)
         tl.store(dbranch_ptr + offs, (dy * gate[None, :]).to(dbranch_ptr.dtype.element_ty), mask=mask)
-    tl.store(part_ptr + (b * tl.num_programs(1) + chunk) * C + cols, dgate, mask=cmask)
+    if BIAS_SUM:  # rows (dgate, dbias) a program, as modulate backward's (dshift, dscale)
+        part = part_ptr + (b * tl.num_programs(1) + chunk) * 2 * C
+        tl.store(part + cols, dgate, mask=cmask)
+        tl.store(part + C + cols, gate * dsum, mask=cmask)
+    else:
+        tl.store(part_ptr + (b * tl.num_programs(1) + chunk) * C + cols, dgate, mask=cmask)
 
 
 _modulate_fwd_launch = Launcher(_modulate_fwd)
@@ -375,7 +388,10 @@ _add_modulate_op.register_autograd(_add_modulate_backward, setup_context=_add_mo
 
 
 @kernel_op("sana::gated_residual")
-def _gated_residual_op(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+def _gated_residual_op(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor,
+                       branch_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """-> x + gate * branch. branch_bias (C,): a bias already in branch (added by its GEMM with the gradient cut,
+    kernels.linear.linear_bias_out); not read, here for its gradient, which the backward kernel takes."""
     x, branch = _check(x, "gated residual x"), branch.contiguous()
     if branch.shape != x.shape:
         raise ValueError(f"gated residual: branch {tuple(branch.shape)} must have x's shape {tuple(x.shape)}")
@@ -390,44 +406,52 @@ def _gated_residual_op(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor
 
 
 @_gated_residual_op.register_fake
-def _(x, gate, branch):
+def _(x, gate, branch, branch_bias=None):
     return x.new_empty(x.shape)
 
 
 @kernel_op("sana::gated_residual_backward")
-def _gated_residual_backward_op(dy: torch.Tensor, gate: torch.Tensor,
-                                branch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> dbranch (like branch), partial sums (B, chunks, C) float32 of dgate."""
+def _gated_residual_backward_op(dy: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor,
+                                bias_sum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> dbranch (like branch), partial sums (B, chunks, C) float32 of dgate; with bias_sum (B, chunks, 2, C):
+    dgate ([:, :, 0]) and dbranch's column sums ([:, :, 1], the branch bias's gradient once summed over B too)."""
     dy, branch = dy.contiguous(), branch.contiguous()
     B, N, C = branch.shape
     gate2, s_gate = _rows(gate, B, C, "gated residual gate")
     dbranch = branch.new_empty(branch.shape)
     block_r, block_c, opts = _tile(C, "residual_bwd")
     chunks, tiles_per = _reduce_grid(B, N, block_r, device_index(branch), "residual_bwd")
-    part = partial_sums(branch, (B, chunks, C))
+    part = partial_sums(branch, (B, chunks, 2, C) if bias_sum else (B, chunks, C))
     if branch.numel():
         _residual_bwd_launch((B, chunks), device_index(branch), (dy, gate2, branch, dbranch, part),
-                             (N, C, s_gate, tiles_per), (block_r, block_c, CONFIG["residual_bwd"]["STAGES"]), opts)
+                             (N, C, s_gate, tiles_per),
+                             (block_r, block_c, CONFIG["residual_bwd"]["STAGES"], bool(bias_sum)), opts)
     return dbranch, part
 
 
 @_gated_residual_backward_op.register_fake
-def _(dy, gate, branch):
+def _(dy, gate, branch, bias_sum=False):
     B, N, C = branch.shape
     chunks, _ = _reduce_grid(B, N, _tile(C, "residual_bwd")[0], device_index(branch), "residual_bwd")
-    return branch.new_empty(branch.shape), branch.new_empty((B, chunks, C), dtype=torch.float32)
+    shape = (B, chunks, 2, C) if bias_sum else (B, chunks, C)
+    return branch.new_empty(branch.shape), branch.new_empty(shape, dtype=torch.float32)
 
 
 def _gated_residual_setup(ctx, inputs, output):
-    x, gate, branch = inputs
+    x, gate, branch, *bias = inputs  # branch_bias may be left out (its default, None)
     ctx.x_dtype = x.dtype
+    ctx.bias_dtype = bias[0].dtype if bias and bias[0] is not None else None
     ctx.save_for_backward(gate, branch)
 
 
 def _gated_residual_backward(ctx, dy):
     gate, branch = ctx.saved_tensors
-    dbranch, part = _gated_residual_backward_op.within(ctx)(dy, gate, branch)
-    return dy.to(ctx.x_dtype), _reduce_rows(part, gate), dbranch
+    if ctx.bias_dtype is None:
+        dbranch, part = _gated_residual_backward_op.within(ctx)(dy, gate, branch)
+        return dy.to(ctx.x_dtype), _reduce_rows(part, gate), dbranch, None
+    dbranch, part = _gated_residual_backward_op.within(ctx)(dy, gate, branch, True)
+    d = part.sum(1)  # (B, 2, C): one reduction over the chunks for both
+    return dy.to(ctx.x_dtype), _fit(d[:, 0], gate), dbranch, d[:, 1].sum(0).to(ctx.bias_dtype)
 
 
 _gated_residual_op.register_autograd(_gated_residual_backward, setup_context=_gated_residual_setup)
@@ -488,5 +512,6 @@ def modulate_quant_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Ten
     return _guarded(_modulate_quant_op, x, shift, scale, float(eps), fmt)
 
 
-def gated_residual_triton(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    return _guarded(_gated_residual_op, x, gate, branch)
+def gated_residual_triton(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor,
+                          branch_bias: torch.Tensor | None = None) -> torch.Tensor:
+    return _guarded(_gated_residual_op, x, gate, branch, branch_bias)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,16 @@ from torch.utils.checkpoint import checkpoint
 from kernels import adaln
 from kernels.block_backend import resolve_block_backend
 from kernels.cross_attention import cross_attention
-from kernels.linear import autocast_dtype, linear, linear_bias_out, linear_tee, weight_casts
+from kernels.linear import (
+    WeightCopies,
+    autocast_dtype,
+    castable,
+    copies_kept,
+    linear,
+    linear_bias_out,
+    linear_tee,
+    weight_casts,
+)
 from kernels.linear_attention import linear_attention_packed
 from kernels.mixffn import depthwise_glu
 from sana_core.errors import SanaError
@@ -207,11 +217,13 @@ class LinearSelfAttention(nn.Module):
         self.qkv = Linear(dim, 3 * dim, bias=bias)
         self.proj = Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, N, C) -> (attention output, proj's bias or None): the bias is already in the output, its gradient
+        left to the gated residual that reads it (see bias_out)."""
         B, N, C = x.shape
         # A view, not a copy: the attention reads the projection output in place (and its gradient is one tensor).
         qkv = self.qkv(x).view(B, N, 3, self.heads, C // self.heads)  # (B, N, 3, H, D)
-        return self.proj(linear_attention_packed(qkv).reshape(B, N, C))
+        return bias_out(self.proj, linear_attention_packed(qkv).reshape(B, N, C))
 
 
 class CrossAttention(nn.Module):
@@ -244,12 +256,16 @@ class MixFFN(nn.Module):
         self.point = Linear(hidden, dim, bias=False)
         self.register_load_state_dict_pre_hook(_conv1x1_as_linear)
 
-    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:  # x (B, N, C)
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, N, C) -> (B, N, C) and point's bias or None, as LinearSelfAttention's (point has none in Sana)."""
         x, in_bias = bias_out(self.inverted, x)  # (B, N, 2 * hidden); in_bias's gradient comes from the GLU
         # silu, 3x3, x * silu(gate): (B, N, hidden)
         x = depthwise_glu(x, self.depthwise.weight, self.depthwise.bias, hw, in_bias=in_bias)
-        return self.point(x)  # (B, N, C)
+        return bias_out(self.point, x)
 
+
+# LinearDiT -> its WeightCopies, kept off the module so that deepcopy, state_dict and .to() never see the buffer
+_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 _CONV1X1 = ("inverted.weight", "point.weight")  # MixFFN's projections, 1x1 convolutions in diffusers and before
 
@@ -276,10 +292,13 @@ class LinearDiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + t_mod.reshape(x.shape[0], 6, -1)).chunk(6, dim=1)  # each (B, 1, C)
         x, h = modulate_tee(self.norm1, x, shift_msa, scale_msa, self.attn.qkv)
-        x = adaln.gated_residual(x, gate_msa, self.attn(h))
+        # the branches' output biases get their gradients from the gated residuals' backward kernel (bias_out)
+        h, bias = self.attn(h)
+        x = adaln.gated_residual(x, gate_msa, h, branch_bias=bias)
         x, c = self.cross_attn(x, y, y_bias)
         x, h = add_modulate(self.norm2, x, c, shift_mlp, scale_mlp, self.mlp.inverted)
-        x = adaln.gated_residual(x, gate_mlp, self.mlp(h, hw))
+        h, bias = self.mlp(h, hw)
+        x = adaln.gated_residual(x, gate_mlp, h, branch_bias=bias)
         return x
 
 
@@ -308,17 +327,30 @@ class LinearDiT(nn.Module):
             return self._forward(x, t, y, y_mask)
 
     def _weight_casts(self, x: torch.Tensor):
-        """On the fast path under autocast: the Linear layers' weights and biases cast once a forward, in one
-        multi-tensor kernel (kernels.linear.weight_casts), not one cast kernel each a call."""
+        """On the fast path under autocast: the Linear layers' weights and biases cast once a forward in one
+        multi-tensor kernel (kernels.linear.weight_casts), not one cast kernel each a call; where an optimizer
+        writes the copies as it steps (training.optim.TritonAdamW: kernels.linear.keep_copies), persistent copies
+        recast only after a weight changed any other way."""
         dtype = autocast_dtype(x)
         if dtype is None or torch.compiler.is_compiling() or resolve_block_backend(x) != "triton":
             return contextlib.nullcontext()
         # not the layers of compiled blocks (sana_core.pipeline.compile_blocks): the compiler casts those itself
         compiled = {id(m) for b in self.blocks if getattr(b, "_compiled_call_impl", None) is not None
                     for m in b.modules()}
-        params = [p for m in self.modules() if isinstance(m, Linear) and id(m) not in compiled
-                  for p in (m.weight, m.bias) if p is not None]
-        return weight_casts(params, dtype)
+        params = castable((p for m in self.modules() if isinstance(m, Linear) and id(m) not in compiled
+                           for p in (m.weight, m.bias)), dtype)
+        copies = _COPIES.get(self)
+        if copies_kept(params) and (copies is None or not copies.matches(params, dtype)):
+            if copies is not None:
+                copies.release()
+            copies = _COPIES[self] = WeightCopies(params, dtype)
+        return weight_casts(params, dtype, copies)
+
+    def refresh_weight_copies(self) -> None:
+        """Recast the persistent weight copies if a weight changed (before replaying a captured forward)."""
+        copies = _COPIES.get(self)
+        if copies is not None:
+            copies.refresh()
 
     def _forward(self, x, t, y, y_mask):
         B, C, H, W = x.shape

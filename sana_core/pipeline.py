@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kernels.linear import copies_checked_by_caller
 from sana_core.autoencoder import Autoencoder
 from sana_core.dit import LinearDiT
 from sana_core.errors import SanaError
@@ -110,7 +111,8 @@ class _GraphedSteps:
                 s.copy_(a)
             try:
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                # the weights cannot change within the call: the replays may read the persistent weight copies
+                with torch.cuda.graph(graph), copies_checked_by_caller():
                     self.out = self.fn(*self.static)
                 self.graph = graph
             except RuntimeError:  # noqa: BLE001 - something in the forward is not capturable: stay eager

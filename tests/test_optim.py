@@ -67,3 +67,26 @@ def test_clip_gradients_equals_clip_grad_norm_then_step(fused, max_norm):
         assert min(n_ref) > 10 * max_norm  # clipping engaged at every step
     for a, b in zip(w_ours, w_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_triton_adamw_is_opt_in_and_refused_where_it_cannot_run():
+    from training.optim import TritonAdamW
+
+    assert type(build_optimizer(torch.nn.Linear(2, 2), OptimConfig())) is torch.optim.AdamW  # the default
+    assert type(build_optimizer(torch.nn.Linear(2, 2), OptimConfig(triton=True))) is TritonAdamW
+    with pytest.raises(SanaError, match="optim.triton=true is a fused kernel") as e:
+        build_optimizer(torch.nn.Linear(2, 2), OptimConfig(triton=True, fused=False))
+    assert "\n" not in str(e.value)
+    with pytest.raises(SanaError, match="optim.name=came has none"):
+        build_optimizer(torch.nn.Linear(2, 2), OptimConfig(name="came", triton=True))
+
+
+def test_triton_adamw_on_the_cpu_takes_torchs_fused_step():
+    """Where Triton cannot run (CPU tensors without the interpreter) the whole step goes to torch's fused kernel:
+    the same weights as torch's fused AdamW, bit for bit."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("under the interpreter the Triton kernel runs on CPU tensors (tests/kernels/test_adamw.py)")
+    cfg = dict(lr=1e-2, weight_decay=0.1)
+    assert torch.equal(_step(OptimConfig(**cfg, triton=True))[1], _step(OptimConfig(**cfg, fused=True))[1])

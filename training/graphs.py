@@ -18,6 +18,10 @@ replay's outputs (the prediction, the input and parameter gradients) are consume
 replays: the trainer's loss and backward follow each forward directly, and the optimizer step and zero_grad
 come before the next step's first replay.
 
+Weights: the captured forward reads the model's persistent bf16 weight copies (kernels.linear.WeightCopies) without
+the check an eager forward makes, so every call refreshes them first (nothing to do after the Triton AdamW's
+step, which writes them; one multi-tensor cast after any other change of a weight).
+
 Gradient accumulation: autograd steals a graph's static gradient buffer as a parameter's .grad when .grad is
 None (pytorch/pytorch#181723), so the next replay of that graph would overwrite the accumulated gradient and
 then add it to itself. `detach_gradients` after the first micro-batch's backward gives the .grad tensors their
@@ -31,6 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.linear import copies_checked_by_caller
 from sana_core.errors import SanaError
 
 MAX_SHAPES = 64  # captures share one memory pool; each costs a capture (~1 s) and its kernel parameters
@@ -68,9 +73,13 @@ class GraphedModel:
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             inputs = (x.detach(), t.detach(), y.detach(), y_mask.detach())
-            call = torch.cuda.make_graphed_callables(_Call(self.model), inputs, allow_unused_input=True,
-                                                     pool=self.pool)
+            with copies_checked_by_caller():  # refreshed below before every replay
+                call = torch.cuda.make_graphed_callables(_Call(self.model), inputs, allow_unused_input=True,
+                                                         pool=self.pool)
             self.graphs[key] = call
+        refresh = getattr(self.model, "refresh_weight_copies", None)
+        if refresh is not None:
+            refresh()
         return call(x, t, y, y_mask)
 
     @staticmethod

@@ -98,6 +98,50 @@ def test_gated_residual_matches_float64(shape, dtype):
     _check(fast, ref, [x, table, branch], dtype)
 
 
+# the reference adds the bias in the gate's float32 (an output dtype of its own), so it runs float32 only here
+@pytest.mark.parametrize("backend,dtype,gate_rows", [("triton", torch.bfloat16, "B"), ("triton", torch.float32, "B"),
+                                                     ("triton", torch.float32, "1"), ("torch", torch.float32, "B")],
+                         ids=str)
+@pytest.mark.parametrize("shape", ADALN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gated_residual_takes_the_branch_bias_gradient(shape, dtype, gate_rows, backend):
+    """branch_bias: the branch GEMM's bias, added into branch with its gradient cut (kernels.linear.linear_bias_out);
+    the gated residual gives it the column sums of gate * dy over (B, N) (on Triton a second partial row of the
+    backward kernel), as the uncut bias would get them: dx, dgate, dbranch and dbias against float64 autograd of
+    x + gate * (branch + bias), with one gate row per image or one broadcast over the batch."""
+    B, N, C = shape
+    torch.manual_seed(0)
+    x, branch = (_leaf(torch.randn(shape, device=DEVICE).to(dtype)) for _ in range(2))
+    table = _table(B if gate_rows == "B" else 1, C)
+    bias = _leaf(torch.randn(C, device=DEVICE) + 2)  # float32, as the parameter; off zero, so that its sum shows
+
+    def fast(x, table, branch, bias):
+        return gated_residual(x, table[:, 2:3], branch + bias.detach().to(dtype), backend=backend, branch_bias=bias)
+
+    def ref(x, table, branch, bias):
+        return gated_residual_reference(x, table[:, 2:3], branch + bias)
+
+    _check(fast, ref, [x, table, branch, bias], dtype)
+
+
+def test_gated_residual_bias_gradient_is_the_kernels_row():
+    """The Triton op's dbias is the kernel's second partial row, summed over the batch and the chunks: equal to
+    sum_b gate_b * sum_n dy (float32 sums in another order), and without a bias the partial sums are dgate's alone,
+    as before."""
+    from kernels import triton_adaln
+
+    B, N, C = 3, 37, 24
+    torch.manual_seed(0)
+    dy, branch = torch.randn(B, N, C, device=DEVICE), torch.randn(B, N, C, device=DEVICE)
+    gate = torch.randn(B, 1, C, device=DEVICE)
+    dbranch, part = triton_adaln._gated_residual_backward_op(dy, gate, branch, True)
+    dbranch0, part0 = triton_adaln._gated_residual_backward_op(dy, gate, branch)
+    assert part.dim() == 4 and part.shape[2] == 2 and part0.shape == part[:, :, 0].shape
+    assert torch.equal(dbranch, dbranch0) and torch.equal(part[:, :, 0], part0)
+    want = (gate.double() * dy.double().sum(1, keepdim=True)).sum((0, 1))
+    assert _rel(part[:, :, 1].sum((0, 1)), want) < 1e-6
+    assert _rel(part0.sum(1), (dy.double() * branch.double()).sum(1)) < 1e-6
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", ADALN_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_add_modulate_matches_float64(shape, dtype):
@@ -281,8 +325,14 @@ def test_custom_ops_pass_opcheck():
     for xin in (x, xt):
         torch.library.opcheck(torch.ops.sana.modulate, (xin, shift, scale, EPS))
         torch.library.opcheck(torch.ops.sana.gated_residual, (xin, gate, _leaf(torch.randn(B, H * W, C, device=DEVICE))))
+        torch.library.opcheck(torch.ops.sana.gated_residual, (xin, gate, _leaf(torch.randn(B, H * W, C, device=DEVICE)),
+                                                              _leaf(torch.randn(C, device=DEVICE))))
         torch.library.opcheck(torch.ops.sana.add_modulate,
                               (xin, _leaf(torch.randn(B, H * W, C, device=DEVICE)), shift, scale, EPS))
+    for bias_sum in (False, True):  # the backward op: its partial sums' shape in the fake implementation
+        torch.library.opcheck(torch.ops.sana.gated_residual_backward,
+                              (torch.randn(B, H * W, C, device=DEVICE), gate.detach(),
+                               torch.randn(B, H * W, C, device=DEVICE), bias_sum))
     u = _leaf(torch.randn(B, H * W, 2 * C, device=DEVICE))
     weight, bias = _leaf(torch.randn(2 * C, 1, 3, 3, device=DEVICE)), _leaf(torch.randn(2 * C, device=DEVICE))
     torch.library.opcheck(torch.ops.sana.depthwise_glu, (u, weight, bias, None, H, W))
@@ -297,17 +347,18 @@ def test_compiles_without_graph_breaks():
     x = _leaf(torch.randn(B, H * W, C, device=DEVICE))
     table = _leaf(torch.randn(B, 6, C, device=DEVICE))
     weight, bias = _leaf(torch.randn(2 * C, 1, 3, 3, device=DEVICE)), _leaf(torch.randn(2 * C, device=DEVICE))
+    out_bias = _leaf(torch.randn(C, device=DEVICE))
     lin = torch.randn(C, 2 * C, device=DEVICE)
 
-    def f(x, table, weight, bias):
+    def f(x, table, weight, bias, out_bias):
         h = modulate(x, table[:, 0:1], table[:, 1:2], EPS, backend="triton") @ lin
         h = depthwise_glu(h, weight, bias, (H, W), backend="triton")
         x2, h2 = add_modulate(x, h, table[:, 3:4], table[:, 4:5], EPS, backend="triton")
-        return gated_residual(x2, table[:, 2:3], h2, backend="triton")
+        return gated_residual(x2, table[:, 2:3], h2 + out_bias.detach(), backend="triton", branch_bias=out_bias)
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
-    inputs = (x, table, weight, bias)
+    inputs = (x, table, weight, bias, out_bias)
     eager_out, comp_out = f(*inputs), compiled(*inputs)
     eager_grads = torch.autograd.grad(eager_out.square().sum(), inputs)
     comp_grads = torch.autograd.grad(comp_out.square().sum(), inputs)
@@ -343,13 +394,16 @@ def test_eager_calls_match_the_dispatched_ops():
     bias = _leaf(torch.randn(2 * C, device=DEVICE))
     in_bias = _leaf(torch.randn(2 * C, device=DEVICE))
     branch = _leaf(torch.randn(B, H * W, C, device=DEVICE))
+    out_bias = _leaf(torch.randn(C, device=DEVICE))
     cases = [(triton_adaln._modulate_op, torch.ops.sana.modulate, (x, rows, EPS), (x, rows)),
              (triton_adaln._gated_residual_op, torch.ops.sana.gated_residual, (x, rows, branch), (x, rows, branch)),
+             (triton_adaln._gated_residual_op, torch.ops.sana.gated_residual, (x, rows, branch, out_bias),
+              (x, rows, branch, out_bias)),
              (triton_mixffn._depthwise_glu_op, torch.ops.sana.depthwise_glu, (u, weight, bias, in_bias, H, W),
               (u, weight, bias, in_bias)),
              (triton_adaln._add_modulate_op, torch.ops.sana.add_modulate, (x, branch, rows, EPS), (x, branch, rows))]
     views = {triton_adaln._modulate_op: lambda x, rows, eps: (x, rows[:, 0:1], rows[:, 1:2], eps),
-             triton_adaln._gated_residual_op: lambda x, rows, br: (x, rows[:, 2:3], br),
+             triton_adaln._gated_residual_op: lambda x, rows, br, *ob: (x, rows[:, 2:3], br, *ob),
              triton_adaln._add_modulate_op: lambda x, br, rows, eps: (x, br, rows[:, 3:4], rows[:, 4:5], eps)}
     for eager, op, args, tensors in cases:
         outs = []
