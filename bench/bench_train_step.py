@@ -16,7 +16,7 @@ Variants (the same weights, copied through to_diffusers_state_dict, and the same
                       real tokens in 128 positions instead of 300; same loss up to rounding); its MFU counts
                       the 300-token model FLOPs of the other rows, so it reads as work done per second
   ours-graphed-cut    both: what the trainer runs with model.cuda_graphs=true and its default caption_bucket
-  ours-graphed-cut-topt  ours-graphed-cut with the trainer's default optimizer on CUDA, training.optim.TritonAdamW
+  ours-graphed-cut-topt  ours-graphed-cut with the trainer's optim.triton=true optimizer, training.optim.TritonAdamW
                       (the same AdamW step in one Triton kernel that also writes the bf16 weight copies the next
                       forward reads); every other variant runs torch's fused AdamW
   ours-graphed-cut-xattn  the same with our Triton cross-attention (SANA_CROSS_ATTENTION_BACKEND=triton; opt-in,
