@@ -2,7 +2,8 @@
 
     modulate:        y = layer_norm(x) * (1 + scale) + shift      (no affine weights)
     gated residual:  y = x + gate * branch   (optionally also giving the gradient of a bias already in branch)
-    add + modulate:  s = x + branch, y = modulate(s)   (a residual add whose sum is then modulated, in one pass)
+    add + modulate:  s = x + branch, y = modulate(s)   (a residual add whose sum is then modulated, in one pass;
+                     optionally also giving the gradient of a bias already in branch)
     modulate tee:    (x, modulate(x)) for an x that the residual stream also carries on: the backward adds
                      the stream's gradient of x into modulate's dx in its kernel (no separate add kernel)
 
@@ -68,14 +69,25 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
 
 
 def add_modulate(x: torch.Tensor, branch: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 backend: str | None = None,
+                 branch_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + branch, modulate(x + branch)); x and branch (B, N, C). On the Triton back-end one kernel each way: the
     sum is written once and normalised as stored, and its backward adds the sum's own gradient (its other
-    consumers') into modulate's dx, the add autograd would otherwise run as a kernel of its own."""
+    consumers') into modulate's dx, the add autograd would otherwise run as a kernel of its own.
+
+    branch_bias (C): the bias that the branch's last GEMM has added into branch with its gradient cut
+    (kernels.linear.linear_bias_out); its gradient, the column sums over (B, N) of ds (the sum's gradient, which
+    branch gets), is taken here, in branch_bias's dtype: on the Triton back-end by the backward kernel that writes
+    ds (a third partial row beside dshift's and dscale's), instead of a ones^T ds GEMM of its own. On the reference
+    path it is added as an exact + 0 that carries that gradient, as in gated_residual."""
+    if branch_bias is not None and branch_bias.shape != branch.shape[-1:]:
+        raise ValueError(f"add_modulate: branch_bias must be ({branch.shape[-1]},), got {tuple(branch_bias.shape)}")
     if resolve_block_backend(x, backend) == "triton":
         from kernels.triton_adaln import add_modulate_triton
 
-        return add_modulate_triton(x, branch, shift, scale, eps)
+        return add_modulate_triton(x, branch, shift, scale, eps, branch_bias)
+    if branch_bias is not None:  # + 0 exactly, with branch_bias's gradient ds's column sum
+        branch = branch + (branch_bias - branch_bias.detach()).to(branch.dtype)
     return add_modulate_reference(x, branch, shift, scale, eps)
 
 

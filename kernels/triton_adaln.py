@@ -4,9 +4,12 @@ graph breaks; autograd, activation checkpointing and FSDP2 see ordinary ops).
 
     modulate fwd   x, shift, scale         -> y = (x - mean) * rstd * (1 + scale) + shift, mean, rstd
                    (inference, for a W8A8 linear: y quantised per token instead, q and its row scales)
-    modulate bwd   dy, x, scale, mean, rstd -> dx, dshift = sum_n dy, dscale = sum_n dy * xhat
+    modulate bwd   dy, x, scale, mean, rstd [, dres] -> dx (+ dres), dshift = sum_n dy, dscale = sum_n dy * xhat
+                   [, dbias = sum_n dx: the column sums of the dx written]
     add_modulate   x, branch, shift, scale -> s = x + branch and modulate(s) in one pass; its backward is
-                   modulate's with s's own gradient added in the kernel (x and branch both get the sum)
+                   modulate's with s's own gradient added in the kernel (x and branch both get the sum ds)
+                   (with a branch bias: also dbias = sum_b sum_n ds, the column sums of the dx it writes, for
+                   a bias that the branch's last GEMM added with its gradient cut, kernels.linear.linear_bias_out)
     residual fwd   x, gate, branch         -> x + gate * branch
     residual bwd   dy, gate, branch        -> dbranch = gate * dy, dgate = sum_n dy * branch   (dx = dy)
                    (with a branch bias: also dbias = sum_b gate_b * sum_n dy, the column sums of dbranch, for
@@ -106,10 +109,13 @@ def _modulate_fwd(x_ptr, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr,
 @triton.jit
 def _modulate_bwd(dy_ptr, x_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr, dres_ptr, N, C, s_scale,
                   tiles_per_prog, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
-                  STAGES: tl.constexpr):
+                  STAGES: tl.constexpr, BIAS_SUM: tl.constexpr):
     """ACC: dx also gets dres, the gradient x receives from its other consumers (add_modulate's residual
     stream), so that autograd needs no separate add of the two. STAGES: Triton's software pipeline over the
-    tile loop (the next tiles' loads in flight while one is reduced, as in kernels.triton_mixffn)."""
+    tile loop (the next tiles' loads in flight while one is reduced, as in kernels.triton_mixffn).
+    BIAS_SUM: a third partial row, the column sums of the final dx (the sum's gradient ds with ACC) over the
+    program's tokens, taken in float32 before dx's rounding: the gradient of a bias already in add_modulate's
+    branch, which the branch's linear would otherwise take with a ones^T ds GEMM of its own."""
     b = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = tl.arange(0, BLOCK_C)
@@ -117,6 +123,7 @@ def _modulate_bwd(dy_ptr, x_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr
     one_scale = 1.0 + tl.load(scale_ptr + b * s_scale + cols, mask=cmask, other=0.0).to(tl.float32)
     dshift = tl.zeros((BLOCK_C,), dtype=tl.float32)
     dscale = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for i in tl.range(tiles_per_prog, num_stages=STAGES):
         n = (chunk * tiles_per_prog + i) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = n < N
@@ -136,10 +143,14 @@ def _modulate_bwd(dy_ptr, x_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr
         dx = (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
         if ACC:
             dx += tl.load(dres_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if BIAS_SUM:  # padding rows add 0 (rstd and dres load as 0 there); padding columns are never stored
+            dsum += tl.sum(dx, axis=0)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    part = part_ptr + (b * tl.num_programs(1) + chunk) * 2 * C
+    part = part_ptr + (b * tl.num_programs(1) + chunk) * (3 if BIAS_SUM else 2) * C
     tl.store(part + cols, dshift, mask=cmask)
     tl.store(part + C + cols, dscale, mask=cmask)
+    if BIAS_SUM:  # rows (dshift, dscale, dbias) a program
+        tl.store(part + 2 * C + cols, dsum, mask=cmask)
 
 
 @triton.jit
@@ -247,6 +258,13 @@ def _reduce_shift_scale(part: torch.Tensor, shift: torch.Tensor, scale: torch.Te
     return _fit(d[:, 0], shift), _fit(d[:, 1], scale)
 
 
+def _reduce_shift_scale_bias(part: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, bias_dtype: torch.dtype):
+    """With bias_sum, (B, chunks, 3, C) -> (dshift, dscale, dbias): one reduction over the chunks for all three,
+    the bias's row summed over the batch too."""
+    d = part.sum(1)  # (B, 3, C)
+    return _fit(d[:, 0], shift), _fit(d[:, 1], scale), d[:, 2].sum(0).to(bias_dtype)
+
+
 def _modulate_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                    branch: torch.Tensor | None = None):
     """The forward modulate of x (of x + branch, also returned, when branch is given) -> sum, y, mean, rstd."""
@@ -309,29 +327,38 @@ def _(x, shift, scale, eps, fmt):
 
 @kernel_op("sana::modulate_backward")
 def _modulate_backward_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
-                          rstd: torch.Tensor, dres: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          rstd: torch.Tensor, dres: torch.Tensor | None = None,
+                          bias_sum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """-> dx (like x; plus dres, x's gradient from elsewhere, when given), partial sums (B, chunks, 2, C) float32
-    of dshift ([:, :, 0]) and dscale ([:, :, 1])."""
+    of dshift ([:, :, 0]) and dscale ([:, :, 1]); with bias_sum (B, chunks, 3, C), also dx's column sums
+    ([:, :, 2], add_modulate's branch bias's gradient once summed over B too)."""
     x, dy = x.contiguous(), dy.contiguous()
     B, N, C = x.shape
     scale2, s_scale = _rows(scale, B, C, "modulate scale")
     dx = x.new_empty(x.shape)
     block_r, block_c, opts = _tile(C, "modulate_bwd")
+    if bias_sum and block_r * block_c >= 4096:
+        # the third row's sums spill at 4 warps on a 4096-column tile (Sana-1.6B's 2240 channels: 255 registers
+        # and a 72-byte stack in an offline sm_90 compile, against 8 bytes without the row); at 8 warps 208
+        # registers, no stack, and ~2% slower there without the row (59.8 against 58.6 us, the sweep in
+        # bench/results/adaln_h100_1.6b.json)
+        opts = (("num_warps", 8),)
     chunks, tiles_per = _reduce_grid(B, N, block_r, device_index(x), "modulate_bwd")
-    part = partial_sums(x, (B, chunks, 2, C))
+    part = partial_sums(x, (B, chunks, 3 if bias_sum else 2, C))
     acc = dres is not None
     if x.numel():
         _modulate_bwd_launch((B, chunks), device_index(x),
                              (dy, x, scale2, mean, rstd, dx, part, dres.contiguous() if acc else dy),
-                             (N, C, s_scale, tiles_per), (block_r, block_c, acc, CONFIG["modulate_bwd"]["STAGES"]), opts)
+                             (N, C, s_scale, tiles_per),
+                             (block_r, block_c, acc, CONFIG["modulate_bwd"]["STAGES"], bool(bias_sum)), opts)
     return dx, part
 
 
 @_modulate_backward_op.register_fake
-def _(dy, x, scale, mean, rstd, dres=None):
+def _(dy, x, scale, mean, rstd, dres=None, bias_sum=False):
     B, N, C = x.shape
     chunks, _ = _reduce_grid(B, N, _tile(C, "modulate_bwd")[0], device_index(x), "modulate_bwd")
-    return x.new_empty(x.shape), x.new_empty((B, chunks, 2, C), dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty((B, chunks, 3 if bias_sum else 2, C), dtype=torch.float32)
 
 
 def _modulate_setup(ctx, inputs, output):
@@ -350,9 +377,12 @@ _modulate_op.register_autograd(_modulate_backward, setup_context=_modulate_setup
 
 
 @kernel_op("sana::add_modulate")
-def _add_modulate_op(x: torch.Tensor, branch: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> s = x + branch, modulate(s), mean, rstd: one read of each input, no separate add kernel."""
+def _add_modulate_op(x: torch.Tensor, branch: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                     branch_bias: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> s = x + branch, modulate(s), mean, rstd: one read of each input, no separate add kernel. branch_bias
+    (C,): a bias already in branch (added by its GEMM with the gradient cut, kernels.linear.linear_bias_out); not
+    read, here for its gradient, which the backward kernel takes."""
     x, branch = _check(x, "add_modulate x"), branch.contiguous()
     if branch.shape != x.shape:
         raise ValueError(f"add_modulate: branch {tuple(branch.shape)} must have x's shape {tuple(x.shape)}")
@@ -360,28 +390,34 @@ def _add_modulate_op(x: torch.Tensor, branch: torch.Tensor, shift: torch.Tensor,
 
 
 @_add_modulate_op.register_fake
-def _(x, branch, shift, scale, eps):
+def _(x, branch, shift, scale, eps, branch_bias=None):
     B, N, _ = x.shape
     mean = x.new_empty((B * N,), dtype=torch.float32)
     return x.new_empty(x.shape), x.new_empty(x.shape), mean, torch.empty_like(mean)
 
 
 def _add_modulate_setup(ctx, inputs, output):
-    _, branch, shift, scale, _ = inputs
+    _, branch, shift, scale, _, *bias = inputs  # branch_bias may be left out (its default, None)
     total, _, mean, rstd = output
     ctx.branch_dtype = branch.dtype
+    ctx.bias_dtype = bias[0].dtype if bias and bias[0] is not None else None
     ctx.save_for_backward(total, shift, scale, mean, rstd)
 
 
 def _add_modulate_backward(ctx, dtotal, dy, _dmean, _drstd):
     total, shift, scale, mean, rstd = ctx.saved_tensors
     if dy is None:  # only the sum is differentiated (None: neither)
-        return (None if dtotal is None else dtotal, None if dtotal is None else dtotal.to(ctx.branch_dtype), None, None,
-                None)
-    dx, part = _modulate_backward_op.within(ctx)(dy, total, scale, mean, rstd, dtotal)
-    # x and branch get the same gradient (a sum's), one tensor for both
-    return (dx, dx.to(ctx.branch_dtype), *_reduce_shift_scale(part, shift, scale),
-            None)
+        if dtotal is None:
+            return None, None, None, None, None, None
+        dbias = None if ctx.bias_dtype is None else dtotal.sum((0, 1), dtype=torch.float32).to(ctx.bias_dtype)
+        return dtotal, dtotal.to(ctx.branch_dtype), None, None, None, dbias
+    if ctx.bias_dtype is None:
+        dx, part = _modulate_backward_op.within(ctx)(dy, total, scale, mean, rstd, dtotal)
+        # x and branch get the same gradient (a sum's), one tensor for both
+        return dx, dx.to(ctx.branch_dtype), *_reduce_shift_scale(part, shift, scale), None, None
+    dx, part = _modulate_backward_op.within(ctx)(dy, total, scale, mean, rstd, dtotal, True)
+    dshift, dscale, dbias = _reduce_shift_scale_bias(part, shift, scale, ctx.bias_dtype)
+    return dx, dx.to(ctx.branch_dtype), dshift, dscale, None, dbias
 
 
 _add_modulate_op.register_autograd(_add_modulate_backward, setup_context=_add_modulate_setup)
@@ -503,8 +539,8 @@ def modulate_tee_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
 
 
 def add_modulate_triton(x: torch.Tensor, branch: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _guarded(_add_modulate_op, x, branch, shift, scale, float(eps))[:2]
+                        eps: float, branch_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _guarded(_add_modulate_op, x, branch, shift, scale, float(eps), branch_bias)[:2]
 
 
 def modulate_quant_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,

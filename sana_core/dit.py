@@ -201,13 +201,16 @@ def _hooked(module: nn.Module) -> bool:
 
 
 def add_modulate(norm: nn.LayerNorm, x: torch.Tensor, branch: torch.Tensor, shift: torch.Tensor,
-                 scale: torch.Tensor, consumer: nn.Module | None = None):
+                 scale: torch.Tensor, consumer: nn.Module | None = None, branch_bias: torch.Tensor | None = None):
     """(x + branch, modulate(norm, x + branch, ...)): a residual add whose sum goes straight into AdaLN, fused into
-    modulate's kernel on the Triton back-end (no add kernel either way). consumer as in modulate."""
-    if getattr(consumer, "input_format", None) is not None and not (torch.is_grad_enabled() and x.requires_grad):
+    modulate's kernel on the Triton back-end (no add kernel either way). consumer as in modulate; branch_bias: the
+    bias that bias_out left in branch, whose gradient the add takes (kernels.adaln.add_modulate)."""
+    # a branch_bias comes only with a gradient (bias_out): never the inference-only quantised rows then
+    if (getattr(consumer, "input_format", None) is not None and branch_bias is None
+            and not (torch.is_grad_enabled() and x.requires_grad)):
         x = x + branch
         return x, modulate(norm, x, shift, scale, consumer)
-    return adaln.add_modulate(x, branch, shift, scale, norm.eps)
+    return adaln.add_modulate(x, branch, shift, scale, norm.eps, branch_bias=branch_bias)
 
 
 class LinearSelfAttention(nn.Module):
@@ -234,12 +237,14 @@ class CrossAttention(nn.Module):
         self.kv = Linear(dim, 2 * dim)
         self.proj = Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, N, C), y (B, L, C), bias (B, L) -> (x, attention output (B, N, C)): x handed on for the residual
-        add (see tee). kernels.cross_attention: SDPA, or opt-in Triton kernels that read the heads in place as
-        column slices of the projections."""
+    def forward(self, x: torch.Tensor, y: torch.Tensor,
+                bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x (B, N, C), y (B, L, C), bias (B, L) -> (x, attention output (B, N, C), proj's bias or None): x handed on
+        for the residual add (see tee); the bias is already in the output, its gradient left to the add + modulate
+        that reads it (see bias_out). kernels.cross_attention: SDPA, or opt-in Triton kernels that read the heads in
+        place as column slices of the projections."""
         x, q = tee(self.q, x)
-        return x, self.proj(cross_attention(q, self.kv(y), bias, self.heads))
+        return x, *bias_out(self.proj, cross_attention(q, self.kv(y), bias, self.heads))
 
 
 class MixFFN(nn.Module):
@@ -292,11 +297,12 @@ class LinearDiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + t_mod.reshape(x.shape[0], 6, -1)).chunk(6, dim=1)  # each (B, 1, C)
         x, h = modulate_tee(self.norm1, x, shift_msa, scale_msa, self.attn.qkv)
-        # the branches' output biases get their gradients from the gated residuals' backward kernel (bias_out)
+        # the branches' output biases get their gradients from the backward kernel of the op that reads the
+        # branch (the gated residuals', add + modulate's; bias_out)
         h, bias = self.attn(h)
         x = adaln.gated_residual(x, gate_msa, h, branch_bias=bias)
-        x, c = self.cross_attn(x, y, y_bias)
-        x, h = add_modulate(self.norm2, x, c, shift_mlp, scale_mlp, self.mlp.inverted)
+        x, c, bias = self.cross_attn(x, y, y_bias)
+        x, h = add_modulate(self.norm2, x, c, shift_mlp, scale_mlp, self.mlp.inverted, branch_bias=bias)
         h, bias = self.mlp(h, hw)
         x = adaln.gated_residual(x, gate_mlp, h, branch_bias=bias)
         return x

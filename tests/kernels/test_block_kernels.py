@@ -1,7 +1,7 @@
-"""The Linear DiT block's fused kernels (kernels.adaln: modulate, gated residual; kernels.mixffn: depthwise
-GLU) against a float64 reference, forward and backward: on the GPU at real shapes, on the CPU under Triton's
-interpreter at small ones (see conftest.py). Also: the custom ops pass torch.library.opcheck (schema, fake
-implementation, autograd registration) and compile without graph breaks.
+"""The Linear DiT block's fused kernels (kernels.adaln: modulate, gated residual, add + modulate;
+kernels.mixffn: depthwise GLU) against a float64 reference, forward and backward: on the GPU at real shapes,
+on the CPU under Triton's interpreter at small ones (see conftest.py). Also: the custom ops pass
+torch.library.opcheck (schema, fake implementation, autograd registration) and compile without graph breaks.
 """
 from __future__ import annotations
 
@@ -168,6 +168,69 @@ def test_add_modulate_matches_float64(shape, dtype):
     assert torch.equal(gx, d_total) and torch.equal(gb, d_total)
 
 
+# the reference modulates in float32 (layer_norm's output times the table's rows), so it runs float32 only here
+@pytest.mark.parametrize("backend,dtype,rows", [("triton", torch.bfloat16, "B"), ("triton", torch.float32, "B"),
+                                                ("triton", torch.float32, "1"), ("torch", torch.float32, "B")],
+                         ids=str)
+@pytest.mark.parametrize("shape", ADALN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_add_modulate_takes_the_branch_bias_gradient(shape, dtype, rows, backend):
+    """branch_bias: the branch GEMM's bias (the cross-attention's output projection's), added into branch with its
+    gradient cut (kernels.linear.linear_bias_out); add_modulate gives it the column sums over (B, N) of ds, the sum's
+    gradient (its own plus modulate's; on Triton a third partial row of the backward kernel), as the uncut bias
+    would get them: both outputs and the gradients of x, branch, shift, scale and the bias against float64 autograd
+    of s = x + (branch + bias), modulate(s), with one row per image or one broadcast over the batch."""
+    B, N, C = shape
+    torch.manual_seed(0)
+    x = _leaf(torch.randn(shape, device=DEVICE).mul(3).add(1).to(dtype))
+    branch = _leaf(torch.randn(shape, device=DEVICE).to(dtype))
+    table = _table(B if rows == "B" else 1, C)
+    bias = _leaf(torch.randn(C, device=DEVICE) + 2)  # float32, as the parameter; off zero, so that its sum shows
+    inputs = [x, branch, table, bias]
+    total, y = add_modulate(x, branch + bias.detach().to(dtype), table[:, 3:4], table[:, 4:5], EPS, backend=backend,
+                            branch_bias=bias)
+    assert total.dtype == y.dtype == dtype
+    d_total, d_y = torch.randn_like(total), torch.randn_like(y)
+    grads = torch.autograd.grad((total, y), inputs, (d_total, d_y))
+    ref_in = [_leaf(t.double()) for t in inputs]
+    ref_total, ref_y = add_modulate_reference(ref_in[0], ref_in[1] + ref_in[3], ref_in[2][:, 3:4], ref_in[2][:, 4:5],
+                                              EPS)
+    ref_grads = torch.autograd.grad((ref_total, ref_y), ref_in, (d_total.double(), d_y.double()))
+    errs = [_rel(total, ref_total), _rel(y, ref_y)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
+    assert all(g.shape == t.shape and g.dtype == t.dtype for g, t in zip(grads, inputs))
+    assert max(errs) <= TOL[dtype], f"relative errors sum, out and grads x, branch, table, bias {errs}"
+    # only the sum differentiated: x and branch get its gradient as it is, the bias its column sums
+    total, _ = add_modulate(x, branch + bias.detach().to(dtype), table[:, 3:4], table[:, 4:5], EPS, backend=backend,
+                            branch_bias=bias)
+    gx, gb, gbias = torch.autograd.grad(total, [x, branch, bias], d_total)
+    assert torch.equal(gx, d_total) and torch.equal(gb, d_total) and gbias.dtype == bias.dtype
+    assert _rel(gbias, d_total.double().sum((0, 1))) <= 1e-6
+
+
+@pytest.mark.parametrize("with_dres", [True, False], ids=["dres", "no-dres"])
+def test_add_modulate_bias_gradient_is_the_kernels_row(with_dres):
+    """The Triton backward op's third partial row, program by program: the column sums of the dx it writes (with
+    dres, add_modulate's ds; without, modulate's own dx) over that program's tokens (float32 sums in another order);
+    with and without the row, dx and the (dshift, dscale) rows are the same, bit for bit."""
+    from kernels import triton_adaln
+    from kernels.launch import device_index
+
+    B, N, C = 3, 101, 200  # tiles of 8 rows, the last one partial; on the interpreter 3 tiles a chunk, 5 chunks
+    torch.manual_seed(0)
+    x, dy = torch.randn(B, N, C, device=DEVICE).mul(3).add(1), torch.randn(B, N, C, device=DEVICE)
+    dres = torch.randn(B, N, C, device=DEVICE) if with_dres else None
+    shift, scale = torch.randn(B, 1, C, device=DEVICE), torch.randn(B, 1, C, device=DEVICE)
+    _, mean, rstd = triton_adaln._modulate_op(x, shift, scale, EPS)
+    dx, part = triton_adaln._modulate_backward_op(dy, x, scale, mean, rstd, dres, True)
+    dx0, part0 = triton_adaln._modulate_backward_op(dy, x, scale, mean, rstd, dres)
+    chunks = part.shape[1]
+    assert part.shape == (B, chunks, 3, C) and part0.shape == (B, chunks, 2, C) and chunks > 1
+    assert torch.equal(dx, dx0) and torch.equal(part[:, :, :2], part0)
+    block_r = triton_adaln._tile(C, "modulate_bwd")[0]
+    per = triton_adaln._reduce_grid(B, N, block_r, device_index(x), "modulate_bwd")[1] * block_r  # tokens a chunk
+    want = torch.stack([dx.double()[:, k * per:(k + 1) * per].sum(1) for k in range(chunks)], 1)  # (B, chunks, C)
+    assert _rel(part[:, :, 2], want) < 1e-6
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", ADALN_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_modulate_tee_adds_the_residual_gradient_in_its_kernel(shape, dtype):
@@ -329,10 +392,18 @@ def test_custom_ops_pass_opcheck():
                                                               _leaf(torch.randn(C, device=DEVICE))))
         torch.library.opcheck(torch.ops.sana.add_modulate,
                               (xin, _leaf(torch.randn(B, H * W, C, device=DEVICE)), shift, scale, EPS))
-    for bias_sum in (False, True):  # the backward op: its partial sums' shape in the fake implementation
+        torch.library.opcheck(torch.ops.sana.add_modulate,
+                              (xin, _leaf(torch.randn(B, H * W, C, device=DEVICE)), shift, scale, EPS,
+                               _leaf(torch.randn(C, device=DEVICE))))
+    for bias_sum in (False, True):  # the backward ops: their partial sums' shapes in the fake implementations
         torch.library.opcheck(torch.ops.sana.gated_residual_backward,
                               (torch.randn(B, H * W, C, device=DEVICE), gate.detach(),
                                torch.randn(B, H * W, C, device=DEVICE), bias_sum))
+        _, mean, rstd = torch.ops.sana.modulate(x.detach(), shift.detach(), scale.detach(), EPS)
+        for dres in (None, torch.randn(B, H * W, C, device=DEVICE)):
+            torch.library.opcheck(torch.ops.sana.modulate_backward,
+                                  (torch.randn(B, H * W, C, device=DEVICE), x.detach(), scale.detach(), mean, rstd,
+                                   dres, bias_sum))
     u = _leaf(torch.randn(B, H * W, 2 * C, device=DEVICE))
     weight, bias = _leaf(torch.randn(2 * C, 1, 3, 3, device=DEVICE)), _leaf(torch.randn(2 * C, device=DEVICE))
     torch.library.opcheck(torch.ops.sana.depthwise_glu, (u, weight, bias, None, H, W))
@@ -344,21 +415,24 @@ def test_custom_ops_pass_opcheck():
 def test_compiles_without_graph_breaks():
     """A block-shaped function of all three ops under torch.compile(fullgraph=True) equals eager, grads too."""
     B, H, W, C = 2, 3, 5, 16
+    torch.manual_seed(0)
     x = _leaf(torch.randn(B, H * W, C, device=DEVICE))
     table = _leaf(torch.randn(B, 6, C, device=DEVICE))
     weight, bias = _leaf(torch.randn(2 * C, 1, 3, 3, device=DEVICE)), _leaf(torch.randn(2 * C, device=DEVICE))
-    out_bias = _leaf(torch.randn(C, device=DEVICE))
-    lin = torch.randn(C, 2 * C, device=DEVICE)
+    out_bias, mid_bias = _leaf(torch.randn(C, device=DEVICE)), _leaf(torch.randn(C, device=DEVICE))
+    # a linear's scale: unscaled, the GLU's inputs reach the float32 exp's overflow (a warning on the interpreter)
+    lin = torch.randn(C, 2 * C, device=DEVICE) / C**0.5
 
-    def f(x, table, weight, bias, out_bias):
+    def f(x, table, weight, bias, out_bias, mid_bias):
         h = modulate(x, table[:, 0:1], table[:, 1:2], EPS, backend="triton") @ lin
         h = depthwise_glu(h, weight, bias, (H, W), backend="triton")
-        x2, h2 = add_modulate(x, h, table[:, 3:4], table[:, 4:5], EPS, backend="triton")
+        x2, h2 = add_modulate(x, h + mid_bias.detach(), table[:, 3:4], table[:, 4:5], EPS, backend="triton",
+                              branch_bias=mid_bias)
         return gated_residual(x2, table[:, 2:3], h2 + out_bias.detach(), backend="triton", branch_bias=out_bias)
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
-    inputs = (x, table, weight, bias, out_bias)
+    inputs = (x, table, weight, bias, out_bias, mid_bias)
     eager_out, comp_out = f(*inputs), compiled(*inputs)
     eager_grads = torch.autograd.grad(eager_out.square().sum(), inputs)
     comp_grads = torch.autograd.grad(comp_out.square().sum(), inputs)
@@ -377,6 +451,9 @@ def test_bad_inputs_fail_with_one_clear_line():
     with pytest.raises(ValueError, match="modulate shift must be"):
         modulate(u, torch.randn(3, 1, 8, device=DEVICE), torch.randn(2, 1, 8, device=DEVICE), EPS,
                  backend="triton")
+    with pytest.raises(ValueError, match=r"add_modulate: branch_bias must be \(8,\)"):
+        add_modulate(u, u, torch.randn(2, 1, 8, device=DEVICE), torch.randn(2, 1, 8, device=DEVICE), EPS,
+                     backend="triton", branch_bias=torch.randn(1, 8, device=DEVICE))
     with pytest.raises(ValueError, match="block backend must be one of"):
         resolve_block_backend(u, "cuda")
 
@@ -401,10 +478,12 @@ def test_eager_calls_match_the_dispatched_ops():
               (x, rows, branch, out_bias)),
              (triton_mixffn._depthwise_glu_op, torch.ops.sana.depthwise_glu, (u, weight, bias, in_bias, H, W),
               (u, weight, bias, in_bias)),
-             (triton_adaln._add_modulate_op, torch.ops.sana.add_modulate, (x, branch, rows, EPS), (x, branch, rows))]
+             (triton_adaln._add_modulate_op, torch.ops.sana.add_modulate, (x, branch, rows, EPS), (x, branch, rows)),
+             (triton_adaln._add_modulate_op, torch.ops.sana.add_modulate, (x, branch, rows, EPS, out_bias),
+              (x, branch, rows, out_bias))]
     views = {triton_adaln._modulate_op: lambda x, rows, eps: (x, rows[:, 0:1], rows[:, 1:2], eps),
              triton_adaln._gated_residual_op: lambda x, rows, br, *ob: (x, rows[:, 2:3], br, *ob),
-             triton_adaln._add_modulate_op: lambda x, br, rows, eps: (x, br, rows[:, 3:4], rows[:, 4:5], eps)}
+             triton_adaln._add_modulate_op: lambda x, br, rows, eps, *ob: (x, br, rows[:, 3:4], rows[:, 4:5], eps, *ob)}
     for eager, op, args, tensors in cases:
         outs = []
         for fn in (eager, op):
