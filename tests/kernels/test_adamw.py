@@ -223,8 +223,8 @@ def test_without_an_optimizer_that_writes_them_no_copies_are_kept(monkeypatch):
 def test_a_training_run_with_the_triton_adamw_resumes_bit_for_bit(zoo, tmp_path, monkeypatch):
     """The trainer with optim.triton=true (the kernel on the CPU under the interpreter; on a GPU for real): a run
     resumed from its step-3 checkpoint (torch.distributed.checkpoint, whose loader first takes a zero-lr step
-    to create the optimizer state) ends on the uninterrupted run's losses bit for bit, and the run trains like
-    one with torch's AdamW."""
+    to create the optimizer state) ends on the uninterrupted run's losses (bit for bit on the CPU), and the run
+    trains like one with torch's AdamW."""
     import json
 
     from sana_core.config import load_config
@@ -254,6 +254,8 @@ def test_a_training_run_with_the_triton_adamw_resumes_bit_for_bit(zoo, tmp_path,
     train(cfg("max_steps=6", "optim.triton=true"), data, tmp_path / "part", resume=True, device=DEVICE)
     train(cfg("max_steps=6"), data, tmp_path / "torch", device=DEVICE)
     full, part, ref = losses(tmp_path / "full"), losses(tmp_path / "part"), losses(tmp_path / "torch")
-    assert [full[i] for i in range(4, 7)] == [part[i] for i in range(4, 7)]
+    resumed = [part[i] for i in range(4, 7)]
+    # on the GPU the linear attention's float32 atomics sum in any order, so two runs differ in last bits anyway
+    assert [full[i] for i in range(4, 7)] == (pytest.approx(resumed, rel=1e-4) if ON_GPU else resumed)
     assert [full[i] for i in range(1, 7)] == pytest.approx([ref[i] for i in range(1, 7)], rel=1e-3)
     assert full[1] != full[6]
