@@ -1,5 +1,5 @@
 """The optimizer's share of a training step: torch's fused AdamW (with the clipping scale, as the trainer runs it)
-plus the forward's bf16 weight cast, against training.optim.TritonAdamW (kernels.adamw), which does both in one
+plus the forward's bf16 weight cast, against sana_core.adamw.TritonAdamW (kernels.adamw), which does both in one
 pass. On the parameters of a real Sana config (LinearDiT built on the GPU, random gradients), one process.
 
     python bench/bench_adamw.py [--config sana-1.6b] [--sweep] [--out bench/results]
@@ -21,8 +21,8 @@ import torch  # noqa: E402
 import kernels.adamw as ka  # noqa: E402
 from bench.timing import gpu_tag, median_cuda_ms  # noqa: E402
 from kernels.linear import WeightCopies, castable  # noqa: E402
+from sana_core.adamw import TritonAdamW  # noqa: E402
 from sana_core.dit import DIT_CONFIGS, Linear, LinearDiT  # noqa: E402
-from training.optim import TritonAdamW  # noqa: E402
 
 
 def main() -> None:

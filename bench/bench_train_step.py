@@ -16,7 +16,7 @@ Variants (the same weights, copied through to_diffusers_state_dict, and the same
                       real tokens in 128 positions instead of 300; same loss up to rounding); its MFU counts
                       the 300-token model FLOPs of the other rows, so it reads as work done per second
   ours-graphed-cut    both: what the trainer runs with model.cuda_graphs=true and its default caption_bucket
-  ours-graphed-cut-topt  ours-graphed-cut with the trainer's optim.triton=true optimizer, training.optim.TritonAdamW
+  ours-graphed-cut-topt  ours-graphed-cut with the trainer's optim.triton=true optimizer, sana_core.adamw.TritonAdamW
                       (the same AdamW step in one Triton kernel that also writes the bf16 weight copies the next
                       forward reads); every other variant runs torch's fused AdamW
   ours-graphed-cut-xattn  the same with our Triton cross-attention (SANA_CROSS_ATTENTION_BACKEND=triton; opt-in,
@@ -49,11 +49,12 @@ from torch import nn  # noqa: E402
 
 from bench.timing import gpu_tag  # noqa: E402
 from kernels.linear import copies_checked_by_caller  # noqa: E402
+from sana_core.adamw import TritonAdamW  # noqa: E402
 from sana_core.dit import DIT_CONFIGS, LinearDiT, to_diffusers_state_dict  # noqa: E402
 from sana_core.flow import FlowConfig, flow_loss  # noqa: E402
 from sana_core.text_encoder import CAPTION_BUCKET, trim_padding  # noqa: E402
 from training.graphs import GraphedModel  # noqa: E402
-from training.optim import TritonAdamW, clip_gradients  # noqa: E402
+from training.optim import clip_gradients  # noqa: E402
 
 PEAK_TFLOPS = 989.0  # dense bf16, H100/H200 SXM
 MODES = {
@@ -170,7 +171,7 @@ def train_parts(model, inp: dict, graphed: bool, triton_adamw: bool = False):
     """A training step in two parts: -> (fused AdamW over the model's parameters, forward_backward), where
     forward_backward() runs the loss, its backward and the gradient clipping and returns the loss; the step is
     forward_backward() then the optimizer's step and zero_grad (bench_optimizer_overlap.py runs them apart).
-    triton_adamw: training.optim.TritonAdamW instead of torch's fused kernel."""
+    triton_adamw: sana_core.adamw.TritonAdamW instead of torch's fused kernel."""
     amp = _amp(graphed)
     opt = (TritonAdamW if triton_adamw else partial(torch.optim.AdamW, fused=True))(model.parameters(), lr=1e-4)
     flow = FlowConfig(shift=3.0)

@@ -28,7 +28,7 @@ depthwise GLU): the ones^T dy GEMM goes (48.7 us a block for Mix-FFN's 5760 colu
 biases instead of a cast kernel per weight and bias at each call (at Sana-0.6B's training step that was 413 small
 kernels a step, 1.6 ms of GPU time on the H200 and a launch gap each): one multi-tensor cast (torch._foreach_copy_)
 into a buffer made on entry. Where an optimizer writes the copies as it steps (kernels.adamw via
-training.optim.TritonAdamW, which asks with `keep_copies`), they are instead a persistent `WeightCopies`, recast
+sana_core.adamw.TritonAdamW, which asks with `keep_copies`), they are instead a persistent `WeightCopies`, recast
 only when a parameter changed since the copies were written, which its version counter and address tell (every
 in-place op bumps the version; the optimizer bumps it after its kernel and marks the copies written). The
 model's forward opens weight_casts (sana_core.dit.LinearDiT) on the fast path.

@@ -38,6 +38,7 @@ from kernels.linear import (
     WeightCopies,
     autocast_dtype,
     castable,
+    copies_checked_by_caller,
     copies_kept,
     linear,
     linear_bias_out,
@@ -335,7 +336,7 @@ class LinearDiT(nn.Module):
     def _weight_casts(self, x: torch.Tensor):
         """On the fast path under autocast: the Linear layers' weights and biases cast once a forward in one
         multi-tensor kernel (kernels.linear.weight_casts), not one cast kernel each a call; where an optimizer
-        writes the copies as it steps (training.optim.TritonAdamW: kernels.linear.keep_copies), persistent copies
+        writes the copies as it steps (sana_core.adamw.TritonAdamW: kernels.linear.keep_copies), persistent copies
         recast only after a weight changed any other way."""
         dtype = autocast_dtype(x)
         if dtype is None or torch.compiler.is_compiling() or resolve_block_backend(x) != "triton":
@@ -351,6 +352,12 @@ class LinearDiT(nn.Module):
                 copies.release()
             copies = _COPIES[self] = WeightCopies(params, dtype)
         return weight_casts(params, dtype, copies)
+
+    @staticmethod
+    def capture_reads_weight_copies():
+        """Within: a CUDA-graph capture of the forward reads the persistent weight copies, for a caller that calls
+        refresh_weight_copies before every replay (kernels.linear.copies_checked_by_caller)."""
+        return copies_checked_by_caller()
 
     def refresh_weight_copies(self) -> None:
         """Recast the persistent weight copies if a weight changed (before replaying a captured forward)."""

@@ -70,7 +70,7 @@ def test_clip_gradients_equals_clip_grad_norm_then_step(fused, max_norm):
 
 
 def test_triton_adamw_is_opt_in_and_refused_where_it_cannot_run():
-    from training.optim import TritonAdamW
+    from sana_core.adamw import TritonAdamW
 
     assert type(build_optimizer(torch.nn.Linear(2, 2), OptimConfig())) is torch.optim.AdamW  # the default
     assert type(build_optimizer(torch.nn.Linear(2, 2), OptimConfig(triton=True))) is TritonAdamW

@@ -62,7 +62,7 @@ class OptimConfig:
     # None = fused when every parameter is on CUDA (as bench/bench_train_step.py measures and torchtitan
     # defaults to; it works on FSDP2's DTensors), foreach elsewhere
     fused: bool | None = None
-    # Our Triton AdamW (kernels.adamw, training.optim.TritonAdamW) instead of torch's fused kernel: the same step,
+    # Our Triton AdamW (kernels.adamw, sana_core.adamw.TritonAdamW) instead of torch's fused kernel: the same step,
     # and it writes the bf16 weight copies the next forward reads instead of a cast pass (one pass over the
     # parameters instead of two). Opt-in: its speed on a GPU is not measured yet (bench/bench_adamw.py); a step
     # it cannot take (FSDP2's DTensors, ...) goes to torch's fused kernel

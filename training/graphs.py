@@ -32,10 +32,11 @@ backward), the CPU. The trainer refuses those in one line.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
-from kernels.linear import copies_checked_by_caller
 from sana_core.errors import SanaError
 
 MAX_SHAPES = 64  # captures share one memory pool; each costs a capture (~1 s) and its kernel parameters
@@ -73,7 +74,8 @@ class GraphedModel:
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             inputs = (x.detach(), t.detach(), y.detach(), y_mask.detach())
-            with copies_checked_by_caller():  # refreshed below before every replay
+            capture = getattr(self.model, "capture_reads_weight_copies", contextlib.nullcontext)
+            with capture():  # refreshed below before every replay
                 call = torch.cuda.make_graphed_callables(_Call(self.model), inputs, allow_unused_input=True,
                                                          pool=self.pool)
             self.graphs[key] = call

@@ -104,8 +104,9 @@ def test_triton_adamw_steps_like_torch_adamw_and_shares_its_checkpoints():
     """build_optimizer's Triton AdamW against torch's fused AdamW, with clipping by grad_scale (max_norm far below
     the gradients' norm): the same weights after four steps; its state_dict is torch's (each loads the other's),
     and a run resumed from it after two steps ends bit for bit where the uninterrupted one does."""
+    from sana_core.adamw import TritonAdamW
     from training.config import OptimConfig
-    from training.optim import TritonAdamW, build_optimizer
+    from training.optim import build_optimizer
 
     cfg = dict(lr=1e-2, weight_decay=0.1)
     ours, theirs = _mlp(0), _mlp(0)
