@@ -82,7 +82,6 @@ _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl
 
 @dataclass
 class _Tables:
-    key: tuple
     p: torch.Tensor
     m: torch.Tensor
     v: torch.Tensor
@@ -135,7 +134,7 @@ class AdamWTables:
                                               torch.tensor(counts, dtype=torch.int64))
                 pick = lambda ts: [ts[i] for i in idx]  # noqa: E731
                 self._sets.append((kind, idx, _Tables(
-                    key, _addresses(pick(params), device), _addresses(pick(exp_avgs), device),
+                    _addresses(pick(params), device), _addresses(pick(exp_avgs), device),
                     _addresses(pick(exp_avg_sqs), device), _addresses(pick(copies), device),
                     torch.tensor([params[i].numel() for i in idx], dtype=torch.int64).to(device),
                     torch.tensor(first, dtype=torch.int32).to(device), blk.to(device), sum(counts))))
