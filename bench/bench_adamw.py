@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,6 +52,7 @@ def main() -> None:
     def torch_step():
         torch_opt.step()
 
+    @torch.no_grad()  # as the forward's cast runs: the copies are views of one buffer, made without grad
     def cast():
         torch._foreach_copy_(copies.copies, copies.params)
 
@@ -81,7 +83,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"adamw_{args.config}_{gpu_tag()}.json"
     path.write_text(json.dumps(dict(config=args.config, params=n, cast_params=n_cast, gpu=torch.cuda.get_device_name(),
-                                    rows=rows), indent=1))
+                                    rows=rows, date=time.strftime("%Y-%m-%d"),
+                                    command="python bench/bench_adamw.py " + " ".join(sys.argv[1:])), indent=1))
     print(f"wrote {path}")
 
 
