@@ -15,10 +15,12 @@ Variants (the same weights, copied through to_diffusers_state_dict, and the same
   ours-cut            ours eager on the captions cut as the trainer cuts them (model.caption_bucket 64: the 120
                       real tokens in 128 positions instead of 300; same loss up to rounding); its MFU counts
                       the 300-token model FLOPs of the other rows, so it reads as work done per second
-  ours-graphed-cut    both: what the trainer runs with model.cuda_graphs=true and its default caption_bucket
-  ours-graphed-cut-topt  ours-graphed-cut with the trainer's optim.triton=true optimizer, sana_core.adamw.TritonAdamW
-                      (the same AdamW step in one Triton kernel that also writes the bf16 weight copies the next
-                      forward reads); every other variant runs torch's fused AdamW
+  ours-graphed-cut    both, with torch's fused AdamW (model.cuda_graphs=true, the default caption_bucket,
+                      optim.triton=false)
+  ours-graphed-cut-topt  the same with the trainer's default optimizer on CUDA, sana_core.adamw.TritonAdamW (the
+                      same AdamW step in one Triton kernel that also writes the bf16 weight copies the next forward
+                      reads): what the trainer runs with model.cuda_graphs=true; every other variant runs torch's
+                      fused AdamW, as diffusers' rows do
   ours-graphed-cut-xattn  the same with our Triton cross-attention (SANA_CROSS_ATTENTION_BACKEND=triton; opt-in,
                       the default is SDPA on cuDNN: kernels.cross_attention). The results of 2026-12-05
                       (`*_xattn.json`) were measured while the Triton kernels were the default: their
@@ -380,6 +382,7 @@ def main():
         labels = {"ours-graphed": "ours eager + CUDA graphs",
                   "ours-cut": f"ours eager on captions cut to {CAPTION_BUCKET}-token buckets",
                   "ours-graphed-cut": f"ours + CUDA graphs on captions cut to {CAPTION_BUCKET}-token buckets",
+                  "ours-graphed-cut-topt": "the same with TritonAdamW (the trainer's default on CUDA)",
                   "ours-graphed-cut-xattn": "the same with our Triton cross-attention"}
         for v, label in labels.items():
             if v in by and "diffusers-compiled" in by:

@@ -1,5 +1,5 @@
 """AdamW whose step also writes the Linear DiT's bf16 weight copies: torch.optim.AdamW's step and state in one
-Triton kernel (kernels.adamw) over every parameter, for training.optim's `optim.triton=true`.
+Triton kernel (kernels.adamw) over every parameter: training.optim's optimizer on CUDA (`optim.triton`, None = auto).
 
 It lives beside the model because the copies are the model's (sana_core.dit keeps them persistent for such an
 optimizer, kernels.linear.WeightCopies) and the kernel writes them as it steps the weights.

@@ -69,11 +69,18 @@ def test_clip_gradients_equals_clip_grad_norm_then_step(fused, max_norm):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_triton_adamw_is_opt_in_and_refused_where_it_cannot_run():
+def test_triton_adamw_is_the_default_on_cuda_only_and_refused_where_it_cannot_run():
     from sana_core.adamw import TritonAdamW
 
-    assert type(build_optimizer(torch.nn.Linear(2, 2), OptimConfig())) is torch.optim.AdamW  # the default
+    # the default (None) picks it where torch's fused kernel would run: CUDA parameters, not these CPU ones
+    assert type(build_optimizer(torch.nn.Linear(2, 2), OptimConfig())) is torch.optim.AdamW
+    assert type(build_optimizer(torch.nn.Linear(2, 2), OptimConfig(fused=True))) is torch.optim.AdamW
     assert type(build_optimizer(torch.nn.Linear(2, 2), OptimConfig(triton=True))) is TritonAdamW
+    if torch.cuda.is_available():
+        cuda = torch.nn.Linear(2, 2).cuda()
+        assert type(build_optimizer(cuda, OptimConfig())) is TritonAdamW
+        assert type(build_optimizer(cuda, OptimConfig(triton=False))) is torch.optim.AdamW
+        assert type(build_optimizer(cuda, OptimConfig(fused=False))) is torch.optim.AdamW  # foreach, as asked
     with pytest.raises(SanaError, match="optim.triton=true is a fused kernel") as e:
         build_optimizer(torch.nn.Linear(2, 2), OptimConfig(triton=True, fused=False))
     assert "\n" not in str(e.value)

@@ -63,10 +63,11 @@ def test_graphed_run_matches_the_eager_run(data, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_graphed_run_with_the_triton_adamw_matches_the_eager_run(data, tmp_path):
-    # optim.triton: the optimizer writes the model's persistent bf16 weight copies, which the captured forward
-    # reads without a check of its own (GraphedModel refreshes them before each replay); stale copies would
-    # train on the step-0 weights. Against torch's AdamW, eager: the same step up to float32 rounding.
-    train(cfg(), data, tmp_path / "eager", device="cuda")
+    # optim.triton (the default on CUDA): the optimizer writes the model's persistent bf16 weight copies, which
+    # the captured forward reads without a check of its own (GraphedModel refreshes them before each replay);
+    # stale copies would train on the step-0 weights. Against torch's AdamW, eager: the same step up to float32
+    # rounding.
+    train(cfg("optim.triton=false"), data, tmp_path / "eager", device="cuda")
     train(cfg("model.cuda_graphs=true", "optim.triton=true"), data, tmp_path / "graphed", device="cuda")
     eager, graphed = losses(tmp_path / "eager"), losses(tmp_path / "graphed")
     assert len(eager) == len(graphed) == 8

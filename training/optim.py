@@ -18,7 +18,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     if cfg.name == "adamw":
         fused = cfg.fused if cfg.fused is not None else bool(params) and all(p.device.type == "cuda" for p in params)
         kwargs = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-        if cfg.triton:
+        triton = cfg.triton
+        if triton is None:
+            # plain CUDA tensors only (optim.fused=true on the CPU stays torch's; DTensors would go to it anyway)
+            triton = (fused and TRITON_AVAILABLE and all(p.device.type == "cuda" for p in params)
+                      and not any(isinstance(p, torch.distributed.tensor.DTensor) for p in params))
+        if triton:
             if cfg.fused is False:
                 raise SanaError("optim.triton=true is a fused kernel; it cannot run with optim.fused=false")
             if not TRITON_AVAILABLE:
