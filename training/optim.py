@@ -16,12 +16,13 @@ from training.config import OptimConfig
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.name == "adamw":
-        fused = cfg.fused if cfg.fused is not None else bool(params) and all(p.device.type == "cuda" for p in params)
+        on_cuda = bool(params) and all(p.device.type == "cuda" for p in params)
+        fused = cfg.fused if cfg.fused is not None else on_cuda
         kwargs = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
         triton = cfg.triton
         if triton is None:
             # plain CUDA tensors only (optim.fused=true on the CPU stays torch's; DTensors would go to it anyway)
-            triton = (fused and TRITON_AVAILABLE and all(p.device.type == "cuda" for p in params)
+            triton = (fused and on_cuda and TRITON_AVAILABLE
                       and not any(isinstance(p, torch.distributed.tensor.DTensor) for p in params))
         if triton:
             if cfg.fused is False:
