@@ -15,7 +15,7 @@ reference (output and the three input gradients). Also: flash attention on packe
 real tokens gathered into one (total, heads, head_dim) tensor on the device, no host sync, the query read in token
 layout), and cuDNN / flash with no mask at all (what a batch without padding would cost). An earlier Triton
 kernel (online softmax over key blocks, a dq and a dk/dv kernel) was slower than cuDNN and reverted (823f372,
-bench/NOTES_block_fastpath.md). `--sweep` times the Triton forward and backward alone (CUDA graphs of 20 calls:
+bench/NOTES_block_fastpath.md). `--sweep` times each Triton kernel (forward, dq, dk/dv) alone (CUDA graphs of 20 calls:
 no host time) over tile configurations and prints the best of each; timings with CUDA events (median of --iters).
 Prints a table, writes cross_attention_<gpu>[_NAME].json.
 """
@@ -69,6 +69,9 @@ def main():
     p.add_argument("--shape", default="16,1024,128,16,72", help="B,N,L,heads,head_dim (Sana-0.6B, batch 16)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--sweep", action="store_true", help="also sweep the Triton kernels' tile configurations")
+    p.add_argument("--compile-shard", default=None, metavar="I/N",
+                   help="only compile the sweep's I-th of N shares of configurations (no timing, no result): run N "
+                        "such processes at once to fill Triton's cache before a --sweep")
     p.add_argument("--name", default="", help="suffix of the result file")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
@@ -81,6 +84,10 @@ def main():
     mask = torch.arange(L, device="cuda")[None] < real[:, None]  # (B, L) True = real token
     bias = ((~mask).to(q.dtype) * -10000.0)[:, None, None, :]  # as LinearDiT passes it
     dout = torch.randn(B, h, N, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    if args.compile_shard:
+        i, n = map(int, args.compile_shard.split("/"))
+        _sweep(q, k, v, bias, dout, shard=(i, n))
+        return
 
     leaves = [t.float().requires_grad_() for t in (q, k, v)]
     with sdpa_kernel(SDPBackend.MATH):
@@ -190,28 +197,63 @@ def _token_layout_rows(q, k, v, bias, dout, ref, ref_grads, iters) -> dict:
     return rows
 
 
-def _sweep(q, k, v, bias, dout) -> dict:
-    """The Triton forward and backward alone over tile configurations (graphed: kernel time, no host)."""
-    import itertools
+# Tile configurations the sweep times: (BLOCK_M, num_warps, PROGRAMS_PER_SM, STAGES) forward and dq,
+# (BLOCK_K, BLOCK_M, num_warps, STAGES) dk/dv. Pruned by an offline sm_90 compile at Sana-1.6B's shape: none
+# of these spills registers (BLOCK_M 128 at 4 warps does, and dk/dv tiles of 64 keys by 64 queries at 4 warps).
+SWEEP = {
+    "fwd": [(bm, w, pps, st) for bm in (64, 128) for w in (4, 8) for pps in (1, 2, 4) for st in (2, 3)
+            if (bm, w) != (128, 4)],
+    "bwd_dq": [(bm, w, pps, st) for bm in (32, 64) for w in (4, 8) for pps in (1, 2, 4) for st in (1, 2)],
+    "bwd_dkv": [(16, 32, 8, 2), (16, 64, 4, 2), (16, 64, 8, 2), (16, 128, 8, 2), (32, 32, 4, 2), (32, 32, 4, 3),
+                (32, 32, 8, 2), (32, 64, 8, 2), (32, 64, 8, 3), (32, 128, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3),
+                (64, 64, 8, 2)],
+}
 
+
+def _sweep_config(kind: str, combo: tuple) -> dict:
+    if kind == "bwd_dkv":
+        bk, bm, warps, stages = combo
+        return dict(BLOCK_K=bk, BLOCK_M=bm, num_warps=warps, STAGES=stages)
+    bm, warps, pps, stages = combo
+    return dict(BLOCK_M=bm, num_warps=warps, PROGRAMS_PER_SM=pps, STAGES=stages)
+
+
+def _sweep_calls(q, k, v, bias, dout) -> dict:
+    """kind -> a call of that kernel alone on the model's token-layout tensors (dk/dv on the dq kernel's
+    statistics, computed once)."""
     from kernels import triton_cross_attention as tca
 
     B, h, N, d = q.shape
     qt, kvt = _token(q, k, v)
     bias2 = bias[:, 0, 0, :].float()
     g_out = dout.transpose(1, 2).reshape(B, N, h * d).contiguous()
-    calls = {"fwd": lambda: tca._cross_attention_op.fn(qt, kvt, bias2, h),
-             "bwd": lambda: tca._cross_attention_backward_op.fn(g_out, qt, kvt, bias2, h)}
-    grid = {"fwd": itertools.product((64, 128), (4, 8), (1, 2), (2, 3)),
-            "bwd": itertools.product((16, 32, 64), (4, 8), (1,), (1, 2))}
+    _, stat = tca._backward_dq(g_out, qt, kvt, bias2, h)
+    return {"fwd": lambda: tca._cross_attention_op.fn(qt, kvt, bias2, h),
+            "bwd_dq": lambda: tca._backward_dq(g_out, qt, kvt, bias2, h),
+            "bwd_dkv": lambda: tca._backward_dkv(g_out, qt, kvt, bias2, stat, h)}
+
+
+def _sweep(q, k, v, bias, dout, shard: tuple[int, int] | None = None) -> dict:
+    """Each Triton kernel alone over SWEEP's tile configurations (graphed: kernel time, no host). With shard
+    (i, n): only compile (one call, no timing) every n-th configuration from the i-th, so that n processes fill
+    Triton's on-disk cache in parallel before the timed sweep."""
+    from kernels import triton_cross_attention as tca
+
+    calls = _sweep_calls(q, k, v, bias, dout)
     saved = {kind: dict(cfg) for kind, cfg in tca.CONFIG.items()}
     result = {}
     try:
-        for kind, combos in grid.items():
+        for kind, combos in SWEEP.items():
+            if shard is not None:
+                combos = combos[shard[0]::shard[1]]
             entries = []
-            for bm, warps, pps, stages in combos:
-                tca.CONFIG[kind] = dict(BLOCK_M=bm, num_warps=warps, PROGRAMS_PER_SM=pps, STAGES=stages)
+            for combo in combos:
+                tca.CONFIG[kind] = _sweep_config(kind, combo)
                 try:
+                    if shard is not None:
+                        calls[kind]()
+                        torch.cuda.synchronize()
+                        continue
                     ms = graphed_ms(calls[kind])
                 except Exception as e:  # noqa: BLE001 - a configuration the compiler or the GPU refuses
                     entries.append(dict(tca.CONFIG[kind], error=str(e).splitlines()[0][:160]))
@@ -219,6 +261,8 @@ def _sweep(q, k, v, bias, dout) -> dict:
                 entries.append(dict(tca.CONFIG[kind], ms=ms))
                 print(f"sweep {kind} {tca.CONFIG[kind]}: {ms:.4f} ms", flush=True)
             tca.CONFIG[kind] = saved[kind]
+            if shard is not None:
+                continue
             entries.sort(key=lambda e: e.get("ms", float("inf")))
             result[kind] = entries
             result[f"{kind}_committed_ms"] = graphed_ms(calls[kind])

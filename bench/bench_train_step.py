@@ -25,6 +25,7 @@ Variants (the same weights, copied through to_diffusers_state_dict, and the same
                       the default is SDPA on cuDNN: kernels.cross_attention). The results of 2026-12-05
                       (`*_xattn.json`) were measured while the Triton kernels were the default: their
                       `ours-graphed-cut` row is this variant and their `ours-graphed-cut-sdpa` row today's default
+  ours-graphed-cut-topt-xattn  TritonAdamW and our Triton cross-attention together
 Training step = rectified-flow MSE loss (sana_core.flow.flow_loss, fixed noise and t) forward + backward +
 gradient clipping + fused AdamW, bf16 autocast; inference = one forward under no_grad, bf16 autocast. Text:
 300 tokens of which 120 real. MFU = model FLOPs (torch's FlopCounterMode on meta tensors for the forward; a
@@ -67,7 +68,7 @@ MODES = {
     "infer-0.6b-4k-b2": dict(kind="infer", config="sana-0.6b", batch=2, latent=128),
 }
 VARIANTS = ("diffusers", "diffusers-compiled", "ours", "ours-compiled", "ours-graphed", "ours-reference", "ours-cut",
-            "ours-graphed-cut", "ours-graphed-cut-topt", "ours-graphed-cut-xattn")
+            "ours-graphed-cut", "ours-graphed-cut-topt", "ours-graphed-cut-xattn", "ours-graphed-cut-topt-xattn")
 TEXT_TOKENS, REAL_TOKENS = 300, 120
 
 
@@ -228,7 +229,7 @@ def run_variant(variant: str, mode: dict, args, flops: float, ceiling: float, pr
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()  # from here: a CUDA graph's pool is allocated at capture
         t0 = time.perf_counter()
-        step = _step_fn(model, inp, mode["kind"], graphed="graphed" in variant, triton_adamw=variant.endswith("-topt"))
+        step = _step_fn(model, inp, mode["kind"], graphed="graphed" in variant, triton_adamw="-topt" in variant)
         first_loss = step().item()
         row["first_step_s"] = time.perf_counter() - t0
         for _ in range(args.warmup):
@@ -383,7 +384,8 @@ def main():
                   "ours-cut": f"ours eager on captions cut to {CAPTION_BUCKET}-token buckets",
                   "ours-graphed-cut": f"ours + CUDA graphs on captions cut to {CAPTION_BUCKET}-token buckets",
                   "ours-graphed-cut-topt": "the same with TritonAdamW (the trainer's default on CUDA)",
-                  "ours-graphed-cut-xattn": "the same with our Triton cross-attention"}
+                  "ours-graphed-cut-xattn": "the same with our Triton cross-attention",
+                  "ours-graphed-cut-topt-xattn": "TritonAdamW and our Triton cross-attention"}
         for v, label in labels.items():
             if v in by and "diffusers-compiled" in by:
                 print(f"{label} vs diffusers compiled blocks: "

@@ -3,7 +3,7 @@ reference, forward and backward: on the GPU at Sana's shapes, under Triton's int
 conftest.py). Padded captions with every sample's own mask, a caption of padding only (it must attend as if
 unmasked, as SDPA with the additive bias does: never NaN), head dims that are not powers of two (72, 112:
 masked tiles), a single key, key counts on and off the tile size, query counts on and off the query block,
-several programs an (image, head) (partial dk, dv summed) and one, strided projection outputs. Also: opcheck,
+one program an (image, head) or several, one key block or several, strided projection outputs. Also: opcheck,
 torch.compile without graph breaks, eager calls equal to the dispatched op bit for bit, the fallback to the
 reference for long captions, clear errors.
 """
@@ -75,12 +75,14 @@ def test_matches_float64(shape, dtype):
 
 @pytest.mark.parametrize("programs", [1, 3, 1000])
 def test_query_blocks_split_between_programs(programs, monkeypatch):
-    """One program an (image, head) (dk, dv stored in place), a few (float32 partials, summed), and more
-    than there are query blocks (capped: every program has a block) give the same gradients."""
+    """Query blocks of an (image, head) walked by one program, a few, and more programs than there are blocks
+    (capped: every program has a block), in forward and the dq kernel; the dk/dv kernel with two key blocks (a
+    program each, the second half empty past L): the same gradients."""
     from kernels import triton_cross_attention as tca
 
     for kind in tca.CONFIG:
         monkeypatch.setitem(tca.CONFIG, kind, dict(tca.CONFIG[kind], BLOCK_M=16, PROGRAMS_PER_SM=programs))
+    monkeypatch.setitem(tca.CONFIG, "bwd_dkv_fp32", dict(tca.CONFIG["bwd_dkv_fp32"], BLOCK_K=16))
     q, kv, _, bias, _ = _case(2, 70, 24, 2, 24, torch.float32, seed=4)
     _check_against_float64(q, kv, bias, 2, torch.float32, TOL[torch.float32])
 
