@@ -67,9 +67,9 @@ LOG2E = 1.4426950408889634
 # `python bench/bench_cross_attention.py --sweep` (bench/results/cross_attention_*.json). float32 inputs (IEEE
 # dots, twice the shared memory a tile) take smaller tiles that fit an SM's 227 KiB.
 CONFIG = {
-    "fwd": {"BLOCK_M": 128, "num_warps": 8, "PROGRAMS_PER_SM": 1, "STAGES": 3},
-    "bwd_dq": {"BLOCK_M": 64, "num_warps": 8, "PROGRAMS_PER_SM": 2, "STAGES": 2},
-    "bwd_dkv": {"BLOCK_M": 64, "BLOCK_K": 32, "num_warps": 4, "STAGES": 2},
+    "fwd": {"BLOCK_M": 128, "num_warps": 8, "PROGRAMS_PER_SM": 2, "STAGES": 3},
+    "bwd_dq": {"BLOCK_M": 64, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 1},
+    "bwd_dkv": {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 8, "STAGES": 2},
     "fwd_fp32": {"BLOCK_M": 64, "num_warps": 8, "PROGRAMS_PER_SM": 1, "STAGES": 1},
     "bwd_dq_fp32": {"BLOCK_M": 32, "num_warps": 8, "PROGRAMS_PER_SM": 1, "STAGES": 1},
     "bwd_dkv_fp32": {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "STAGES": 1},
