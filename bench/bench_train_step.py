@@ -19,13 +19,15 @@ Variants (the same weights, copied through to_diffusers_state_dict, and the same
                       optim.triton=false)
   ours-graphed-cut-topt  the same with the trainer's default optimizer on CUDA, sana_core.adamw.TritonAdamW (the
                       same AdamW step in one Triton kernel that also writes the bf16 weight copies the next forward
-                      reads): what the trainer runs with model.cuda_graphs=true; every other variant runs torch's
+                      reads): what the trainer runs with model.cuda_graphs=true; variants without -topt run torch's
                       fused AdamW, as diffusers' rows do
-  ours-graphed-cut-xattn  the same with our Triton cross-attention (SANA_CROSS_ATTENTION_BACKEND=triton; opt-in,
-                      the default is SDPA on cuDNN: kernels.cross_attention). The results of 2026-12-05
-                      (`*_xattn.json`) were measured while the Triton kernels were the default: their
-                      `ours-graphed-cut` row is this variant and their `ours-graphed-cut-sdpa` row today's default
-  ours-graphed-cut-topt-xattn  TritonAdamW and our Triton cross-attention together
+  ours-graphed-cut-xattn  the same with our Triton cross-attention named (SANA_CROSS_ATTENTION_BACKEND=triton);
+                      the default on CUDA since 2026-12-06 (kernels.cross_attention). Rows of this name from
+                      2026-12-05 and earlier compared it with the then default, SDPA; `*_xattn.json` of 2026-12-05
+                      were run while it was the default once before: their `ours-graphed-cut` row is this variant
+  ours-graphed-cut-topt-xattn  TritonAdamW and our Triton cross-attention named (today's defaults)
+  ours-graphed-cut-sdpa, ours-graphed-cut-topt-sdpa  the same two with SDPA's cross-attention
+                      (SANA_CROSS_ATTENTION_BACKEND=torch): the comparison since the Triton kernels are the default
 Training step = rectified-flow MSE loss (sana_core.flow.flow_loss, fixed noise and t) forward + backward +
 gradient clipping + fused AdamW, bf16 autocast; inference = one forward under no_grad, bf16 autocast. Text:
 300 tokens of which 120 real. MFU = model FLOPs (torch's FlopCounterMode on meta tensors for the forward; a
@@ -68,7 +70,8 @@ MODES = {
     "infer-0.6b-4k-b2": dict(kind="infer", config="sana-0.6b", batch=2, latent=128),
 }
 VARIANTS = ("diffusers", "diffusers-compiled", "ours", "ours-compiled", "ours-graphed", "ours-reference", "ours-cut",
-            "ours-graphed-cut", "ours-graphed-cut-topt", "ours-graphed-cut-xattn", "ours-graphed-cut-topt-xattn")
+            "ours-graphed-cut", "ours-graphed-cut-topt", "ours-graphed-cut-xattn", "ours-graphed-cut-topt-xattn", "ours-graphed-cut-sdpa",
+            "ours-graphed-cut-topt-sdpa")
 TEXT_TOKENS, REAL_TOKENS = 300, 120
 
 
@@ -87,7 +90,8 @@ class _Diffusers(nn.Module):
 def _set_backends(variant: str) -> None:
     backend = "torch" if variant == "ours-reference" else "auto"
     os.environ["SANA_BLOCK_BACKEND"] = os.environ["SANA_ATTENTION_BACKEND"] = backend
-    os.environ["SANA_CROSS_ATTENTION_BACKEND"] = "triton" if variant.endswith("-xattn") else ""
+    os.environ["SANA_CROSS_ATTENTION_BACKEND"] = ("triton" if variant.endswith("-xattn") else
+                                                  "torch" if variant.endswith("-sdpa") else "")
 
 
 def _build(variant: str, cfg) -> nn.Module:
@@ -385,7 +389,9 @@ def main():
                   "ours-graphed-cut": f"ours + CUDA graphs on captions cut to {CAPTION_BUCKET}-token buckets",
                   "ours-graphed-cut-topt": "the same with TritonAdamW (the trainer's default on CUDA)",
                   "ours-graphed-cut-xattn": "the same with our Triton cross-attention",
-                  "ours-graphed-cut-topt-xattn": "TritonAdamW and our Triton cross-attention"}
+                  "ours-graphed-cut-topt-xattn": "TritonAdamW and our Triton cross-attention",
+                  "ours-graphed-cut-sdpa": "ours + CUDA graphs, cut captions, SDPA cross-attention",
+                  "ours-graphed-cut-topt-sdpa": "the same with TritonAdamW and SDPA cross-attention"}
         for v, label in labels.items():
             if v in by and "diffusers-compiled" in by:
                 print(f"{label} vs diffusers compiled blocks: "

@@ -12,12 +12,13 @@ token layouts, and is built for a caption cut to its batch's longest (the traine
 `caption_bucket`): up to MAX_KEYS keys, every key of an (image, head) in one tile. Longer captions (a
 caption_bucket of 0 pads every caption to 300) and head dims over MAX_HEAD_DIM take the reference.
 
-Backend choice: argument `backend`, else SANA_CROSS_ATTENTION_BACKEND ("torch" | "auto" | "triton"), else
-"torch": the Triton kernels are opt-in. They are tested against float64 on the CPU and the GPU (the GPU test file
-passes in full on an H100: tests/kernels/test_cross_attention.py, 32 tests) and equal cuDNN's speed (forward
-faster, backward on par: bench/NOTES_block_fastpath.md); in the training step they gained 1.5-1.8 ms on an H100
-and lost 2.0 ms at Sana-1.6B on an H200, about 1% either way, so SDPA, the proven path, stays the default. "auto" is
-Triton for CUDA tensors.
+Backend choice: argument `backend`, else SANA_CROSS_ATTENTION_BACKEND ("auto" | "torch" | "triton"), else
+"auto": the Triton kernels for CUDA tensors (where they apply), SDPA elsewhere. They are tested against float64
+on the CPU and the GPU (tests/kernels/test_cross_attention.py passes in full on an H100) and, with the backward as
+a dq and a dk/dv kernel (2026-12-06), are faster than cuDNN's kernels at both Sana shapes (H100, kernel times:
+forward 0.051 against 0.084 ms at Sana-1.6B's batch 8, 0.058 against 0.110 at Sana-0.6B's batch 16; in the
+1.6B training step's profile 0.30 ms a block for forward and backward against cuDNN's 0.32 plus the transposes
+and the k/v cat the SDPA path needs): bench/NOTES_block_fastpath.md. "torch" gives SDPA.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def fused_supported(q: torch.Tensor, kv: torch.Tensor, heads: int) -> bool:
 
 
 def resolve_backend(x: torch.Tensor, backend: str | None = None) -> str:
-    backend = backend or os.environ.get("SANA_CROSS_ATTENTION_BACKEND") or "torch"
+    backend = backend or os.environ.get("SANA_CROSS_ATTENTION_BACKEND") or "auto"
     return resolve(x, backend, "SANA_CROSS_ATTENTION_BACKEND", "cross-attention", TRITON_AVAILABLE)
 
 

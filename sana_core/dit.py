@@ -242,8 +242,8 @@ class CrossAttention(nn.Module):
                 bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """x (B, N, C), y (B, L, C), bias (B, L) -> (x, attention output (B, N, C), proj's bias or None): x handed on
         for the residual add (see tee); the bias is already in the output, its gradient left to the add + modulate
-        that reads it (see bias_out). kernels.cross_attention: SDPA, or opt-in Triton kernels that read the heads in
-        place as column slices of the projections."""
+        that reads it (see bias_out). kernels.cross_attention: Triton kernels that read the heads in place as column
+        slices of the projections (CUDA; captions of up to 128 tokens), else SDPA."""
         x, q = tee(self.q, x)
         return x, *bias_out(self.proj, cross_attention(q, self.kv(y), bias, self.heads))
 

@@ -129,17 +129,19 @@ def test_long_captions_take_the_reference():
 
 
 def test_backend_switch(monkeypatch):
-    """The Triton kernels are opt-in: SDPA unless SANA_CROSS_ATTENTION_BACKEND (or the argument) asks for them,
-    whatever the block backend."""
+    """The Triton kernels are the default for CUDA tensors ("auto"), SDPA for CPU tensors; the argument or
+    SANA_CROSS_ATTENTION_BACKEND picks either, whatever the block backend."""
     from kernels.cross_attention import resolve_backend
 
     q = torch.zeros(1, device=DEVICE)
-    monkeypatch.setenv("SANA_BLOCK_BACKEND", "triton")
+    monkeypatch.setenv("SANA_BLOCK_BACKEND", "torch")
     monkeypatch.delenv("SANA_CROSS_ATTENTION_BACKEND", raising=False)
+    assert resolve_backend(q) == ("triton" if ON_GPU else "torch")
+    assert resolve_backend(q, "triton") == "triton"
+    assert resolve_backend(q, "torch") == "torch"
+    monkeypatch.setenv("SANA_CROSS_ATTENTION_BACKEND", "torch")
     assert resolve_backend(q) == "torch"
     assert resolve_backend(q, "triton") == "triton"
-    monkeypatch.setenv("SANA_CROSS_ATTENTION_BACKEND", "triton")
-    assert resolve_backend(q) == "triton"
     monkeypatch.setenv("SANA_CROSS_ATTENTION_BACKEND", "auto")
     assert resolve_backend(q) == ("triton" if ON_GPU else "torch")
     monkeypatch.setenv("SANA_CROSS_ATTENTION_BACKEND", "fast")

@@ -38,8 +38,9 @@ def _inputs(B, H, W, L=9):
             torch.randn(B, L, CFG.caption_channels, device=DEVICE), y_mask)
 
 
-def _run(model, inputs, backend, monkeypatch, autocast: bool, xattn: str = "torch"):
-    """xattn: the cross-attention's backend on the fast path (the reference path is SDPA throughout)."""
+def _run(model, inputs, backend, monkeypatch, autocast: bool, xattn: str = "auto"):
+    """xattn: the cross-attention's backend on the fast path, by default its default (Triton on the GPU, SDPA on
+    CPU tensors); the reference path is SDPA throughout."""
     monkeypatch.setenv("SANA_BLOCK_BACKEND", backend)
     monkeypatch.setenv("SANA_CROSS_ATTENTION_BACKEND", xattn if backend == "triton" else "torch")
     model.zero_grad(set_to_none=True)
@@ -75,8 +76,9 @@ def test_fast_path_matches_reference(latent, monkeypatch):
 
 
 def test_fast_path_with_the_triton_cross_attention_matches_reference(monkeypatch):
-    """The opt-in cross-attention kernels (SANA_CROSS_ATTENTION_BACKEND=triton) inside the model: called, and the
-    output and every gradient as close to the reference as the default path's, padded captions included."""
+    """The Triton cross-attention kernels (the default on CUDA; named here so that the interpreter runs them too)
+    inside the model: called, and the output and every gradient as close to the reference as the default path's,
+    padded captions included."""
     from kernels import triton_cross_attention as tca
 
     calls = []
@@ -86,7 +88,7 @@ def test_fast_path_with_the_triton_cross_attention_matches_reference(monkeypatch
     assert len(calls) == CFG.depth  # each block of the fast run; the reference run is SDPA
 
 
-def _check_fast_path(latent, monkeypatch, xattn: str = "torch"):
+def _check_fast_path(latent, monkeypatch, xattn: str = "auto"):
     torch.manual_seed(0)
     model = LinearDiT(CFG).to(DEVICE)
     inputs = _inputs(*latent)
