@@ -63,9 +63,11 @@ LOG2E = 1.4426950408889634
 
 # BLOCK_M queries a step; PROGRAMS_PER_SM: query blocks are split between programs of one (image, head) until
 # the grid has about this many programs an SM (forward and the dq kernel; the dk/dv kernel has a program a
-# BLOCK_K keys of an (image, head)); STAGES: the software pipeline over query blocks. Picked by
-# `python bench/bench_cross_attention.py --sweep` (bench/results/cross_attention_*.json). float32 inputs (IEEE
-# dots, twice the shared memory a tile) take smaller tiles that fit an SM's 227 KiB.
+# BLOCK_K keys of an (image, head)); STAGES: the software pipeline over query blocks. The best of
+# `python bench/bench_cross_attention.py --shape 8,1024,128,20,112 --sweep` on the H100 (Sana-1.6B, batch 8:
+# bench/results/cross_attention_1.6b_split_h100.json; at 0.6B's shape they are within 7 us a kernel of that
+# shape's best). float32 inputs (IEEE dots, twice the shared memory a tile) take smaller tiles that fit an SM's
+# 227 KiB.
 CONFIG = {
     "fwd": {"BLOCK_M": 128, "num_warps": 8, "PROGRAMS_PER_SM": 2, "STAGES": 3},
     "bwd_dq": {"BLOCK_M": 64, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 1},
