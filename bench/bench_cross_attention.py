@@ -200,13 +200,17 @@ def _token_layout_rows(q, k, v, bias, dout, ref, ref_grads, iters) -> dict:
 # Tile configurations the sweep times: (BLOCK_M, num_warps, PROGRAMS_PER_SM, STAGES) forward and dq,
 # (BLOCK_K, BLOCK_M, num_warps, STAGES) dk/dv. Pruned by an offline sm_90 compile at Sana-1.6B's shape: none
 # of these spills registers (BLOCK_M 128 at 4 warps does, and dk/dv tiles of 64 keys by 64 queries at 4 warps).
+# Where a tile has fewer rows than its warps cover (16 a warp: a dk/dv tile of 64 keys at 8 warps), Triton's
+# Hopper layout repeats the product in both warp groups: hence 4-warp tiles of 64 rows and 8-warp ones of 128.
 SWEEP = {
     "fwd": [(bm, w, pps, st) for bm in (64, 128) for w in (4, 8) for pps in (1, 2, 4) for st in (2, 3)
             if (bm, w) != (128, 4)],
-    "bwd_dq": [(bm, w, pps, st) for bm in (32, 64) for w in (4, 8) for pps in (1, 2, 4) for st in (1, 2)],
+    "bwd_dq": [(bm, w, pps, st) for bm in (32, 64) for w in (4, 8) for pps in (1, 2, 4) for st in (1, 2)]
+              + [(128, 8, pps, 1) for pps in (1, 2, 4)],
     "bwd_dkv": [(16, 32, 8, 2), (16, 64, 4, 2), (16, 64, 8, 2), (16, 128, 8, 2), (32, 32, 4, 2), (32, 32, 4, 3),
-                (32, 32, 8, 2), (32, 64, 8, 2), (32, 64, 8, 3), (32, 128, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3),
-                (64, 64, 8, 2)],
+                (32, 32, 8, 2), (32, 64, 4, 2), (32, 64, 8, 2), (32, 64, 8, 3), (32, 128, 8, 2), (64, 32, 4, 2),
+                (64, 32, 4, 3), (64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2), (128, 16, 8, 2), (128, 32, 8, 2),
+                (128, 32, 8, 3)],
 }
 
 
