@@ -214,6 +214,14 @@ SWEEP = {
 }
 
 
+SWEEP_MATCH = 1e-2  # tiles change float32 summation orders only: their outputs agree to ~1e-3 in bf16
+
+
+def _outputs(out) -> tuple[torch.Tensor, ...]:
+    """A kernel call's outputs as a tuple of detached copies."""
+    return tuple(t.detach().clone() for t in (out if isinstance(out, tuple) else (out,)))
+
+
 def _sweep_config(kind: str, combo: tuple) -> dict:
     if kind == "bwd_dkv":
         bk, bm, warps, stages = combo
@@ -238,9 +246,11 @@ def _sweep_calls(q, k, v, bias, dout) -> dict:
 
 
 def _sweep(q, k, v, bias, dout, shard: tuple[int, int] | None = None) -> dict:
-    """Each Triton kernel alone over SWEEP's tile configurations (graphed: kernel time, no host). With shard
-    (i, n): only compile (one call, no timing) every n-th configuration from the i-th, so that n processes fill
-    Triton's on-disk cache in parallel before the timed sweep."""
+    """Each Triton kernel alone over SWEEP's tile configurations (graphed: kernel time, no host). Each
+    configuration's outputs are checked against the committed one's (which the GPU tests hold to float64): one
+    that differs by more than SWEEP_MATCH (a miscompile) is kept in the table, marked, and never ranked best.
+    With shard (i, n): only compile (one call, no timing) every n-th configuration from the i-th, so that n
+    processes fill Triton's cache in parallel before the timed sweep."""
     from kernels import triton_cross_attention as tca
 
     calls = _sweep_calls(q, k, v, bias, dout)
@@ -251,6 +261,7 @@ def _sweep(q, k, v, bias, dout, shard: tuple[int, int] | None = None) -> dict:
             if shard is not None:
                 combos = combos[shard[0]::shard[1]]
             entries = []
+            committed = None if shard is not None else _outputs(calls[kind]())
             for combo in combos:
                 tca.CONFIG[kind] = _sweep_config(kind, combo)
                 try:
@@ -258,16 +269,19 @@ def _sweep(q, k, v, bias, dout, shard: tuple[int, int] | None = None) -> dict:
                         calls[kind]()
                         torch.cuda.synchronize()
                         continue
+                    diff = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+                               for a, b in zip(_outputs(calls[kind]()), committed))
                     ms = graphed_ms(calls[kind])
                 except Exception as e:  # noqa: BLE001 - a configuration the compiler or the GPU refuses
                     entries.append(dict(tca.CONFIG[kind], error=str(e).splitlines()[0][:160]))
                     continue
-                entries.append(dict(tca.CONFIG[kind], ms=ms))
-                print(f"sweep {kind} {tca.CONFIG[kind]}: {ms:.4f} ms", flush=True)
+                entries.append(dict(tca.CONFIG[kind], ms=ms, rel_diff=diff, ok=diff <= SWEEP_MATCH))
+                print(f"sweep {kind} {tca.CONFIG[kind]}: {ms:.4f} ms, outputs within {diff:.1e} of the "
+                      f"committed tiles'{'' if diff <= SWEEP_MATCH else ' WRONG'}", flush=True)
             tca.CONFIG[kind] = saved[kind]
             if shard is not None:
                 continue
-            entries.sort(key=lambda e: e.get("ms", float("inf")))
+            entries.sort(key=lambda e: (not e.get("ok", False), e.get("ms", float("inf"))))
             result[kind] = entries
             result[f"{kind}_committed_ms"] = graphed_ms(calls[kind])
             print(f"best {kind}: {entries[0]}; committed {saved[kind]}: {result[f'{kind}_committed_ms']:.4f} ms")
