@@ -27,6 +27,7 @@ from sana_core.errors import SanaError, cli_main
 from sana_core.zoo import default_root
 
 REPO = Path(__file__).resolve().parents[1]
+AGENT_WAIT_S = 300  # how long a fresh head may take to start its job agent (seen: over 60 s on a loaded 2-core machine)
 
 
 def _free_port() -> int:
@@ -67,7 +68,31 @@ class LocalRayCluster:
                f"--temp-dir={self.tmp}", "--disable-usage-stats"]
         print(f"$ {' '.join(cmd)}", flush=True)
         subprocess.run(cmd, check=True, env=self.env, stdout=subprocess.DEVNULL)
+        try:
+            self._wait_for_job_agent()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
+
+    def _wait_for_job_agent(self) -> None:
+        """Return once the head accepts jobs. `ray start` returns before the head's job agent is up, and a
+        submission until then fails with "No available agent to submit job" (on a loaded 2-core machine for
+        over a minute): submit a job that does nothing until one is accepted (a refused submission creates no
+        job), so that the real submission never meets that error."""
+        probe = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", self.dashboard,
+                 "--no-wait", "--", "true"]
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            r = subprocess.run(probe, env=self.env, capture_output=True, text=True, timeout=AGENT_WAIT_S)
+            if r.returncode == 0:
+                return
+            out = (r.stdout + r.stderr).strip()
+            if "No available agent to submit job" not in out or time.monotonic() > deadline:
+                last = out.splitlines()[-1] if out else f"exit code {r.returncode}"
+                raise SanaError(f"the local Ray cluster at {self.dashboard} does not accept jobs "
+                                f"(waited up to {AGENT_WAIT_S} s): {last}")
+            time.sleep(2)
 
     @property
     def dashboard(self) -> str:

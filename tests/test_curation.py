@@ -141,13 +141,10 @@ def reference(images, zoo, tmp_path_factory):
     out = tmp_path_factory.mktemp("curation_reference") / "out"
     with LocalRayCluster(num_cpus=2) as cluster:
         ray_bin = str(Path(sys.executable).parent / "ray")
-        for _ in range(6):  # a loaded machine starts the head's job agent some seconds after `ray start` returns
-            r = subprocess.run([ray_bin, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO),
-                                "--", *_curate_cmd(folder, out, python="python")],
-                               cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
-            if "No available agent to submit job" not in r.stdout + r.stderr:
-                break
-            time.sleep(10)
+        # LocalRayCluster returns once the head's job agent accepts jobs: one submission, no retry here
+        r = subprocess.run([ray_bin, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO),
+                            "--", *_curate_cmd(folder, out, python="python")],
+                           cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-6000:]
     return out, log
