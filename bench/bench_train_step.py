@@ -70,8 +70,8 @@ MODES = {
     "infer-0.6b-4k-b2": dict(kind="infer", config="sana-0.6b", batch=2, latent=128),
 }
 VARIANTS = ("diffusers", "diffusers-compiled", "ours", "ours-compiled", "ours-graphed", "ours-reference", "ours-cut",
-            "ours-graphed-cut", "ours-graphed-cut-topt", "ours-graphed-cut-xattn", "ours-graphed-cut-topt-xattn", "ours-graphed-cut-sdpa",
-            "ours-graphed-cut-topt-sdpa")
+            "ours-graphed-cut", "ours-graphed-cut-topt", "ours-graphed-cut-xattn", "ours-graphed-cut-topt-xattn",
+            "ours-graphed-cut-sdpa", "ours-graphed-cut-topt-sdpa")
 TEXT_TOKENS, REAL_TOKENS = 300, 120
 
 

@@ -89,10 +89,11 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _keys(kv_ptr, bias_ptr, b, h, L, H, D: tl.constexpr, skv_b, skv_n, DP: tl.constexpr, BLOCK_L: tl.constexpr):
-    """K and V of image b, head h as (BLOCK_L, DP) tiles (zero past L and D), and the key bias in log2 units
-    (-inf past L)."""
-    lk = tl.arange(0, BLOCK_L)
+def _keys(kv_ptr, bias_ptr, b, h, L, H, D: tl.constexpr, skv_b, skv_n, DP: tl.constexpr, BLOCK_L: tl.constexpr,
+          start=0):
+    """Keys start .. start + BLOCK_L of image b, head h: K and V as (BLOCK_L, DP) tiles (zero past L and D), and
+    the key bias in log2 units (-inf past L)."""
+    lk = start + tl.arange(0, BLOCK_L)
     d = tl.arange(0, DP)
     m = (lk < L)[:, None] & (d < D)[None, :]
     base = kv_ptr + b.to(tl.int64) * skv_b + h * D + lk[:, None] * skv_n + d[None, :]
@@ -104,11 +105,12 @@ def _keys(kv_ptr, bias_ptr, b, h, L, H, D: tl.constexpr, skv_b, skv_n, DP: tl.co
 
 @triton.jit
 def _softmax(q, kt, bias, qk_scale, IEEE: tl.constexpr):
-    """The softmax of q's rows over the one key tile, unnormalised: (exp2(s - rowmax), row sums), float32. The
-    caller divides (forward the output, backward the probabilities)."""
+    """The softmax of q's rows over the one key tile, unnormalised: (exp2(s - rowmax), row sums, rowmax), float32,
+    s in log2 units. The caller divides (forward the output, backward the probabilities)."""
     s = _dot(q, kt, IEEE) * qk_scale + bias[None, :]
-    p = tl.exp2(s - tl.max(s, 1)[:, None])
-    return p, tl.sum(p, 1)
+    top = tl.max(s, 1)
+    p = tl.exp2(s - top[:, None])
+    return p, tl.sum(p, 1), top
 
 
 @triton.jit
@@ -128,7 +130,7 @@ def _fwd(q_ptr, kv_ptr, bias_ptr, o_ptr, N, L, H, sq_b, sq_n, skv_b, skv_n, qk_s
         m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         mm = (m < N)[:, None] & dmask
         q = tl.load(q_base + m[:, None] * sq_n, mask=mm, other=0.0)  # (BLOCK_M, DP)
-        p, den = _softmax(q, kt, bias, qk_scale, IEEE)
+        p, den, _ = _softmax(q, kt, bias, qk_scale, IEEE)
         o = _dot(p.to(v.dtype), v, IEEE) / den[:, None]
         tl.store(o_base + m[:, None] * (H * D), o.to(o_ptr.dtype.element_ty), mask=mm)
 
@@ -156,10 +158,7 @@ def _bwd_dq(q_ptr, kv_ptr, bias_ptr, do_ptr, dq_ptr, stat_ptr, N, L, H, sq_b, sq
         mm = (m < N)[:, None] & dmask
         q = tl.load(q_base + m[:, None] * sq_n, mask=mm, other=0.0)  # (BLOCK_M, DP)
         do = tl.load(do_ptr + t_off + m[:, None] * C, mask=mm, other=0.0)
-        s = _dot(q, kt, IEEE) * qk_scale + bias[None, :]  # (BLOCK_M, BLOCK_L), log2 units
-        top = tl.max(s, 1)
-        p = tl.exp2(s - top[:, None])
-        den = tl.sum(p, 1)
+        p, den, top = _softmax(q, kt, bias, qk_scale, IEEE)  # (BLOCK_M, BLOCK_L)
         p = p / den[:, None]
         dp = _dot(do, vt, IEEE)
         delta = tl.sum(p * dp, 1)
@@ -181,14 +180,8 @@ def _bwd_dkv(q_ptr, kv_ptr, bias_ptr, do_ptr, stat_ptr, dkv_ptr, N, L, H, sq_b, 
     b = bh // H
     h = bh % H
     C = H * D
-    lk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k, v, bias = _keys(kv_ptr, bias_ptr, b, h, L, H, D, skv_b, skv_n, DP, BLOCK_K, tl.program_id(0) * BLOCK_K)
     d = tl.arange(0, DP)
-    km = (lk < L)[:, None] & (d < D)[None, :]
-    kv_base = kv_ptr + b.to(tl.int64) * skv_b + h * D + lk[:, None] * skv_n + d[None, :]
-    k = tl.load(kv_base, mask=km, other=0.0)  # (BLOCK_K, DP)
-    v = tl.load(kv_base + C, mask=km, other=0.0)
-    bias = tl.load(bias_ptr + b.to(tl.int64) * L + lk, mask=lk < L, other=float("-inf")).to(tl.float32)
-    bias = bias * 1.4426950408889634
     qt_base = q_ptr + b.to(tl.int64) * sq_b + h * D + d[:, None]  # q^T tiles (DP, BLOCK_M)
     do_base = do_ptr + b.to(tl.int64) * N * C + h * D + d[None, :]
     stat = stat_ptr + bh.to(tl.int64) * 2 * N
@@ -204,6 +197,8 @@ def _bwd_dkv(q_ptr, kv_ptr, bias_ptr, do_ptr, stat_ptr, dkv_ptr, N, L, H, sq_b, 
         delta = tl.load(stat + N + m, mask=m < N, other=0.0)
         dst = pt * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
         dk += _dot(dst.to(qt.dtype), tl.trans(qt), IEEE)
+    lk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    km = (lk < L)[:, None] & (d < D)[None, :]
     base = dkv_ptr + b.to(tl.int64) * L * 2 * C + h * D + lk[:, None] * (2 * C) + d[None, :]  # (B, L, 2C)
     tl.store(base, (dk * sm_scale).to(dkv_ptr.dtype.element_ty), mask=km)
     tl.store(base + C, dv.to(dkv_ptr.dtype.element_ty), mask=km)
@@ -223,12 +218,21 @@ def _plan(B: int, N: int, L: int, heads: int, kind: str, dtype: torch.dtype, dev
     cfg = _config(kind, dtype)
     n_blocks = cdiv(N, cfg["BLOCK_M"])
     split = max(1, min(n_blocks, cdiv(cfg["PROGRAMS_PER_SM"] * sm_count(device), B * heads)))
-    consts = (cfg["BLOCK_M"], max(16, next_pow2(L)), int(cfg["STAGES"]))
+    consts = (cfg["BLOCK_M"], _tile(L), int(cfg["STAGES"]))
     return split, consts, (("num_warps", cfg["num_warps"]),)
 
 
-def _head_tile(d: int) -> int:
-    return max(16, next_pow2(d))
+def _tile(n: int) -> int:
+    """The power-of-two tile (at least tl.dot's 16) that holds n keys or head channels."""
+    return max(16, next_pow2(n))
+
+
+def _scalars(q: torch.Tensor, kv: torch.Tensor, heads: int, backward: bool) -> tuple:
+    """The kernels' int and float arguments: N, L, H, the row strides and the log2-unit score scale (and the
+    gradients' 1 / sqrt(D) in backward)."""
+    d = q.shape[-1] // heads
+    out = (q.shape[1], kv.shape[1], heads, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), LOG2E / math.sqrt(d))
+    return (*out, 1.0 / math.sqrt(d)) if backward else out
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -246,9 +250,8 @@ def _cross_attention_op(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, h
     if o.numel():
         dev = device_index(q)
         split, consts, options = _plan(B, N, L, heads, "fwd", q.dtype, dev)
-        _fwd_launch((split, B * heads), dev, (q, kv, bias, o),
-                    (N, L, heads, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), LOG2E / math.sqrt(D)),
-                    (D, _head_tile(D), *consts, q.dtype == torch.float32), options)
+        _fwd_launch((split, B * heads), dev, (q, kv, bias, o), _scalars(q, kv, heads, backward=False),
+                    (D, _tile(D), *consts, q.dtype == torch.float32), options)
     return o
 
 
@@ -265,10 +268,8 @@ def _backward_dq(do, q, kv, bias, heads) -> tuple[torch.Tensor, torch.Tensor]:
     stat = q.new_empty((B * heads, 2, N), dtype=torch.float32)
     dev = device_index(q)
     split, consts, options = _plan(B, N, L, heads, "bwd_dq", q.dtype, dev)
-    _bwd_dq_launch((split, B * heads), dev, (q, kv, bias, do, dq, stat),
-                   (N, L, heads, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), LOG2E / math.sqrt(D),
-                    1.0 / math.sqrt(D)),
-                   (D, _head_tile(D), *consts, q.dtype == torch.float32), options)
+    _bwd_dq_launch((split, B * heads), dev, (q, kv, bias, do, dq, stat), _scalars(q, kv, heads, backward=True),
+                   (D, _tile(D), *consts, q.dtype == torch.float32), options)
     return dq, stat
 
 
@@ -278,12 +279,11 @@ def _backward_dkv(do, q, kv, bias, stat, heads) -> torch.Tensor:
     L, D = kv.shape[1], C // heads
     dkv = kv.new_empty((B, L, 2 * C))
     cfg = _config("bwd_dkv", q.dtype)
-    block_k = min(cfg["BLOCK_K"], max(16, next_pow2(L)))
+    block_k = min(cfg["BLOCK_K"], _tile(L))
     dev = device_index(q)
     _bwd_dkv_launch((cdiv(L, block_k), B * heads), dev, (q, kv, bias, do, stat, dkv),
-                    (N, L, heads, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), LOG2E / math.sqrt(D),
-                     1.0 / math.sqrt(D)),
-                    (D, _head_tile(D), cfg["BLOCK_M"], block_k, int(cfg["STAGES"]), q.dtype == torch.float32),
+                    _scalars(q, kv, heads, backward=True),
+                    (D, _tile(D), cfg["BLOCK_M"], block_k, int(cfg["STAGES"]), q.dtype == torch.float32),
                     (("num_warps", cfg["num_warps"]),))
     return dkv
 

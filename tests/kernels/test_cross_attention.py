@@ -142,6 +142,8 @@ def test_backend_switch(monkeypatch):
     monkeypatch.setenv("SANA_CROSS_ATTENTION_BACKEND", "torch")
     assert resolve_backend(q) == "torch"
     assert resolve_backend(q, "triton") == "triton"
+    monkeypatch.setenv("SANA_CROSS_ATTENTION_BACKEND", "triton")
+    assert resolve_backend(q) == "triton"
     monkeypatch.setenv("SANA_CROSS_ATTENTION_BACKEND", "auto")
     assert resolve_backend(q) == ("triton" if ON_GPU else "torch")
     monkeypatch.setenv("SANA_CROSS_ATTENTION_BACKEND", "fast")
