@@ -18,7 +18,14 @@ after against 145.7-146.7 before: the gain did not show in the step, see bench/N
 `linear_tee(x, W, b)` returns (x, linear(x)) for an x that another op reads too (the residual stream at the
 cross-attention's query projection): autograd would add the two readers' gradients of x with a kernel of its
 own (a read of two (B, N, C) tensors and a write of one); here the GEMM adds dy @ W onto the other reader's
-gradient in its epilogue (addmm, beta 1).
+gradient in its epilogue (addmm_, beta 1), in place: an out-of-place addmm copies that gradient into its
+output first (in Sana-1.6B's graphed step on the H100 a 25 us memcpy a block, 21 a step,
+bench/results/profile_train-1.6b-b8_ours-graphed-cut-topt-xattn_h100.txt). So the backward takes that
+gradient tensor over, which is safe when nothing reads it afterwards: autograd hands a sum of several readers'
+gradients to this backward alone, and where one op gives the same tensor to x and to another input of its own
+(add_modulate's x + branch: one gradient for both), that other input's backward has consumed it first as long
+as it lies on the path from this linear's output (the block's cross-attention: x -> q -> attention -> branch),
+since this backward waits for that path's gradient.
 
 `linear_bias_out(x, W, b)` returns (linear(x) with b's gradient cut, b) for an output whose next op takes b's
 gradient itself, from a kernel that has the column sums of dy in registers as it writes dy (kernels.mixffn's
@@ -211,7 +218,8 @@ def _backward(ctx, dy, dres=None):
         if dres is None:
             dx = (g @ wc).view(shape).to(x_dtype)
         elif dres.dtype == g.dtype:  # the add in the GEMM's epilogue, in float32 before the one rounding
-            dx = torch.addmm(dres.reshape(-1, wc.shape[1]), g, wc).view(shape).to(x_dtype)
+            # in place (linear_tee's contract): addmm into a new tensor copies dres into it first
+            dx = dres.reshape(-1, wc.shape[1]).addmm_(g, wc).view(shape).to(x_dtype)
         else:
             dx = ((g @ wc).view(shape) + dres).to(x_dtype)
     if ctx.needs_input_grad[1]:
@@ -270,7 +278,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_tee(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, F.linear(x, weight, bias)), where the caller hands the first x on to x's other reader: on the fast
-    path that reader's gradient of x and this GEMM's meet in one addmm (see the module docstring)."""
+    path that reader's gradient of x and this GEMM's meet in one in-place addmm_. That reader's backward must not
+    give the tensor it returns for x to an input whose backward runs after this one, i.e. one not computed from
+    this linear's output (see the module docstring)."""
     dtype = _fast_dtype(x, weight, bias, backend)
     if dtype is None:
         return x, linear(x, weight, bias, backend)

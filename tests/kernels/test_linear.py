@@ -164,3 +164,34 @@ def test_weight_casts_cast_once_with_the_same_results(grad, monkeypatch):
     with torch.autocast(DEVICE, dtype=torch.bfloat16), kl.weight_casts([torch.nn.Parameter(layers[0][0].bfloat16())],
                                                                        torch.bfloat16):
         assert kl._CASTS.get() is None
+
+
+def test_linear_tee_in_place_add_leaves_a_shared_gradient_intact():
+    """The block's pattern: x's other reader, add_modulate(x, c), gives x and its branch c one gradient tensor,
+    and c is computed from the tee's output (q -> c). linear_tee adds dy @ W into that tensor in place; c's own
+    backward must have read it before: every gradient (x, the linear's, c's path's weight) equals the reference
+    path's in float64 terms."""
+    from kernels.adaln import add_modulate
+
+    B, N, C = 2, 6, 16
+    g = torch.Generator().manual_seed(3)
+    x, w, b, v = (torch.randn(*s, generator=g, dtype=torch.float64).to(DEVICE)
+                  for s in ((B, N, C), (C, C), (C,), (C, C)))
+    shift, scale = (torch.randn(B, 1, C, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(2))
+    dh = torch.randn(B, N, C, generator=g, dtype=torch.float64).to(DEVICE)
+
+    def grads(fast: bool, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, w, b, v)]
+        xl, wl, bl, vl = leaves
+        if fast:
+            x2, q = linear_tee(xl, wl, bl, backend="triton")
+        else:
+            x2, q = xl, F.linear(xl, wl, bl)
+        c = F.linear(torch.tanh(q), vl)  # the branch, from the tee's output
+        s, h = add_modulate(x2, c, shift.to(dtype), scale.to(dtype), 1e-6, backend="triton" if fast else "torch")
+        ((s * 0.5).sum() + (h * dh.to(dtype)).sum()).backward()
+        return [t.grad for t in leaves]
+
+    ref = grads(False, torch.float64)
+    for got, r, name in zip(grads(True, torch.float32), ref, ("dx", "dW", "db", "dV")):
+        assert _rel(got, r) < 1e-5, name
