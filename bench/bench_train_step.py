@@ -322,7 +322,7 @@ def _profile(step, path: Path) -> dict:
             step()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    table = events.table(sort_by="self_cuda_time_total", row_limit=150, max_name_column_width=90)
+    table = events.table(sort_by="self_cuda_time_total", row_limit=150, max_name_column_width=160)
     path.parent.mkdir(parents=True, exist_ok=True)
     gaps = _gaps(prof)
     path.write_text(table + "\n" + gaps)

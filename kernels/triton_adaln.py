@@ -39,7 +39,6 @@ from kernels.launch import (
     sm_count,
     supported_device,
 )
-from kernels.row_sums import sum_rows
 
 # Per kernel: ELEMENTS of a (rows, channels) tile (rows = ELEMENTS // next_pow2(C), 1 to 64) and its warps;
 # PROGRAMS_PER_SM: the backward reductions over tokens get enough programs to fill the GPU.
@@ -244,26 +243,26 @@ def _check(x: torch.Tensor, what: str) -> torch.Tensor:
 def _fit(d: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-image sums (B, C) -> the gradient of a modulation row tensor of like's shape."""
     if like.numel() != d.numel():  # one row broadcast over the batch
-        d = sum_rows(d, 0)
+        d = d.sum(0, keepdim=True)
     return d.reshape(like.shape).to(like.dtype)
 
 
 def _reduce_rows(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-image partial sums (B, chunks, C) -> the gradient of a modulation row tensor of like's shape."""
-    return _fit(sum_rows(part, 1), like)
+    return _fit(part.sum(1), like)
 
 
 def _reduce_shift_scale(part: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
     """modulate backward's partial sums (B, chunks, 2, C) -> (dshift, dscale), one reduction over the chunks."""
-    d = sum_rows(part, 1)  # (B, 2, C)
+    d = part.sum(1)  # (B, 2, C)
     return _fit(d[:, 0], shift), _fit(d[:, 1], scale)
 
 
 def _reduce_shift_scale_bias(part: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, bias_dtype: torch.dtype):
     """With bias_sum, (B, chunks, 3, C) -> (dshift, dscale, dbias): one reduction over the chunks for all three,
     the bias's row summed over the batch too."""
-    d = sum_rows(part, 1)  # (B, 3, C)
-    return _fit(d[:, 0], shift), _fit(d[:, 1], scale), sum_rows(d[:, 2], 0).to(bias_dtype)
+    d = part.sum(1)  # (B, 3, C)
+    return _fit(d[:, 0], shift), _fit(d[:, 1], scale), d[:, 2].sum(0).to(bias_dtype)
 
 
 def _modulate_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
@@ -365,10 +364,15 @@ def _(dy, x, scale, mean, rstd, dres=None, bias_sum=False):
 def _modulate_setup(ctx, inputs, output):
     x, shift, scale, _ = inputs
     _, mean, rstd = output
+    # an output nobody differentiates gets None, not a zero tensor: as in eager calls (kernels.launch._Eager), so
+    # that the op that torch.compile traces reads no zeros and gives eager's results bit for bit
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, shift, scale, mean, rstd)
 
 
 def _modulate_backward(ctx, dy, _dmean, _drstd):
+    if dy is None:
+        return None, None, None, None
     x, shift, scale, mean, rstd = ctx.saved_tensors
     dx, part = _modulate_backward_op.within(ctx)(dy, x, scale, mean, rstd)
     return dx, *_reduce_shift_scale(part, shift, scale), None
@@ -402,6 +406,7 @@ def _add_modulate_setup(ctx, inputs, output):
     total, _, mean, rstd = output
     ctx.branch_dtype = branch.dtype
     ctx.bias_dtype = bias[0].dtype if bias and bias[0] is not None else None
+    ctx.set_materialize_grads(False)  # as _modulate_setup: the sum's gradient is None where only y is read
     ctx.save_for_backward(total, shift, scale, mean, rstd)
 
 
@@ -487,8 +492,8 @@ def _gated_residual_backward(ctx, dy):
         dbranch, part = _gated_residual_backward_op.within(ctx)(dy, gate, branch)
         return dy.to(ctx.x_dtype), _reduce_rows(part, gate), dbranch, None
     dbranch, part = _gated_residual_backward_op.within(ctx)(dy, gate, branch, True)
-    d = sum_rows(part, 1)  # (B, 2, C): one reduction over the chunks for both
-    return dy.to(ctx.x_dtype), _fit(d[:, 0], gate), dbranch, sum_rows(d[:, 1], 0).to(ctx.bias_dtype)
+    d = part.sum(1)  # (B, 2, C): one reduction over the chunks for both
+    return dy.to(ctx.x_dtype), _fit(d[:, 0], gate), dbranch, d[:, 1].sum(0).to(ctx.bias_dtype)
 
 
 _gated_residual_op.register_autograd(_gated_residual_backward, setup_context=_gated_residual_setup)

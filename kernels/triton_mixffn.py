@@ -45,8 +45,8 @@ exact form. The gate's sigmoid and backward's sigmoid of u use it as well (bwd_i
     backward 2 dc, u -> du = (sum_k w[k] * dc[t - off_k]) * silu'(u[t]), and from the same loads partial
                dweight[k] = sum_t dc[t - off_k] * silu(u[t]) (silu and silu' from one sigmoid of u)
 
-The partial sums (one row per (image, column strip, row band)) are summed afterwards by kernels.row_sums:
-deterministic, no atomics.
+The partial sums (one row per (image, column strip, row band)) are summed afterwards: deterministic, no
+atomics.
 """
 from __future__ import annotations
 
@@ -65,7 +65,6 @@ from kernels.launch import (
     sm_count,
     supported_device,
 )
-from kernels.row_sums import sum_rows
 
 # COLS columns x BLOCK_C channels a program (BLOCK_C / (32 num_warps) channels a thread); PROGRAMS_PER_SM: enough
 # row bands that the grid has about this many programs an SM (a band costs two halo rows, so fewer, longer bands
@@ -480,9 +479,9 @@ def _depthwise_glu_backward_op(dout: torch.Tensor, u: torch.Tensor, weight: torc
     C2 = u.shape[-1]
     du, dc = torch.empty(u.shape, dtype=u.dtype, device=u.device), torch.empty_like(u)
     dbias = _launch_backward_conv(u, wt, bias, dout, dc, H, W)
-    sums = sum_rows(_launch_backward_input(dc, u, wt, du, H, W, du_sum), 0)  # (9 or 10, 2*hid): one reduction
+    sums = _launch_backward_input(dc, u, wt, du, H, W, du_sum).sum(0)  # (9 or 10, 2*hid): one reduction
     dsum = sums[9] if du_sum else sums.new_empty((0,))
-    return du, sums[:9].t().reshape(C2, 1, 3, 3).contiguous(), sum_rows(dbias, 0), dsum
+    return du, sums[:9].t().reshape(C2, 1, 3, 3).contiguous(), dbias.sum(0), dsum
 
 
 @_depthwise_glu_backward_op.register_fake

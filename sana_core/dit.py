@@ -194,6 +194,25 @@ def bias_out(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return layer(x), None
 
 
+def embed_patches(conv: nn.Module, x: torch.Tensor, p: int) -> torch.Tensor:
+    """The patch embedding (a p x p, stride p nn.Conv2d), x (B, C_in, H, W) -> tokens (B, N, C), row-major.
+
+    As a GEMM on the token layout: each patch's C_in * p * p values (a small gather from the latents) against the
+    conv's weight flattened to (C, C_in * p * p), the same sums as the convolution. The convolution's output is
+    channels-first, and turning it into tokens took a strided copy of the whole (B, N, C) activation, with more
+    in its backward (5 copies a step at 113 us each in Sana-1.6B's graphed batch-8 step on the H100,
+    bench/results/profile_train-1.6b-b8_ours-graphed-cut-topt_h100_rowsums.txt); the latents are 70 times
+    smaller. A conv that is not a plain nn.Conv2d, or that has hooks, is called as it is."""
+    if type(conv) is not nn.Conv2d or _hooked(conv):
+        return conv(x).flatten(2).transpose(1, 2)
+    B, C_in, H, W = x.shape
+    if p == 1:
+        patches = x.flatten(2).transpose(1, 2)  # (B, N, C_in)
+    else:  # (B, H/p, W/p, C_in, p, p): the conv weight's (C_in, kh, kw) order
+        patches = x.view(B, C_in, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C_in * p * p)
+    return linear(patches, conv.weight.flatten(1), conv.bias)  # (B, N, C)
+
+
 def _hooked(module: nn.Module) -> bool:
     from torch.nn.modules import module as m
 
@@ -372,7 +391,7 @@ class LinearDiT(nn.Module):
             raise SanaError(f"LinearDiT expects (B, {self.cfg.in_channels}, H, W) with H, W multiples of {p}, "
                             f"got {tuple(x.shape)}")
         hw = (H // p, W // p)
-        x = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        x = embed_patches(self.x_embedder, x, p)  # (B, N, C)
         t_emb = self.t_embedder(t * self.cfg.timestep_scale)
         t_mod = self.t_block(t_emb)
         y = self.y_norm(self.y_embedder(y))

@@ -10,6 +10,7 @@ from sana_core.dit import (
     DIT_CONFIGS,
     DiTConfig,
     LinearDiT,
+    embed_patches,
     load_diffusers_state_dict,
     to_diffusers_state_dict,
 )
@@ -171,3 +172,24 @@ def test_official_diffusers_configs_map_to_presets(name):
         DiTConfig.from_diffusers_config(bad)
     with pytest.raises(SanaError, match="qk_norm"):
         DiTConfig.from_diffusers_config({**_OFFICIAL[name], "qk_norm": "rms_norm_across_heads"})
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_patch_embedding_as_a_gemm_equals_the_conv(p):
+    """embed_patches (the patch conv as a GEMM on token layout) against nn.Conv2d in float64: tokens and the
+    weight's, the bias's and the latents' gradients; a conv with a forward hook is called itself."""
+    torch.manual_seed(p)
+    conv = torch.nn.Conv2d(4, 8, p, stride=p).double()
+    x = torch.randn(2, 4, 6, 10, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 6 * 10 // p**2, 8, dtype=torch.float64)
+    ref = conv(x).flatten(2).transpose(1, 2)
+    ref_grads = torch.autograd.grad(ref, (x, conv.weight, conv.bias), dy)
+    out = embed_patches(conv, x, p)
+    grads = torch.autograd.grad(out, (x, conv.weight, conv.bias), dy)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+    calls = []
+    conv.register_forward_hook(lambda *a: calls.append(1))
+    torch.testing.assert_close(embed_patches(conv, x, p), ref)
+    assert calls == [1]
