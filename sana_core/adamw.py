@@ -29,6 +29,23 @@ class TritonAdamW(torch.optim.AdamW):
         keep_copies(p for group in self.param_groups for p in group["params"])
         self._host_steps: list[int | None] = [None] * len(self.param_groups)  # each group's step count, on the host
         self._tables: list = [None] * len(self.param_groups)
+        self._norm_tables = None  # kernels.grad_norm's address tables (grad_norm)
+
+    def grad_norm(self, params) -> torch.Tensor | None:
+        """The global L2 norm of params' gradients in one Triton launch (kernels.grad_norm: 2.3 ms and 78 launches
+        a Sana-1.6B step for torch's get_total_norm), or None where torch's must take it: gradients that are not
+        contiguous float32 tensors on one device this kernel runs on, or DTensors."""
+        from kernels.launch import supported_device
+
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads or any(type(g) is not torch.Tensor or g.dtype != torch.float32 or not g.is_contiguous()
+                            or g.is_sparse or not supported_device(g) or g.device != grads[0].device for g in grads):
+            return None
+        from kernels.grad_norm import GradNormTables, grad_norm
+
+        if self._norm_tables is None:
+            self._norm_tables = GradNormTables()
+        return grad_norm(grads, self._norm_tables)
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)

@@ -54,7 +54,9 @@ def clip_gradients(opt: torch.optim.Optimizer, params, max_norm: float) -> torch
     Sana-0.6B bs16 on an H200 in torch.profiler; the step with this change not yet timed). Call it once
     before each step; a skipped step needs nothing undone (the next call sets the scale again)."""
     params = [p for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    norm = opt.grad_norm(params) if isinstance(opt, TritonAdamW) else None  # one Triton launch where it can
+    if norm is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     fused = (isinstance(opt, torch.optim.AdamW) and opt.defaults.get("fused")
              and not any(isinstance(p, torch.distributed.tensor.DTensor) for p in params))
     if fused:

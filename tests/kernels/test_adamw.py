@@ -83,6 +83,46 @@ def test_unaligned_gradients_take_the_other_launch_with_the_same_result():
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_grad_norm_is_the_float64_norm_aligned_or_not():
+    """kernels.grad_norm against the float64 norm of all elements: the sizes above (a block boundary + 1, one
+    element), an empty gradient, values 1e-2..1e1, the gradients as odd-offset views of one buffer (the launch
+    without alignment hints) and as their own tensors; the tables are reused while addresses stay, rebuilt after."""
+    from kernels.grad_norm import GradNormTables, grad_norm
+
+    _, grads = _tensors(3)
+    gs = [g.to(DEVICE) for g in grads[0]] + [torch.zeros(0, device=DEVICE)]
+    ref = torch.cat([g.double().flatten().cpu() for g in gs]).norm()
+    flat = torch.zeros(sum(g.numel() + 1 for g in gs) + 1, device=DEVICE)
+    at = [1 + sum(g.numel() + 1 for g in gs[:i]) for i in range(len(gs))]
+    views = [flat[a:a + g.numel()].view(g.shape).copy_(g) for a, g in zip(at, gs)]
+    tables = GradNormTables()
+    for run in (gs, gs, views):
+        norm = grad_norm(run, tables)
+        assert norm.dtype == torch.float32 and norm.device == gs[0].device
+        assert abs(norm.item() - ref.item()) <= 1e-6 * ref.item()
+    assert [vec for vec, _, _ in tables._sets] == [False]  # the views' tables: rebuilt
+    with pytest.raises(ValueError, match="one dtype"):
+        grad_norm([gs[0], gs[1].double()])
+
+
+def test_clip_gradients_takes_the_triton_norm_where_it_can():
+    """TritonAdamW.grad_norm in clip_gradients: the norm torch's get_total_norm gives; None (torch's then) for
+    float64 gradients."""
+    from sana_core.adamw import TritonAdamW
+    from training.optim import clip_gradients
+
+    model = _mlp(4)
+    opt = TritonAdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(8, 16, device=DEVICE)).square().mean().backward()
+    ref = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    mine = opt.grad_norm(list(model.parameters()))
+    assert mine is not None and abs(mine.item() - ref.item()) <= 1e-6 * ref.item()
+    torch.testing.assert_close(clip_gradients(opt, model.parameters(), 0.05), ref, rtol=1e-6, atol=0)
+    double = _mlp(4).double()
+    double(torch.randn(8, 16, device=DEVICE, dtype=torch.float64)).square().mean().backward()
+    assert TritonAdamW(double.parameters(), lr=1e-3).grad_norm(list(double.parameters())) is None
+
+
 def _mlp(seed):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(16, 40), torch.nn.GELU(), torch.nn.Linear(40, 8)).to(DEVICE)
