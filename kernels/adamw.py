@@ -105,6 +105,18 @@ def _aligned(t: torch.Tensor | None) -> bool:
     return t is None or t.data_ptr() % 16 == 0
 
 
+def _block_tables(numels: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """For tensors of these sizes, one program per BLOCK elements of one tensor: (each tensor's numel, int64; its
+    first program, int32; each program's tensor, int32; the number of programs)."""
+    counts = [cdiv(n, BLOCK) for n in numels]
+    first = [0]
+    for c in counts[:-1]:
+        first.append(first[-1] + c)
+    blk = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), torch.tensor(counts, dtype=torch.int64))
+    return (torch.tensor(numels, dtype=torch.int64).to(device), torch.tensor(first, dtype=torch.int32).to(device),
+            blk.to(device), sum(counts))
+
+
 class AdamWTables:
     """The address tables of one parameter list, rebuilt when an address changes (cheap to check each step): one
     set for the tensors the kernel can move in 16-byte accesses (every address 16-byte aligned, a multiple of 8
@@ -126,18 +138,11 @@ class AdamWTables:
                 idx = [i for i, w in enumerate(vec) if w == kind]
                 if not idx:
                     continue
-                counts = [cdiv(params[i].numel(), BLOCK) for i in idx]
-                first = [0]
-                for c in counts[:-1]:
-                    first.append(first[-1] + c)
-                blk = torch.repeat_interleave(torch.arange(len(idx), dtype=torch.int32),
-                                              torch.tensor(counts, dtype=torch.int64))
                 pick = lambda ts: [ts[i] for i in idx]  # noqa: E731
                 self._sets.append((kind, idx, _Tables(
                     _addresses(pick(params), device), _addresses(pick(exp_avgs), device),
                     _addresses(pick(exp_avg_sqs), device), _addresses(pick(copies), device),
-                    torch.tensor([params[i].numel() for i in idx], dtype=torch.int64).to(device),
-                    torch.tensor(first, dtype=torch.int32).to(device), blk.to(device), sum(counts))))
+                    *_block_tables([params[i].numel() for i in idx], device))))
         out = []
         for kind, idx, t in self._sets:
             g_key = tuple(grads[i].data_ptr() for i in idx)

@@ -13,8 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.adamw import _TL, BLOCK, NUM_WARPS, _addresses, _aligned
-from kernels.launch import cdiv
+from kernels.adamw import _TL, BLOCK, NUM_WARPS, _addresses, _aligned, _block_tables
 
 
 @triton.jit
@@ -51,17 +50,10 @@ class GradNormTables:
                 idx = [i for i, w in enumerate(vec) if w == kind and grads[i].numel()]
                 if not idx:
                     continue
-                counts = [cdiv(grads[i].numel(), BLOCK) for i in idx]
-                first = [0]
-                for c in counts[:-1]:
-                    first.append(first[-1] + c)
-                blk = torch.repeat_interleave(torch.arange(len(idx), dtype=torch.int32),
-                                              torch.tensor(counts, dtype=torch.int64))
-                tables = (_addresses([grads[i] for i in idx], device),
-                          torch.tensor([grads[i].numel() for i in idx], dtype=torch.int64).to(device),
-                          torch.tensor(first, dtype=torch.int32).to(device), blk.to(device))
+                numel, first, blk, blocks = _block_tables([grads[i].numel() for i in idx], device)
+                tables = (_addresses([grads[i] for i in idx], device), numel, first, blk)
                 self._sets.append((kind, self.blocks, tables))
-                self.blocks += sum(counts)
+                self.blocks += blocks
         return self._sets
 
 

@@ -14,6 +14,15 @@ from kernels.block_backend import TRITON_AVAILABLE
 __all__ = ["TRITON_AVAILABLE", "TritonAdamW"]
 
 
+def _kernel_grad(g: torch.Tensor, device: torch.device) -> bool:
+    """Whether the Triton kernels (the step's, the norm's) take this gradient: contiguous, dense float32 on
+    `device`, a device they run on."""
+    from kernels.launch import supported_device
+
+    return (g.dtype == torch.float32 and g.is_contiguous() and not g.is_sparse and g.device == device
+            and supported_device(g))
+
+
 class TritonAdamW(torch.optim.AdamW):
     """torch.optim.AdamW with fused=True (the same state, state_dict, checkpoints and grad_scale attribute) whose
     step runs kernels.adamw: one kernel over every parameter that also writes the bf16 weight copies the model's
@@ -35,11 +44,8 @@ class TritonAdamW(torch.optim.AdamW):
         """The global L2 norm of params' gradients in one Triton launch (kernels.grad_norm: 2.3 ms and 78 launches
         a Sana-1.6B step for torch's get_total_norm), or None where torch's must take it: gradients that are not
         contiguous float32 tensors on one device this kernel runs on, or DTensors."""
-        from kernels.launch import supported_device
-
         grads = [p.grad for p in params if p.grad is not None]
-        if not grads or any(type(g) is not torch.Tensor or g.dtype != torch.float32 or not g.is_contiguous()
-                            or g.is_sparse or not supported_device(g) or g.device != grads[0].device for g in grads):
+        if not grads or not all(type(g) is torch.Tensor and _kernel_grad(g, grads[0].device) for g in grads):
             return None
         from kernels.grad_norm import GradNormTables, grad_norm
 
@@ -52,18 +58,14 @@ class TritonAdamW(torch.optim.AdamW):
         self._host_steps = [None] * len(self.param_groups)
 
     def _triton_ok(self) -> bool:
-        from kernels.launch import supported_device
-
         for group in self.param_groups:
             if group["amsgrad"] or group["maximize"] or isinstance(group["lr"], torch.Tensor):
                 return False
             if len({p.grad is None for p in group["params"]}) > 1:  # some gradients missing: steps would diverge
                 return False
             for p in group["params"]:
-                g = p.grad
-                if g is not None and not (type(p) is nn.Parameter and supported_device(p) and p.dtype == torch.float32
-                                          and p.is_contiguous() and g.is_contiguous() and not g.is_sparse
-                                          and g.dtype == torch.float32 and g.device == p.device):
+                if p.grad is not None and not (type(p) is nn.Parameter and p.dtype == torch.float32
+                                               and p.is_contiguous() and _kernel_grad(p.grad, p.device)):
                     return False
         return True
 
