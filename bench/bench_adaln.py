@@ -2,7 +2,7 @@
 
     python bench/bench_adaln.py [--shape B,N,C] [--sweep] [--out bench/results]
 
-Times each of the four kernels as its op launches it (20 calls captured in a CUDA graph, the median of --iters
+Times each of the four kernels as its op launches it (and the modulate pair as add_modulate runs them) (20 calls captured in a CUDA graph, the median of --iters
 replays: these kernels are shorter than a launch through Python, which event timing of one call would measure), at Sana-0.6B's
 batch-16 shape by default (x (16, 1024, 1152) bf16), and checks what it wrote against a float32 PyTorch
 reference; the bytes each must move (x, dy, branch read once, y, dx, dbranch written once) over the measured
@@ -28,6 +28,7 @@ from kernels import triton_adaln as ta  # noqa: E402
 
 TOLERANCE = 1e-2  # relative error (norm of the difference / norm of the reference) of bf16 outputs
 LAUNCHERS = {"modulate_fwd": ta._modulate_fwd_launch, "modulate_bwd": ta._modulate_bwd_launch,
+             "modulate_bwd_acc": ta._modulate_bwd_launch,
              "residual_fwd": ta._residual_fwd_launch, "residual_bwd": ta._residual_bwd_launch}
 
 
@@ -61,6 +62,12 @@ def main():
     xr, shr, scr = (t.float().detach().requires_grad_() for t in (x, shift, scale))
     y_ref = F.layer_norm(xr, (C,), eps=eps) * (1 + scr) + shr
     dx_ref, dshift_ref, dscale_ref = torch.autograd.grad(y_ref, (xr, shr, scr), dy.float())
+    # add_modulate as the block runs it: s = x + branch modulated, s's own gradient dres added in the backward
+    # kernel (ACC) and the column sums of the result taken there too (BIAS_SUM, a bias inside branch)
+    dres = torch.randn(B, N, C, device=dev, dtype=bf)
+    s_ref = (x.float() + branch.float()).to(bf).float().requires_grad_()
+    ys_ref = F.layer_norm(s_ref, (C,), eps=eps) * (1 + scale.float()) + shift.float()
+    ds_ref = torch.autograd.grad(ys_ref, s_ref, dy.float())[0] + dres.float()
     res_ref = x.float() + gate.float() * branch.float()
     dbranch_ref, dgate_ref = dy.float() * gate.float(), (dy.float() * branch.float()).sum(1, keepdim=True)
 
@@ -80,6 +87,15 @@ def main():
         dx, part = torch.ops.sana.modulate_backward(dy, x, scale, mean, rstd)
         got["dx"], got["dshift"], got["dscale"] = dx, part[:, :, 0].sum(1), part[:, :, 1].sum(1)
 
+    total, _, mean_s, rstd_s = torch.ops.sana.add_modulate(x, branch, shift, scale, eps)
+
+    def add_modulate_fwd():
+        got["ys"] = torch.ops.sana.add_modulate(x, branch, shift, scale, eps)[1]
+
+    def add_modulate_bwd():
+        ds, part = torch.ops.sana.modulate_backward(dy, total, scale, mean_s, rstd_s, dres, True)
+        got["ds"], got["dbias"] = ds, part[:, :, 2].sum((0, 1))
+
     def residual_fwd():
         got["res"] = torch.ops.sana.gated_residual(x, gate, branch)
 
@@ -88,6 +104,7 @@ def main():
         got["dbranch"], got["dgate"] = dbranch, part.sum(1)
 
     kernels = {"modulate_fwd": (modulate_fwd, 2 * n), "modulate_bwd": (modulate_bwd, 3 * n),
+               "add_modulate_fwd": (add_modulate_fwd, 4 * n), "add_modulate_bwd": (add_modulate_bwd, 4 * n),
                "residual_fwd": (residual_fwd, 3 * n), "residual_bwd": (residual_bwd, 3 * n)}
 
     def errors(name: str) -> dict:
@@ -96,6 +113,10 @@ def main():
         if name == "modulate_bwd":
             return {"dx": _rel(got["dx"], dx_ref), "dshift": _rel(got["dshift"], dshift_ref.reshape(B, C)),
                     "dscale": _rel(got["dscale"], dscale_ref.reshape(B, C))}
+        if name == "add_modulate_fwd":
+            return {"y": _rel(got["ys"], ys_ref)}
+        if name == "add_modulate_bwd":
+            return {"ds": _rel(got["ds"], ds_ref), "dbias": _rel(got["dbias"], ds_ref.sum((0, 1)))}
         if name == "residual_fwd":
             return {"y": _rel(got["res"], res_ref)}
         return {"dbranch": _rel(got["dbranch"], dbranch_ref), "dgate": _rel(got["dgate"], dgate_ref.reshape(B, C))}
@@ -117,33 +138,36 @@ def main():
     if args.sweep:
         sweep = {}
         for name, (fn, nbytes) in kernels.items():
-            if name not in args.kernels.split(","):
+            key = {"add_modulate_fwd": "modulate_fwd", "add_modulate_bwd": "modulate_bwd_acc"}.get(name, name)
+            if name not in args.kernels.split(",") or key not in ta.CONFIG:
                 continue
-            keep = dict(ta.CONFIG[name])
-            grid = {"ELEMENTS": (1024, 2048, 4096, 8192), "num_warps": (1, 2, 4, 8)}
+            keep = dict(ta.CONFIG[key])
+            grid = {"ELEMENTS": (1024, 2048, 4096), "num_warps": (1, 2, 4)}
             if "PROGRAMS_PER_SM" in keep:  # the reductions' tile loops: also pipeline stages
-                grid = {"ELEMENTS": (2048, 4096, 8192), "num_warps": (4, 8), "PROGRAMS_PER_SM": (4, 8),
-                        "STAGES": (1, 2, 3)}
+                grid = {"ELEMENTS": (2048, 4096), "num_warps": (4, 8), "PROGRAMS_PER_SM": (4,), "STAGES": (1, 2, 3)}
+            if "SPLIT" in keep:  # the modulate kernels: a row as one tile or as a power of two and a tail
+                grid["SPLIT"] = (False, True)
             sweep[name] = {}
             for combo in itertools.product(*grid.values()):
                 cfg = dict(keep, **dict(zip(grid, combo)))
-                key = "e{}w{}".format(*combo) + ("p{}s{}".format(*combo[2:]) if len(combo) > 2 else "")
-                ta.CONFIG[name] = cfg
-                LAUNCHERS[name].kernels.clear()
+                label = " ".join(f"{k}={v}" for k, v in zip(grid, combo))
+                ta.CONFIG[key] = cfg
+                LAUNCHERS[key].kernels.clear()
                 try:
                     ms = graphed_ms(fn)
                 except (OutOfResources, RuntimeError) as e:  # a config the compiler refuses
-                    sweep[name][key] = dict(error=type(e).__name__)
+                    sweep[name][label] = dict(error=type(e).__name__)
                     continue
                 errs = errors(name)
-                compiled = next(iter(LAUNCHERS[name].kernels.values()), None)
-                sweep[name][key] = dict(ms=ms, of_roofline=nbytes / bw * 1e3 / ms, rel_err=errs,
-                                        ok=all(v <= TOLERANCE for v in errs.values()),
-                                        regs=getattr(compiled, "n_regs", None), spills=getattr(compiled, "n_spills", None))
-            ta.CONFIG[name] = keep
-            LAUNCHERS[name].kernels.clear()
+                compiled = next(iter(LAUNCHERS[key].kernels.values()), None)
+                sweep[name][label] = dict(ms=ms, of_roofline=nbytes / bw * 1e3 / ms, rel_err=errs,
+                                          ok=all(v <= TOLERANCE for v in errs.values()),
+                                          regs=getattr(compiled, "n_regs", None),
+                                          spills=getattr(compiled, "n_spills", None))
+            ta.CONFIG[key] = keep
+            LAUNCHERS[key].kernels.clear()
             good = sorted((v["ms"], k) for k, v in sweep[name].items() if v.get("ok"))
-            print(f"sweep {name}: best " + ", ".join(f"{k} {ms:.4f} ms" for ms, k in good[:5])
+            print(f"sweep {name}: best " + "; ".join(f"{k} {ms:.4f} ms" for ms, k in good[:5])
                   + f"; current {rows[name]['ms']:.4f} ms")
         result["sweep"] = sweep
     write_result(args.out, "adaln", result)

@@ -56,66 +56,127 @@ from kernels.launch import (
 # width the 8192-element tiles (two rows there) had left modulate backward at 69.8 us and residual backward at
 # 54.1 us, now 58.5 and 46.1 (bench/results/adaln_h100_1.6b_config.json; 0.8 ms a 1.6B step); at 0.6B's width
 # 57.1 -> 54.0 and 46.8 -> 46.7 us (adaln_h100_config.json).
+# SPLIT (the modulate kernels): a row that fills its tile alone (BLOCK_R 1) is two column tiles, a power of two and
+# a tail (see _columns), instead of one next_pow2(C) tile ~45% masked at both Sana widths. modulate_bwd_acc is the
+# backward as add_modulate and the tee run it (dres added, add_modulate's bias row too), timed on its own. H100
+# sweep at both widths (`--sweep --shape 8,1024,2240` and `16,1024,1152`, bench/results/adaln_h100_split.txt):
+# forward modulate 38.1 -> 33.0 us (2240) and add_modulate 57.9 -> 53.5 (98% of its roofline); the backward with
+# dres at 2240 split at 4 warps 77.7 us (92.8 before, one 4096 tile at 8 warps: 4 warps spilled there), at 1152
+# two rows a tile unsplit 74.5 (87.8 before; split 85.1); the plain backward is best unsplit at both (57.4 / 53.5
+# against 63.2 / 66.0 split).
 CONFIG = {
-    "modulate_fwd": {"ELEMENTS": 1024, "num_warps": 2},
-    "modulate_bwd": {"ELEMENTS": 2048, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 3},
+    "modulate_fwd": {"ELEMENTS": 1024, "num_warps": 2, "SPLIT": True},
+    "modulate_bwd": {"ELEMENTS": 2048, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 3, "SPLIT": False},
+    "modulate_bwd_acc": {"ELEMENTS": 4096, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 3, "SPLIT": True},
     "residual_fwd": {"ELEMENTS": 8192, "num_warps": 8},
     "residual_bwd": {"ELEMENTS": 2048, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 3},
 }
 
 
 @triton.jit
-def _modulate_fwd(x_ptr, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, qs_ptr, branch_ptr, sum_ptr, M, N, C,
-                  s_shift, s_scale, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, QUANT: tl.constexpr,
-                  QMAX: tl.constexpr, ADD: tl.constexpr):
-    """QUANT 0: y, mean, rstd. QUANT 1 (int8) / 2 (fp8 e4m3): y quantised per row for a W8A8 linear instead,
-    q (M, C) and its scale (M,), the rule of kernels.int8_gemm.quantize_rows_reference applied to the float32 y
-    (inference: no y, no statistics written).
-    ADD: the rows modulated are x + branch, written to sum_ptr in x's dtype (the residual stream) and normalised
-    as stored, so that backward's reload of them sees the same values."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_C)
-    rmask = rows < M
-    mask = rmask[:, None] & (cols < C)[None, :]
-    offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+def _sum_rows(x_ptr, branch_ptr, sum_ptr, offs, mask, ADD: tl.constexpr):
+    """x at offs in float32; with ADD, x + branch, stored to sum_ptr in x's dtype first (the residual stream) and
+    returned as stored, so that backward's reload of it sees the same values."""
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if ADD:
         x = (x.to(tl.float32) + tl.load(branch_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
         tl.store(sum_ptr + offs, x, mask=mask)
-    x = x.to(tl.float32)
-    mean = tl.sum(x, axis=1) / C
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
-    b = (rows // N).to(tl.int64)[:, None]
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _modulate_cols(xc, rstd, shift_ptr, scale_ptr, b, s_shift, s_scale, cols, mask):
     scale = tl.load(scale_ptr + b * s_scale + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     shift = tl.load(shift_ptr + b * s_shift + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    y = xc * rstd[:, None] * (1.0 + scale) + shift
+    return xc * rstd[:, None] * (1.0 + scale) + shift
+
+
+@triton.jit
+def _quantise_store(q_ptr, y, amax, offs, mask, QUANT: tl.constexpr, QMAX: tl.constexpr):
+    v = y * (QMAX / amax)[:, None]
+    if QUANT == 2:
+        q = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
+    else:
+        r = tl.where(v >= 0, v + 0.5, v - 0.5)  # the int cast truncates: this rounds half away from 0
+        q = tl.minimum(tl.maximum(r, -QMAX), QMAX).to(tl.int8)
+    tl.store(q_ptr + offs, q, mask=mask)
+
+
+@triton.jit
+def _modulate_fwd(x_ptr, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, qs_ptr, branch_ptr, sum_ptr, M, N, C,
+                  s_shift, s_scale, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+                  QUANT: tl.constexpr, QMAX: tl.constexpr, ADD: tl.constexpr):
+    """QUANT 0: y, mean, rstd. QUANT 1 (int8) / 2 (fp8 e4m3): y quantised per row for a W8A8 linear instead,
+    q (M, C) and its scale (M,), the rule of kernels.int8_gemm.quantize_rows_reference applied to the float32 y
+    (inference: no y, no statistics written). ADD: the rows modulated are x + branch, also written to sum_ptr.
+    BLOCK_T > 0: the row is two column tiles, [0, BLOCK_C) and a tail [BLOCK_C, BLOCK_C + BLOCK_T) (see _tile)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < M
+    base = rows.to(tl.int64)[:, None] * C
+    cols = tl.arange(0, BLOCK_C)
+    mask = rmask[:, None] & (cols < C)[None, :]
+    x = _sum_rows(x_ptr, branch_ptr, sum_ptr, base + cols[None, :], mask, ADD)
+    total = tl.sum(x, axis=1)
+    if BLOCK_T > 0:
+        tcols = BLOCK_C + tl.arange(0, BLOCK_T)
+        tmask = rmask[:, None] & (tcols < C)[None, :]
+        xt = _sum_rows(x_ptr, branch_ptr, sum_ptr, base + tcols[None, :], tmask, ADD)
+        total += tl.sum(xt, axis=1)
+    mean = total / C
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1)
+    if BLOCK_T > 0:
+        xct = tl.where(tmask, xt - mean[:, None], 0.0)
+        var += tl.sum(xct * xct, axis=1)
+    rstd = 1.0 / tl.sqrt(var / C + eps)
+    b = (rows // N).to(tl.int64)[:, None]
+    y = _modulate_cols(xc, rstd, shift_ptr, scale_ptr, b, s_shift, s_scale, cols, mask)
+    if BLOCK_T > 0:
+        yt = _modulate_cols(xct, rstd, shift_ptr, scale_ptr, b, s_shift, s_scale, tcols, tmask)
     if QUANT == 0:
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + base + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        if BLOCK_T > 0:
+            tl.store(y_ptr + base + tcols[None, :], yt.to(y_ptr.dtype.element_ty), mask=tmask)
         tl.store(mean_ptr + rows, mean, mask=rmask)
         tl.store(rstd_ptr + rows, rstd, mask=rmask)
     else:
-        amax = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1), 1e-12)
-        v = y * (QMAX / amax)[:, None]
-        if QUANT == 2:
-            q = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.float8e4nv)
-        else:
-            r = tl.where(v >= 0, v + 0.5, v - 0.5)  # the int cast truncates: this rounds half away from 0
-            q = tl.minimum(tl.maximum(r, -QMAX), QMAX).to(tl.int8)
-        tl.store(q_ptr + offs, q, mask=mask)
+        amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1)
+        if BLOCK_T > 0:
+            amax = tl.maximum(amax, tl.max(tl.where(tmask, tl.abs(yt), 0.0), axis=1))
+        amax = tl.maximum(amax, 1e-12)
+        _quantise_store(q_ptr, y, amax, base + cols[None, :], mask, QUANT, QMAX)
+        if BLOCK_T > 0:
+            _quantise_store(q_ptr, yt, amax, base + tcols[None, :], tmask, QUANT, QMAX)
         tl.store(qs_ptr + rows, amax / QMAX, mask=rmask)
 
 
 @triton.jit
+def _xhat_dy(dy_ptr, x_ptr, offs, mask, mean, rstd):
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0), dy
+
+
+@triton.jit
+def _store_dx(dx_ptr, dres_ptr, g, xhat, c1, c2, rstd, offs, mask, ACC: tl.constexpr):
+    dx = (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
+    if ACC:
+        dx += tl.load(dres_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    return dx
+
+
+@triton.jit
 def _modulate_bwd(dy_ptr, x_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr, dres_ptr, N, C, s_scale,
-                  tiles_per_prog, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
-                  STAGES: tl.constexpr, BIAS_SUM: tl.constexpr):
+                  tiles_per_prog, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+                  ACC: tl.constexpr, STAGES: tl.constexpr, BIAS_SUM: tl.constexpr):
     """ACC: dx also gets dres, the gradient x receives from its other consumers (add_modulate's residual
     stream), so that autograd needs no separate add of the two. STAGES: Triton's software pipeline over the
     tile loop (the next tiles' loads in flight while one is reduced, as in kernels.triton_mixffn).
     BIAS_SUM: a third partial row, the column sums of the final dx (the sum's gradient ds with ACC) over the
     program's tokens, taken in float32 before dx's rounding: the gradient of a bias already in add_modulate's
-    branch, which the branch's linear would otherwise take with a ones^T ds GEMM of its own."""
+    branch, which the branch's linear would otherwise take with a ones^T ds GEMM of its own.
+    BLOCK_T > 0: the row is two column tiles, as in _modulate_fwd; each keeps its own column sums."""
     b = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = tl.arange(0, BLOCK_C)
@@ -124,33 +185,55 @@ def _modulate_bwd(dy_ptr, x_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr
     dshift = tl.zeros((BLOCK_C,), dtype=tl.float32)
     dscale = tl.zeros((BLOCK_C,), dtype=tl.float32)
     dsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if BLOCK_T > 0:
+        tcols = BLOCK_C + tl.arange(0, BLOCK_T)
+        tcmask = tcols < C
+        one_scale_t = 1.0 + tl.load(scale_ptr + b * s_scale + tcols, mask=tcmask, other=0.0).to(tl.float32)
+        dshift_t = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        dscale_t = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        dsum_t = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for i in tl.range(tiles_per_prog, num_stages=STAGES):
         n = (chunk * tiles_per_prog + i) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = n < N
         rows = b * N + n
+        base = rows[:, None] * C
         mask = rmask[:, None] & cmask[None, :]
-        offs = rows[:, None] * C + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        xhat, dy = _xhat_dy(dy_ptr, x_ptr, base + cols[None, :], mask, mean, rstd)
         dshift += tl.sum(dy, axis=0)
         dscale += tl.sum(dy * xhat, axis=0)
         g = dy * one_scale[None, :]
-        c1 = tl.sum(g * xhat, axis=1) / C
-        c2 = tl.sum(g, axis=1) / C
-        dx = (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
-        if ACC:
-            dx += tl.load(dres_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if BIAS_SUM:  # padding rows add 0 (rstd and dres load as 0 there); padding columns are never stored
+        c1 = tl.sum(g * xhat, axis=1)
+        c2 = tl.sum(g, axis=1)
+        if BLOCK_T > 0:
+            tmask = rmask[:, None] & tcmask[None, :]
+            xhat_t, dy_t = _xhat_dy(dy_ptr, x_ptr, base + tcols[None, :], tmask, mean, rstd)
+            dshift_t += tl.sum(dy_t, axis=0)
+            dscale_t += tl.sum(dy_t * xhat_t, axis=0)
+            g_t = dy_t * one_scale_t[None, :]
+            c1 += tl.sum(g_t * xhat_t, axis=1)
+            c2 += tl.sum(g_t, axis=1)
+        c1 = c1 / C
+        c2 = c2 / C
+        # padding rows add 0 to the sums below (rstd and dres load as 0 there); padding columns are never stored
+        dx = _store_dx(dx_ptr, dres_ptr, g, xhat, c1, c2, rstd, base + cols[None, :], mask, ACC)
+        if BIAS_SUM:
             dsum += tl.sum(dx, axis=0)
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if BLOCK_T > 0:
+            dx_t = _store_dx(dx_ptr, dres_ptr, g_t, xhat_t, c1, c2, rstd, base + tcols[None, :], tmask, ACC)
+            if BIAS_SUM:
+                dsum_t += tl.sum(dx_t, axis=0)
     part = part_ptr + (b * tl.num_programs(1) + chunk) * (3 if BIAS_SUM else 2) * C
     tl.store(part + cols, dshift, mask=cmask)
     tl.store(part + C + cols, dscale, mask=cmask)
     if BIAS_SUM:  # rows (dshift, dscale, dbias) a program
         tl.store(part + 2 * C + cols, dsum, mask=cmask)
+    if BLOCK_T > 0:
+        tl.store(part + tcols, dshift_t, mask=tcmask)
+        tl.store(part + C + tcols, dscale_t, mask=tcmask)
+        if BIAS_SUM:
+            tl.store(part + 2 * C + tcols, dsum_t, mask=tcmask)
 
 
 @triton.jit
@@ -211,6 +294,20 @@ def _tile(C: int, kernel: str) -> tuple[int, int, tuple]:
     block_c = next_pow2(C)
     block_r = max(1, min(64, cfg["ELEMENTS"] // block_c))
     return block_r, block_c, (("num_warps", max(1, min(cfg["num_warps"], block_r * block_c // 256))),)
+
+
+def _columns(C: int, block_r: int, kernel: str) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_T) for the modulate kernels, whose row statistics need the whole row in one program: one
+    power-of-two tile of C channels (BLOCK_T 0), or, where CONFIG[kernel] splits and a row fills its tile alone,
+    the largest power of two below C and a tail tile for the rest where that masks fewer lanes. A masked lane
+    still issues its instructions: Sana-1.6B's 2240 channels on one 4096-wide tile are 45% masked, as 2048 + 256
+    3%; Sana-0.6B's 1152 (a 2048-wide tile) are 1024 + 128 exactly."""
+    full = next_pow2(C)
+    if full == C or not (CONFIG[kernel]["SPLIT"] and block_r == 1):
+        return full, 0
+    head = full // 2
+    tail = next_pow2(C - head)
+    return (head, tail) if head + tail < full else (full, 0)
 
 
 def _reduce_grid(B: int, N: int, block_r: int, device: int, kernel: str) -> tuple[int, int]:
@@ -276,10 +373,11 @@ def _modulate_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
     mean = x.new_empty((B * N,), dtype=torch.float32)
     rstd = torch.empty_like(mean)
     if x.numel():
-        block_r, block_c, opts = _tile(C, "modulate_fwd")
+        block_r, _, opts = _tile(C, "modulate_fwd")
         add = (x, x) if branch is None else (branch, total)
         _modulate_fwd_launch((cdiv(B * N, block_r),), device_index(x), (x, shift2, scale2, y, mean, rstd, y, mean, *add),
-                             (B * N, N, C, s_shift, s_scale, eps), (block_r, block_c, 0, 1.0, branch is not None), opts)
+                             (B * N, N, C, s_shift, s_scale, eps),
+                             (block_r, *_columns(C, block_r, "modulate_fwd"), 0, 1.0, branch is not None), opts)
     return total, y, mean, rstd
 
 
@@ -313,9 +411,10 @@ def _modulate_quant_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     q = torch.empty((B * N, C), dtype=dtype, device=x.device)
     qs = torch.empty((B * N,), dtype=torch.float32, device=x.device)
     if x.numel():
-        block_r, block_c, opts = _tile(C, "modulate_fwd")
+        block_r, _, opts = _tile(C, "modulate_fwd")
         _modulate_fwd_launch((cdiv(B * N, block_r),), device_index(x), (x, shift2, scale2, x, qs, qs, q, qs, x, x),
-                             (B * N, N, C, s_shift, s_scale, eps), (block_r, block_c, code, qmax, False), opts)
+                             (B * N, N, C, s_shift, s_scale, eps),
+                             (block_r, *_columns(C, block_r, "modulate_fwd"), code, qmax, False), opts)
     return q, qs
 
 
@@ -336,28 +435,25 @@ def _modulate_backward_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor
     B, N, C = x.shape
     scale2, s_scale = _rows(scale, B, C, "modulate scale")
     dx = x.new_empty(x.shape)
-    block_r, block_c, opts = _tile(C, "modulate_bwd")
-    if bias_sum and block_r * block_c >= 4096:
-        # the third row's sums spill at 4 warps on a 4096-column tile (Sana-1.6B's 2240 channels: 255 registers
-        # and a 72-byte stack in an offline sm_90 compile, against 8 bytes without the row); at 8 warps 208
-        # registers, no stack, and ~2% slower there without the row (59.8 against 58.6 us, the sweep in
-        # bench/results/adaln_h100_1.6b.json)
-        opts = (("num_warps", 8),)
-    chunks, tiles_per = _reduce_grid(B, N, block_r, device_index(x), "modulate_bwd")
-    part = partial_sums(x, (B, chunks, 3 if bias_sum else 2, C))
     acc = dres is not None
+    kernel = "modulate_bwd_acc" if acc else "modulate_bwd"
+    block_r, _, opts = _tile(C, kernel)
+    chunks, tiles_per = _reduce_grid(B, N, block_r, device_index(x), kernel)
+    part = partial_sums(x, (B, chunks, 3 if bias_sum else 2, C))
     if x.numel():
         _modulate_bwd_launch((B, chunks), device_index(x),
                              (dy, x, scale2, mean, rstd, dx, part, dres.contiguous() if acc else dy),
                              (N, C, s_scale, tiles_per),
-                             (block_r, block_c, acc, CONFIG["modulate_bwd"]["STAGES"], bool(bias_sum)), opts)
+                             (block_r, *_columns(C, block_r, kernel), acc, CONFIG[kernel]["STAGES"],
+                              bool(bias_sum)), opts)
     return dx, part
 
 
 @_modulate_backward_op.register_fake
 def _(dy, x, scale, mean, rstd, dres=None, bias_sum=False):
     B, N, C = x.shape
-    chunks, _ = _reduce_grid(B, N, _tile(C, "modulate_bwd")[0], device_index(x), "modulate_bwd")
+    kernel = "modulate_bwd" if dres is None else "modulate_bwd_acc"
+    chunks, _ = _reduce_grid(B, N, _tile(C, kernel)[0], device_index(x), kernel)
     return x.new_empty(x.shape), x.new_empty((B, chunks, 3 if bias_sum else 2, C), dtype=torch.float32)
 
 

@@ -27,7 +27,7 @@ TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
 EPS = 1e-6
 
 # (B, N, C) for the AdaLN ops: N = 1, odd token counts and channel counts that are not powers of two.
-ADALN_SHAPES = pick(small=[(2, 15, 64), (3, 1, 40), (1, 527, 96), (2, 17 * 31, 24)],
+ADALN_SHAPES = pick(small=[(2, 15, 64), (3, 1, 44), (1, 527, 96), (2, 17 * 31, 24)],
                     real=[(16, 1024, 1152), (8, 1024, 2240), (2, 16384, 1152), (3, 1, 1152), (5, 527, 72)])
 # (B, H, W, hid) for the depthwise GLU: odd latent sizes (3x5, 17x11, 17x31), a single token, Sana's real sizes;
 # several column strips of 4 (the last one partial) and row bands. The interpreter's shapes are kept small: it
@@ -225,8 +225,9 @@ def test_add_modulate_bias_gradient_is_the_kernels_row(with_dres):
     chunks = part.shape[1]
     assert part.shape == (B, chunks, 3, C) and part0.shape == (B, chunks, 2, C) and chunks > 1
     assert torch.equal(dx, dx0) and torch.equal(part[:, :, :2], part0)
-    block_r = triton_adaln._tile(C, "modulate_bwd")[0]
-    per = triton_adaln._reduce_grid(B, N, block_r, device_index(x), "modulate_bwd")[1] * block_r  # tokens a chunk
+    kernel = "modulate_bwd_acc" if with_dres else "modulate_bwd"  # the tiles of each (triton_adaln.CONFIG)
+    block_r = triton_adaln._tile(C, kernel)[0]
+    per = triton_adaln._reduce_grid(B, N, block_r, device_index(x), kernel)[1] * block_r  # tokens a chunk
     want = torch.stack([dx.double()[:, k * per:(k + 1) * per].sum(1) for k in range(chunks)], 1)  # (B, chunks, C)
     assert _rel(part[:, :, 2], want) < 1e-6
 
@@ -290,6 +291,36 @@ def test_modulate_quantised_for_w8a8_matches_the_reference_rule(shape, fmt):
     assert isinstance(ref, QuantizedRows) and ref.shape == x.shape and ref.q.dtype == qr.dtype
     deq, deq_ref = got.q.float() * got.scale[:, None], ref.q.float() * ref.scale[:, None]
     assert _rel(deq, deq_ref.double()) < (0.02 if fmt == "int8" else 0.06)
+
+
+@pytest.fixture
+def split_rows(monkeypatch):
+    """Every modulate kernel at one row a tile, the row split into a power of two and a tail tile
+    (triton_adaln._columns); the configured tiles split only rows wider than ELEMENTS, Sana's."""
+    from kernels import triton_adaln
+
+    for k in ("modulate_fwd", "modulate_bwd", "modulate_bwd_acc"):
+        monkeypatch.setitem(triton_adaln.CONFIG, k, dict(triton_adaln.CONFIG[k], ELEMENTS=1, SPLIT=True))
+    return triton_adaln
+
+
+@pytest.mark.parametrize("shape", [(2, 15, 44), (1, 33, 88), (2, 7, 24)], ids=lambda s: "x".join(map(str, s)))
+def test_modulate_rows_split_in_two_tiles_match_float64(shape, split_rows):
+    """The modulate kernels with each row as two column tiles (a tail partly masked at 44 = 32 + 16 and
+    88 = 64 + 32, exact at 24 = 16 + 8): forward, quantised forward, and the backward plain, with the residual's
+    gradient added and with the branch bias's row, all against float64 as at the configured tiles."""
+    assert split_rows._columns(shape[2], 1, "modulate_fwd")[1] > 0
+    assert split_rows._columns(2240, 1, "modulate_bwd") == (2048, 256)
+    assert split_rows._columns(1152, 1, "modulate_bwd") == (1024, 128)
+    assert split_rows._columns(1152, 2, "modulate_bwd") == (2048, 0)  # rows sharing a tile stay whole
+    assert split_rows._columns(200, 1, "modulate_bwd") == (256, 0)  # 128 + 128 would mask as many lanes
+    for dtype in DTYPES:
+        test_modulate_matches_float64(shape, dtype)
+        test_add_modulate_matches_float64(shape, dtype)
+        test_modulate_tee_adds_the_residual_gradient_in_its_kernel(shape, dtype)
+    test_add_modulate_takes_the_branch_bias_gradient(shape, torch.float32, "B", "triton")
+    for fmt in ("int8", "fp8"):
+        test_modulate_quantised_for_w8a8_matches_the_reference_rule(shape, fmt)
 
 
 def test_adaln_ops_broadcast_one_row_over_the_batch():
