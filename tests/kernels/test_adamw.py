@@ -261,6 +261,42 @@ def test_without_an_optimizer_that_writes_them_no_copies_are_kept(monkeypatch):
     assert model not in _COPIES
 
 
+def test_inference_forwards_cast_the_weights_once(monkeypatch):
+    """Forwards without gradients (sampling) keep persistent copies with no optimizer: the second casts nothing
+    and equals a forward with per-call casts; a weight changed in place is recast at the next; a training forward
+    (no optimizer writes the copies) drops them and casts its own, as before."""
+    from kernels import linear as kl
+    from sana_core.dit import _COPIES, DiTConfig, LinearDiT
+    from tests.kernels.test_linear import _CountCasts
+
+    monkeypatch.setenv("SANA_BLOCK_BACKEND", "triton")
+    torch.manual_seed(0)
+    model = LinearDiT(DiTConfig(hidden_size=32, depth=1, num_heads=2, cross_heads=2, caption_channels=16)).to(DEVICE)
+    inputs = (torch.randn(2, 32, 2, 3, device=DEVICE), torch.rand(2, device=DEVICE),
+              torch.randn(2, 5, 16, device=DEVICE), torch.ones(2, 5, dtype=torch.bool, device=DEVICE))
+
+    def forward(cast_once=True):
+        monkeypatch.setattr(kl, "CAST_ONCE", cast_once)
+        counter = _CountCasts()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16), counter:
+            out = model(*inputs)
+        return out, counter.foreach
+
+    with torch.no_grad():
+        assert forward()[1] == 1 and model in _COPIES  # the copies made
+        out, casts = forward()
+        assert casts == 0
+        _same(out, forward(cast_once=False)[0])
+        model.blocks[0].attn.qkv.weight.mul_(2)
+        out, casts = forward()
+        assert casts == 1
+        _same(out, forward(cast_once=False)[0])  # stale copies would be off by the doubled weight
+    out, casts = forward()
+    assert casts == 1 and model not in _COPIES
+    with torch.no_grad():
+        _same(out.detach(), forward(cast_once=False)[0])
+
+
 def test_a_training_run_with_the_triton_adamw_resumes_bit_for_bit(zoo, tmp_path, monkeypatch):
     """The trainer with optim.triton=true (the kernel on the CPU under the interpreter; on a GPU for real): a run
     resumed from its step-3 checkpoint (torch.distributed.checkpoint, whose loader first takes a zero-lr step
