@@ -79,24 +79,11 @@ def resolve_backend(x: torch.Tensor, backend: str | None = None) -> str:
 
 
 def cross_attention(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, heads: int,
-                    backend: str | None = None, q_bias: torch.Tensor | None = None,
-                    kv_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """q (B, N, C), kv (B, L, 2C), bias (B, L) -> (B, N, C).
-
-    q_bias (C), kv_bias (2C): biases that the projections have added into q and kv with their gradients cut
-    (kernels.linear.linear_bias_out); their gradients, the column sums of dq and dkv over (B, tokens), are taken
-    here, in their dtypes: on the Triton path by the backward kernels that write dq and dkv (partial rows summed
-    once), which saves each projection a ones^T GEMM over its output gradient."""
+                    backend: str | None = None) -> torch.Tensor:
+    """q (B, N, C), kv (B, L, 2C), bias (B, L) -> (B, N, C)."""
     _check(q, kv, bias, heads)
-    for b, t, what in ((q_bias, q, "q_bias"), (kv_bias, kv, "kv_bias")):
-        if b is not None and b.shape != t.shape[-1:]:
-            raise ValueError(f"cross-attention: {what} must be ({t.shape[-1]},), got {tuple(b.shape)}")
     if resolve_backend(q, backend) == "triton" and fused_supported(q, kv, heads):
         from kernels.triton_cross_attention import cross_attention_triton
 
-        return cross_attention_triton(q, kv, bias, heads, q_bias, kv_bias)
-    if q_bias is not None:  # + 0 exactly, with q_bias's gradient dq's column sum
-        q = q + (q_bias - q_bias.detach()).to(q.dtype)
-    if kv_bias is not None:
-        kv = kv + (kv_bias - kv_bias.detach()).to(kv.dtype)
+        return cross_attention_triton(q, kv, bias, heads)
     return cross_attention_reference(q, kv, bias, heads)

@@ -276,19 +276,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def linear_tee(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               backend: str | None = None, bias_out: bool = False) -> tuple[torch.Tensor, ...]:
+               backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, F.linear(x, weight, bias)), where the caller hands the first x on to x's other reader: on the fast
     path that reader's gradient of x and this GEMM's meet in one in-place addmm_. That reader's backward must not
     give the tensor it returns for x to an input whose backward runs after this one, i.e. one not computed from
-    this linear's output (see the module docstring). bias_out: (x, output, bias_out) with the bias's gradient
-    left to the output's reader as in linear_bias_out."""
+    this linear's output (see the module docstring)."""
     dtype = _fast_dtype(x, weight, bias, backend)
     if dtype is None:
-        out = linear(x, weight, bias, backend)
-        return (x, out, None) if bias_out else (x, out)
-    cut = bias_out and bias is not None and bias.requires_grad
-    x, out = _LinearTee.apply(x, weight, bias.detach() if cut else bias, dtype)
-    return (x, out, bias if cut else None) if bias_out else (x, out)
+        return x, linear(x, weight, bias, backend)
+    return _LinearTee.apply(x, weight, bias, dtype)
 
 
 def linear_bias_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

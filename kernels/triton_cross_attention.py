@@ -136,13 +136,11 @@ def _fwd(q_ptr, kv_ptr, bias_ptr, o_ptr, N, L, H, sq_b, sq_n, skv_b, skv_n, qk_s
 
 
 @triton.jit
-def _bwd_dq(q_ptr, kv_ptr, bias_ptr, do_ptr, dq_ptr, stat_ptr, sum_ptr, N, L, H, sq_b, sq_n, skv_b, skv_n, qk_scale,
+def _bwd_dq(q_ptr, kv_ptr, bias_ptr, do_ptr, dq_ptr, stat_ptr, N, L, H, sq_b, sq_n, skv_b, skv_n, qk_scale,
             sm_scale, D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
-            STAGES: tl.constexpr, IEEE: tl.constexpr, BIAS_SUM: tl.constexpr):
+            STAGES: tl.constexpr, IEEE: tl.constexpr):
     """dq of query blocks program_id(0), + num_programs(0), ... of (image, head) program_id(1), and each query's
-    log2-sum-exp2 and delta = rowsum(p * dp) into stat (B*H, 2, N) for _bwd_dkv. BIAS_SUM: also the column sums
-    of dq over the program's queries (float32, before dq's rounding), its head's slice of a (B, programs, C)
-    partial row: the gradient of a bias the query projection added with its gradient cut."""
+    log2-sum-exp2 and delta = rowsum(p * dp) into stat (B*H, 2, N) for _bwd_dkv."""
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -155,7 +153,6 @@ def _bwd_dq(q_ptr, kv_ptr, bias_ptr, do_ptr, dq_ptr, stat_ptr, sum_ptr, N, L, H,
     q_base = q_ptr + b.to(tl.int64) * sq_b + h * D + d[None, :]
     t_off = b.to(tl.int64) * N * C + h * D + d[None, :]  # dout and dq: contiguous (B, N, C)
     stat = stat_ptr + bh.to(tl.int64) * 2 * N
-    dsum = tl.zeros((DP,), tl.float32)
     for mb in tl.range(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.num_programs(0), num_stages=STAGES):
         m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         mm = (m < N)[:, None] & dmask
@@ -166,25 +163,19 @@ def _bwd_dq(q_ptr, kv_ptr, bias_ptr, do_ptr, dq_ptr, stat_ptr, sum_ptr, N, L, H,
         dp = _dot(do, vt, IEEE)
         delta = tl.sum(p * dp, 1)
         ds = p * (dp - delta[:, None])  # zero on key slots past L (p = 0)
-        dq = _dot(ds.to(k.dtype), k, IEEE) * sm_scale  # zero on query rows past N (do = 0 there)
+        dq = _dot(ds.to(k.dtype), k, IEEE) * sm_scale
         tl.store(dq_ptr + t_off + m[:, None] * C, dq.to(dq_ptr.dtype.element_ty), mask=mm)
         tl.store(stat + m, top + tl.log2(den), mask=m < N)
         tl.store(stat + N + m, delta, mask=m < N)
-        if BIAS_SUM:
-            dsum += tl.sum(dq, 0)
-    if BIAS_SUM:
-        part = sum_ptr + (b.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * C + h * D
-        tl.store(part + d, dsum, mask=d < D)
 
 
 @triton.jit
-def _bwd_dkv(q_ptr, kv_ptr, bias_ptr, do_ptr, stat_ptr, dkv_ptr, sum_ptr, N, L, H, sq_b, sq_n, skv_b, skv_n,
-             qk_scale, sm_scale, D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-             STAGES: tl.constexpr, IEEE: tl.constexpr, BIAS_SUM: tl.constexpr):
+def _bwd_dkv(q_ptr, kv_ptr, bias_ptr, do_ptr, stat_ptr, dkv_ptr, N, L, H, sq_b, sq_n, skv_b, skv_n, qk_scale,
+             sm_scale, D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+             STAGES: tl.constexpr, IEEE: tl.constexpr):
     """dk, dv of keys program_id(0) * BLOCK_K + [0, BLOCK_K) of (image, head) program_id(1), over every query:
     the transposed tile p^T = exp2(k q^T + bias - lse) from _bwd_dq's statistics (FlashAttention-2's dk/dv
-    loop), written once, in place. BIAS_SUM: also their column sums over the program's keys (zero past L),
-    its head's slices of a (B, key blocks, 2C) partial row, as _bwd_dq's."""
+    loop), written once, in place."""
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -209,13 +200,8 @@ def _bwd_dkv(q_ptr, kv_ptr, bias_ptr, do_ptr, stat_ptr, dkv_ptr, sum_ptr, N, L, 
     lk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     km = (lk < L)[:, None] & (d < D)[None, :]
     base = dkv_ptr + b.to(tl.int64) * L * 2 * C + h * D + lk[:, None] * (2 * C) + d[None, :]  # (B, L, 2C)
-    dk = dk * sm_scale
-    tl.store(base, dk.to(dkv_ptr.dtype.element_ty), mask=km)
+    tl.store(base, (dk * sm_scale).to(dkv_ptr.dtype.element_ty), mask=km)
     tl.store(base + C, dv.to(dkv_ptr.dtype.element_ty), mask=km)
-    if BIAS_SUM:
-        part = sum_ptr + (b.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * 2 * C + h * D + d
-        tl.store(part, tl.sum(dk, 0), mask=d < D)
-        tl.store(part + C, tl.sum(dv, 0), mask=d < D)
 
 
 _fwd_launch = Launcher(_fwd)
@@ -255,9 +241,8 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 
 @kernel_op("sana::cross_attention")
-def _cross_attention_op(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, heads: int,
-                        q_bias: torch.Tensor | None = None, kv_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """-> out (B, N, C) contiguous. q_bias, kv_bias: not read (see cross_attention_triton)."""
+def _cross_attention_op(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
+    """-> out (B, N, C) contiguous."""
     q, kv, bias = _unit_last(q), _unit_last(kv), bias.contiguous()
     B, N, C = q.shape
     L, D = kv.shape[1], C // heads
@@ -271,113 +256,70 @@ def _cross_attention_op(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, h
 
 
 @_cross_attention_op.register_fake
-def _(q, kv, bias, heads, q_bias=None, kv_bias=None):
+def _(q, kv, bias, heads):
     return q.new_empty(q.shape)
 
 
-def _partial_rows(q: torch.Tensor, kv: torch.Tensor, heads: int) -> tuple[int, int]:
-    """The programs an image of the dq kernel and of the dk/dv kernel: the rows of their bias partial sums."""
-    B, N, C = q.shape
-    L = kv.shape[1]
-    return (_plan(B, N, L, heads, "bwd_dq", q.dtype, device_index(q))[0],
-            cdiv(L, min(_config("bwd_dkv", q.dtype)["BLOCK_K"], _tile(L))))
-
-
-def _backward_dq(do, q, kv, bias, heads, part) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> dq (B, N, C) and the per-query statistics (B*heads, 2, N) float32 that _backward_dkv reads; dq's column
-    sums into part (B, programs, C) where given."""
+def _backward_dq(do, q, kv, bias, heads) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> dq (B, N, C) and the per-query statistics (B*heads, 2, N) float32 that _backward_dkv reads."""
     B, N, C = q.shape
     L, D = kv.shape[1], C // heads
     dq = q.new_empty(q.shape)
     stat = q.new_empty((B * heads, 2, N), dtype=torch.float32)
     dev = device_index(q)
     split, consts, options = _plan(B, N, L, heads, "bwd_dq", q.dtype, dev)
-    _bwd_dq_launch((split, B * heads), dev, (q, kv, bias, do, dq, stat, stat if part is None else part),
-                   _scalars(q, kv, heads, backward=True),
-                   (D, _tile(D), *consts, q.dtype == torch.float32, part is not None), options)
+    _bwd_dq_launch((split, B * heads), dev, (q, kv, bias, do, dq, stat), _scalars(q, kv, heads, backward=True),
+                   (D, _tile(D), *consts, q.dtype == torch.float32), options)
     return dq, stat
 
 
-def _backward_dkv(do, q, kv, bias, stat, heads, part) -> torch.Tensor:
-    """-> dkv (B, L, 2C): a program a BLOCK_K keys of an (image, head), each key's gradient written once; their
-    column sums into part (B, key blocks, 2C) where given."""
+def _backward_dkv(do, q, kv, bias, stat, heads) -> torch.Tensor:
+    """-> dkv (B, L, 2C): a program a BLOCK_K keys of an (image, head), each key's gradient written once."""
     B, N, C = q.shape
     L, D = kv.shape[1], C // heads
     dkv = kv.new_empty((B, L, 2 * C))
     cfg = _config("bwd_dkv", q.dtype)
     block_k = min(cfg["BLOCK_K"], _tile(L))
     dev = device_index(q)
-    _bwd_dkv_launch((cdiv(L, block_k), B * heads), dev, (q, kv, bias, do, stat, dkv, stat if part is None else part),
+    _bwd_dkv_launch((cdiv(L, block_k), B * heads), dev, (q, kv, bias, do, stat, dkv),
                     _scalars(q, kv, heads, backward=True),
-                    (D, _tile(D), cfg["BLOCK_M"], block_k, int(cfg["STAGES"]), q.dtype == torch.float32,
-                     part is not None),
+                    (D, _tile(D), cfg["BLOCK_M"], block_k, int(cfg["STAGES"]), q.dtype == torch.float32),
                     (("num_warps", cfg["num_warps"]),))
     return dkv
 
 
 @kernel_op("sana::cross_attention_backward")
 def _cross_attention_backward_op(do: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor,
-                                 heads: int, bias_sums: bool = False
-                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dq (B, N, C) and dkv (B, L, 2C), contiguous: the dq kernel, then the dk/dv kernel on its statistics;
-    with bias_sums their column sums as float32 partial rows (B, dq programs, C) and (B, key blocks, 2C), each
-    summed over its first two dimensions the gradient of a bias the projection added with its gradient cut (else
-    two empty tensors)."""
+                                 heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> dq (B, N, C) and dkv (B, L, 2C), contiguous: the dq kernel, then the dk/dv kernel on its statistics."""
     q, kv, bias, do = _unit_last(q), _unit_last(kv), bias.contiguous(), do.contiguous()
-    B, N, C = q.shape
-    if bias_sums and q.numel():
-        rows_q, rows_kv = _partial_rows(q, kv, heads)
-        part_q = q.new_empty((B, rows_q, C), dtype=torch.float32)
-        part_kv = q.new_empty((B, rows_kv, 2 * C), dtype=torch.float32)
-    else:
-        part_q = part_kv = None
     if not q.numel():
-        none = q.new_zeros((B, 1, C) if bias_sums else (0,), dtype=torch.float32)
-        return q.new_empty(q.shape), kv.new_zeros(kv.shape), none, none.new_zeros((B, 1, 2 * C) if bias_sums else (0,))
-    dq, stat = _backward_dq(do, q, kv, bias, heads, part_q)
-    dkv = _backward_dkv(do, q, kv, bias, stat, heads, part_kv)
-    if part_q is None:  # two tensors: a custom op's outputs may not alias
-        part_q, part_kv = q.new_empty((0,), dtype=torch.float32), q.new_empty((0,), dtype=torch.float32)
-    return dq, dkv, part_q, part_kv
+        return q.new_empty(q.shape), kv.new_zeros(kv.shape)
+    dq, stat = _backward_dq(do, q, kv, bias, heads)
+    return dq, _backward_dkv(do, q, kv, bias, stat, heads)
 
 
 @_cross_attention_backward_op.register_fake
-def _(do, q, kv, bias, heads, bias_sums=False):
-    B, N, C = q.shape
-    if not bias_sums:
-        return (q.new_empty(q.shape), kv.new_empty(kv.shape), q.new_empty((0,), dtype=torch.float32),
-                q.new_empty((0,), dtype=torch.float32))
-    rows_q, rows_kv = _partial_rows(q, kv, heads) if q.numel() else (1, 1)
-    return (q.new_empty(q.shape), kv.new_empty(kv.shape), q.new_empty((B, rows_q, C), dtype=torch.float32),
-            q.new_empty((B, rows_kv, 2 * C), dtype=torch.float32))
+def _(do, q, kv, bias, heads):
+    return q.new_empty(q.shape), kv.new_empty(kv.shape)
 
 
 def _setup(ctx, inputs, output):
-    q, kv, bias, ctx.heads, *biases = inputs  # q_bias, kv_bias may be left out (their default, None)
-    biases = (biases + [None, None])[:2]
-    ctx.bias_dtypes = tuple(None if t is None else t.dtype for t in biases)
+    q, kv, bias, ctx.heads = inputs
     ctx.save_for_backward(q, kv, bias)
 
 
 def _backward(ctx, do):
     q, kv, bias = ctx.saved_tensors
-    sums = ctx.bias_dtypes != (None, None)
-    dq, dkv, part_q, part_kv = _cross_attention_backward_op.within(ctx)(do, q, kv, bias, ctx.heads, sums)
-    if not sums:
-        return dq, dkv, None, None, None, None
-    dq_bias, dkv_bias = ((None if dt is None else part.sum((0, 1)).to(dt))
-                         for part, dt in zip((part_q, part_kv), ctx.bias_dtypes))
-    return dq, dkv, None, None, dq_bias, dkv_bias
+    dq, dkv = _cross_attention_backward_op.within(ctx)(do, q, kv, bias, ctx.heads)
+    return dq, dkv, None, None
 
 
 _cross_attention_op.register_autograd(_backward, setup_context=_setup)
 
 
-def cross_attention_triton(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, heads: int,
-                           q_bias: torch.Tensor | None = None, kv_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """q (B, N, C), kv (B, L, 2C), any row strides; bias (B, L) -> out (B, N, C) contiguous. q_bias (C),
-    kv_bias (2C): biases the projections added into q and kv with their gradients cut
-    (kernels.linear.linear_bias_out); not read, here for their gradients, which the backward kernels take."""
+def cross_attention_triton(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
+    """q (B, N, C), kv (B, L, 2C), any row strides; bias (B, L) -> out (B, N, C) contiguous."""
     if not supports(q, kv, heads):
         raise ValueError(f"triton cross-attention takes up to {MAX_KEYS} keys, head dims up to {MAX_HEAD_DIM} and "
                          f"q, kv of one float dtype; got {kv.shape[1]} keys, head dim {q.shape[-1] // heads}, "
@@ -387,5 +329,5 @@ def cross_attention_triton(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor
                          "TRITON_INTERPRET=1)")
     if not on_current_device(q):  # Triton launches on the current device's stream
         with torch.cuda.device(q.device):
-            return cross_attention_triton(q, kv, bias, heads, q_bias, kv_bias)
-    return _cross_attention_op(q, kv, bias, int(heads), q_bias, kv_bias)
+            return cross_attention_triton(q, kv, bias, heads)
+    return _cross_attention_op(q, kv, bias, int(heads))

@@ -177,14 +177,13 @@ def modulate_tee(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale
     return adaln.modulate_tee(x, shift, scale, norm.eps)
 
 
-def tee(layer: nn.Module, x: torch.Tensor, with_bias: bool = False) -> tuple[torch.Tensor, ...]:
+def tee(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, layer(x)) for an x that another op reads too: the first output is what that op reads. On the fast path
     the layer's input-gradient GEMM adds itself onto the other reader's gradient (kernels.linear.linear_tee);
-    any other layer (a LoRA or quantised wrapper), and one with module hooks, which must see the call, is called.
-    with_bias: (x, layer(x), bias or None), the bias's gradient left to the output's reader as in bias_out."""
+    any other layer (a LoRA or quantised wrapper), and one with module hooks, which must see the call, is called."""
     if type(layer) is Linear and not _hooked(layer):
-        return linear_tee(x, layer.weight, layer.bias, bias_out=with_bias)
-    return (x, layer(x), None) if with_bias else (x, layer(x))
+        return linear_tee(x, layer.weight, layer.bias)
+    return x, layer(x)
 
 
 def bias_out(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -263,12 +262,9 @@ class CrossAttention(nn.Module):
         """x (B, N, C), y (B, L, C), bias (B, L) -> (x, attention output (B, N, C), proj's bias or None): x handed on
         for the residual add (see tee); the bias is already in the output, its gradient left to the add + modulate
         that reads it (see bias_out). kernels.cross_attention: Triton kernels that read the heads in place as column
-        slices of the projections (CUDA; captions of up to 128 tokens), else SDPA; it takes the q and kv
-        projections' bias gradients too (from the kernels that write dq and dkv)."""
-        x, q, q_bias = tee(self.q, x, with_bias=True)  # q (B, N, C)
-        kv, kv_bias = bias_out(self.kv, y)  # (B, L, 2C)
-        out = cross_attention(q, kv, bias, self.heads, q_bias=q_bias, kv_bias=kv_bias)  # (B, N, C)
-        return x, *bias_out(self.proj, out)
+        slices of the projections (CUDA; captions of up to 128 tokens), else SDPA."""
+        x, q = tee(self.q, x)
+        return x, *bias_out(self.proj, cross_attention(q, self.kv(y), bias, self.heads))
 
 
 class MixFFN(nn.Module):

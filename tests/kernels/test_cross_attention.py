@@ -87,39 +87,6 @@ def test_query_blocks_split_between_programs(programs, monkeypatch):
     _check_against_float64(q, kv, bias, 2, torch.float32, TOL[torch.float32])
 
 
-@pytest.mark.parametrize("backend,programs,which", [("triton", 1, "both"), ("triton", 3, "both"),
-                                                    ("triton", 3, "q"), ("torch", 1, "both")], ids=str)
-def test_projection_bias_gradients_match_float64(backend, programs, which, monkeypatch):
-    """q_bias, kv_bias: the projections' biases, added into q and kv with their gradients cut
-    (kernels.linear.linear_bias_out); cross_attention gives them the column sums of dq and dkv (on Triton partial
-    rows of the dq and dk/dv kernels, one a program: one or several programs an (image, head), two key blocks
-    the second past L); out and the gradients of q, kv and both biases against float64 autograd of the attention
-    of q + q_bias, kv + kv_bias; with only q_bias, kv's bias gets nothing."""
-    from kernels import triton_cross_attention as tca
-
-    for kind in tca.CONFIG:
-        monkeypatch.setitem(tca.CONFIG, kind, dict(tca.CONFIG[kind], BLOCK_M=16, PROGRAMS_PER_SM=programs))
-    monkeypatch.setitem(tca.CONFIG, "bwd_dkv_fp32", dict(tca.CONFIG["bwd_dkv_fp32"], BLOCK_K=16))
-    heads, d = 2, 24
-    q, kv, _, bias, _ = _case(2, 70, 24, heads, d, torch.float32, seed=6)
-    g = torch.Generator(device=DEVICE).manual_seed(9)
-    q_bias = _leaf(torch.randn(heads * d, device=DEVICE, generator=g) + 1)  # off zero: their sums show
-    kv_bias = _leaf(torch.randn(2 * heads * d, device=DEVICE, generator=g) + 1)
-    kv_b = kv_bias if which == "both" else None
-    out = cross_attention(q + q_bias.detach(), kv + (kv_bias.detach() if kv_b is not None else 0), bias, heads,
-                          backend=backend, q_bias=q_bias, kv_bias=kv_b)
-    dy = torch.randn(out.shape, device=DEVICE, generator=g)
-    inputs = (q, kv, q_bias) if kv_b is None else (q, kv, q_bias, kv_bias)
-    grads = torch.autograd.grad(out, inputs, dy)
-    ref_in = [_leaf(t.detach().double()) for t in inputs]
-    ref_kv = ref_in[1] + ref_in[3] if kv_b is not None else ref_in[1]
-    ref = cross_attention_reference(ref_in[0] + ref_in[2], ref_kv, bias.double(), heads)
-    ref_grads = torch.autograd.grad(ref, ref_in, dy.double())
-    errs = [_rel(out, ref)] + [_rel(a, b) for a, b in zip(grads, ref_grads)]
-    assert max(errs) <= TOL[torch.float32], errs  # the padding-only caption's -10000 costs float32 digits
-    assert all(a.shape == t.shape and a.dtype == t.dtype for a, t in zip(grads, inputs))
-
-
 def test_any_additive_bias_matches_float64():
     """The bias is a general additive key bias: soft values, of which none counts as padding."""
     B, N, L, heads, d = 2, 19, 40, 2, 24
@@ -192,10 +159,6 @@ def test_custom_op_passes_opcheck():
     torch.library.opcheck(torch.ops.sana.cross_attention, (q, kv, bias, 2))
     torch.library.opcheck(torch.ops.sana.cross_attention, (_leaf(q.detach()), _leaf(kv.detach().contiguous()),
                                                            bias, 2))
-    g = torch.Generator(device=DEVICE).manual_seed(1)
-    biases = (_leaf(torch.randn(48, device=DEVICE, generator=g)), _leaf(torch.randn(96, device=DEVICE, generator=g)))
-    torch.library.opcheck(torch.ops.sana.cross_attention, (_leaf(q.detach()), _leaf(kv.detach().contiguous()),
-                                                           bias, 2, *biases))
 
 
 def test_compiles_without_graph_breaks():
@@ -238,8 +201,5 @@ def test_bad_inputs_fail_with_one_clear_line():
         cross_attention(q, kv, torch.zeros(2, 3, device=DEVICE), 3, backend="triton")
     with pytest.raises(ValueError, match=r"kv \(B, L, 2C\)"):
         cross_attention(q, kv[..., :16], torch.zeros(2, 3, device=DEVICE), 2, backend="triton")
-    with pytest.raises(ValueError, match=r"kv_bias must be \(32,\), got \(16,\)"):
-        cross_attention(q, kv, torch.zeros(2, 3, device=DEVICE), 2, backend="triton",
-                        kv_bias=torch.zeros(16, device=DEVICE))
     with pytest.raises(ValueError, match="at least one key"):
         cross_attention(q, kv[:, :0], torch.zeros(2, 0, device=DEVICE), 2, backend="triton")
