@@ -69,7 +69,7 @@ CONFIG = {
     "modulate_bwd": {"ELEMENTS": 2048, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 3, "SPLIT": False},
     "modulate_bwd_acc": {"ELEMENTS": 4096, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 3, "SPLIT": True},
     "residual_fwd": {"ELEMENTS": 8192, "num_warps": 8},
-    "residual_bwd": {"ELEMENTS": 2048, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 3, "SPLIT": False},
+    "residual_bwd": {"ELEMENTS": 2048, "num_warps": 4, "PROGRAMS_PER_SM": 4, "STAGES": 3},
 }
 
 
@@ -251,22 +251,11 @@ def _residual_fwd(x_ptr, gate_ptr, branch_ptr, y_ptr, M, N, C, s_gate,
 
 
 @triton.jit
-def _residual_bwd_cols(dy_ptr, branch_ptr, dbranch_ptr, gate, offs, mask):
-    """One column tile of _residual_bwd's rows: dbranch stored; -> the column sums of dy * branch and of dy."""
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    branch = tl.load(branch_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dbranch_ptr + offs, (dy * gate[None, :]).to(dbranch_ptr.dtype.element_ty), mask=mask)
-    return tl.sum(dy * branch, axis=0), tl.sum(dy, axis=0)
-
-
-@triton.jit
 def _residual_bwd(dy_ptr, gate_ptr, branch_ptr, dbranch_ptr, part_ptr, N, C, s_gate, tiles_per_prog,
-                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, STAGES: tl.constexpr,
-                  BIAS_SUM: tl.constexpr):
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr, BIAS_SUM: tl.constexpr):
     """BIAS_SUM: a second partial row, dbranch's column sum over the program's tokens (the gradient of a bias
     already in branch), taken as gate * sum_n dy: the gate is one row for the whole program, so it costs an
-    add an element, where the branch's linear would run a ones^T dbranch GEMM of its own.
-    BLOCK_T > 0: rows as two column tiles, as in _modulate_fwd."""
+    add an element, where the branch's linear would run a ones^T dbranch GEMM of its own."""
     b = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = tl.arange(0, BLOCK_C)
@@ -274,33 +263,22 @@ def _residual_bwd(dy_ptr, gate_ptr, branch_ptr, dbranch_ptr, part_ptr, N, C, s_g
     gate = tl.load(gate_ptr + b * s_gate + cols, mask=cmask, other=0.0).to(tl.float32)
     dgate = tl.zeros((BLOCK_C,), dtype=tl.float32)
     dsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    if BLOCK_T > 0:
-        tcols = BLOCK_C + tl.arange(0, BLOCK_T)
-        tcmask = tcols < C
-        gate_t = tl.load(gate_ptr + b * s_gate + tcols, mask=tcmask, other=0.0).to(tl.float32)
-        dgate_t = tl.zeros((BLOCK_T,), dtype=tl.float32)
-        dsum_t = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for i in tl.range(tiles_per_prog, num_stages=STAGES):
         n = (chunk * tiles_per_prog + i) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = (n < N)[:, None]
-        base = (b * N + n)[:, None] * C
-        a, s = _residual_bwd_cols(dy_ptr, branch_ptr, dbranch_ptr, gate, base + cols[None, :], rmask & cmask[None, :])
-        dgate += a
-        dsum += s
-        if BLOCK_T > 0:
-            a, s = _residual_bwd_cols(dy_ptr, branch_ptr, dbranch_ptr, gate_t, base + tcols[None, :],
-                                      rmask & tcmask[None, :])
-            dgate_t += a
-            dsum_t += s
-    rows = 2 if BIAS_SUM else 1  # rows (dgate[, dbias]) a program, as modulate backward's (dshift, dscale)
-    part = part_ptr + (b * tl.num_programs(1) + chunk) * rows * C
-    tl.store(part + cols, dgate, mask=cmask)
-    if BIAS_SUM:
-        tl.store(part + C + cols, gate * dsum, mask=cmask)
-    if BLOCK_T > 0:
-        tl.store(part + tcols, dgate_t, mask=tcmask)
+        mask = (n < N)[:, None] & cmask[None, :]
+        offs = (b * N + n)[:, None] * C + cols[None, :]
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        branch = tl.load(branch_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dgate += tl.sum(dy * branch, axis=0)
         if BIAS_SUM:
-            tl.store(part + C + tcols, gate_t * dsum_t, mask=tcmask)
+            dsum += tl.sum(dy, axis=0)
+        tl.store(dbranch_ptr + offs, (dy * gate[None, :]).to(dbranch_ptr.dtype.element_ty), mask=mask)
+    if BIAS_SUM:  # rows (dgate, dbias) a program, as modulate backward's (dshift, dscale)
+        part = part_ptr + (b * tl.num_programs(1) + chunk) * 2 * C
+        tl.store(part + cols, dgate, mask=cmask)
+        tl.store(part + C + cols, gate * dsum, mask=cmask)
+    else:
+        tl.store(part_ptr + (b * tl.num_programs(1) + chunk) * C + cols, dgate, mask=cmask)
 
 
 _modulate_fwd_launch = Launcher(_modulate_fwd)
@@ -319,9 +297,8 @@ def _tile(C: int, kernel: str) -> tuple[int, int, tuple]:
 
 
 def _columns(C: int, block_r: int, kernel: str) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_T) for the modulate kernels, whose row statistics need the whole row in one program, and the
-    residual backward: one power-of-two tile of C channels (BLOCK_T 0), or, where CONFIG[kernel] splits and a row
-    fills its tile alone,
+    """(BLOCK_C, BLOCK_T) for the modulate kernels, whose row statistics need the whole row in one program: one
+    power-of-two tile of C channels (BLOCK_T 0), or, where CONFIG[kernel] splits and a row fills its tile alone,
     the largest power of two below C and a tail tile for the rest where that masks fewer lanes. A masked lane
     still issues its instructions: Sana-1.6B's 2240 channels on one 4096-wide tile are 45% masked, as 2048 + 256
     3%; Sana-0.6B's 1152 (a 2048-wide tile) are 1024 + 128 exactly."""
@@ -580,14 +557,13 @@ def _gated_residual_backward_op(dy: torch.Tensor, gate: torch.Tensor, branch: to
     B, N, C = branch.shape
     gate2, s_gate = _rows(gate, B, C, "gated residual gate")
     dbranch = branch.new_empty(branch.shape)
-    block_r, _, opts = _tile(C, "residual_bwd")
+    block_r, block_c, opts = _tile(C, "residual_bwd")
     chunks, tiles_per = _reduce_grid(B, N, block_r, device_index(branch), "residual_bwd")
     part = partial_sums(branch, (B, chunks, 2, C) if bias_sum else (B, chunks, C))
     if branch.numel():
         _residual_bwd_launch((B, chunks), device_index(branch), (dy, gate2, branch, dbranch, part),
                              (N, C, s_gate, tiles_per),
-                             (block_r, *_columns(C, block_r, "residual_bwd"), CONFIG["residual_bwd"]["STAGES"],
-                              bool(bias_sum)), opts)
+                             (block_r, block_c, CONFIG["residual_bwd"]["STAGES"], bool(bias_sum)), opts)
     return dbranch, part
 
 

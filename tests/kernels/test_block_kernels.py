@@ -295,22 +295,20 @@ def test_modulate_quantised_for_w8a8_matches_the_reference_rule(shape, fmt):
 
 @pytest.fixture
 def split_rows(monkeypatch):
-    """Every modulate kernel and the residual backward at one row a tile, the row split into a power of two and a
-    tail tile
+    """Every modulate kernel at one row a tile, the row split into a power of two and a tail tile
     (triton_adaln._columns); the configured tiles split only rows wider than ELEMENTS, Sana's."""
     from kernels import triton_adaln
 
-    for k in ("modulate_fwd", "modulate_bwd", "modulate_bwd_acc", "residual_bwd"):
+    for k in ("modulate_fwd", "modulate_bwd", "modulate_bwd_acc"):
         monkeypatch.setitem(triton_adaln.CONFIG, k, dict(triton_adaln.CONFIG[k], ELEMENTS=1, SPLIT=True))
     return triton_adaln
 
 
 @pytest.mark.parametrize("shape", [(2, 15, 44), (1, 33, 88), (2, 7, 24)], ids=lambda s: "x".join(map(str, s)))
 def test_modulate_rows_split_in_two_tiles_match_float64(shape, split_rows):
-    """The modulate kernels and the gated residual's backward with each row as two column tiles (a tail partly
-    masked at 44 = 32 + 16 and 88 = 64 + 32, exact at 24 = 16 + 8): forward, quantised forward, and the backward
-    plain, with the residual's gradient added and with the branch bias's row, all against float64 as at the
-    configured tiles."""
+    """The modulate kernels with each row as two column tiles (a tail partly masked at 44 = 32 + 16 and
+    88 = 64 + 32, exact at 24 = 16 + 8): forward, quantised forward, and the backward plain, with the residual's
+    gradient added and with the branch bias's row, all against float64 as at the configured tiles."""
     assert split_rows._columns(shape[2], 1, "modulate_fwd")[1] > 0
     assert split_rows._columns(2240, 1, "modulate_bwd") == (2048, 256)
     assert split_rows._columns(1152, 1, "modulate_bwd") == (1024, 128)
@@ -320,9 +318,7 @@ def test_modulate_rows_split_in_two_tiles_match_float64(shape, split_rows):
         test_modulate_matches_float64(shape, dtype)
         test_add_modulate_matches_float64(shape, dtype)
         test_modulate_tee_adds_the_residual_gradient_in_its_kernel(shape, dtype)
-        test_gated_residual_matches_float64(shape, dtype)
     test_add_modulate_takes_the_branch_bias_gradient(shape, torch.float32, "B", "triton")
-    test_gated_residual_takes_the_branch_bias_gradient(shape, torch.float32, "B", "triton")
     for fmt in ("int8", "fp8"):
         test_modulate_quantised_for_w8a8_matches_the_reference_rule(shape, fmt)
 
