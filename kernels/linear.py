@@ -51,6 +51,7 @@ torch.compile the plain F.linear (the compiler plans its own backward). Inferenc
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 
@@ -72,7 +73,7 @@ class WeightCopies:
     """Persistent `dtype` copies of float32 parameters in one buffer (see the module docstring)."""
 
     def __init__(self, params: list[torch.Tensor], dtype: torch.dtype):
-        self.params, self.dtype = params, dtype
+        self._params, self.dtype = [weakref.ref(p) for p in params], dtype
         # each copy at a 128-byte boundary of the one buffer (the optimizer's kernel moves aligned ones 16 bytes
         # at a time)
         pad = 128 // torch.empty((), dtype=dtype).element_size()
@@ -82,6 +83,12 @@ class WeightCopies:
         self._stamp: list[tuple[int, int]] | None = None  # (address, version) of each parameter when cast
         for p, c in zip(params, self.copies):
             _COPY_OF[p] = (self, c)
+
+    @property
+    def params(self) -> list[torch.Tensor | None]:
+        """The parameters copied, held weakly: _COPY_OF's entries, keyed by these parameters, hold this object, so
+        strong references here would keep a deleted model's weights (and the copies) alive for good."""
+        return [r() for r in self._params]
 
     def matches(self, params: list[torch.Tensor], dtype: torch.dtype) -> bool:
         """Whether these are copies of exactly `params` in dtype, on their device (a model moves as a whole)."""
@@ -108,7 +115,7 @@ class WeightCopies:
     def release(self) -> None:
         """Forget these copies (replaced by others): the optimizer stops writing them."""
         for p in self.params:
-            if _COPY_OF.get(p, (None,))[0] is self:
+            if p is not None and _COPY_OF.get(p, (None,))[0] is self:
                 del _COPY_OF[p]
 
 

@@ -3,6 +3,9 @@ the contract with the model's persistent copies (kernels.linear.WeightCopies): a
 stepped weights, and a weight changed any other way is recast."""
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -264,7 +267,8 @@ def test_without_an_optimizer_that_writes_them_no_copies_are_kept(monkeypatch):
 def test_inference_forwards_cast_the_weights_once(monkeypatch):
     """Forwards without gradients (sampling) keep persistent copies with no optimizer: the second casts nothing
     and equals a forward with per-call casts; a weight changed in place is recast at the next; a training forward
-    (no optimizer writes the copies) drops them and casts its own, as before."""
+    (no optimizer writes the copies) drops them and casts its own, as before; a deleted model's weights and
+    copies are freed."""
     from kernels import linear as kl
     from sana_core.dit import _COPIES, DiTConfig, LinearDiT
     from tests.kernels.test_linear import _CountCasts
@@ -275,7 +279,7 @@ def test_inference_forwards_cast_the_weights_once(monkeypatch):
     inputs = (torch.randn(2, 32, 2, 3, device=DEVICE), torch.rand(2, device=DEVICE),
               torch.randn(2, 5, 16, device=DEVICE), torch.ones(2, 5, dtype=torch.bool, device=DEVICE))
 
-    def forward(cast_once=True):
+    def forward(cast_once=True, model=model):
         monkeypatch.setattr(kl, "CAST_ONCE", cast_once)
         counter = _CountCasts()
         with torch.autocast(DEVICE, dtype=torch.bfloat16), counter:
@@ -295,6 +299,12 @@ def test_inference_forwards_cast_the_weights_once(monkeypatch):
     assert casts == 1 and model not in _COPIES
     with torch.no_grad():
         _same(out.detach(), forward(cast_once=False)[0])
+        forward()
+    # the copies keep neither the model's weights nor themselves alive once the model is gone
+    weight, copies = weakref.ref(model.blocks[0].attn.qkv.weight), weakref.ref(_COPIES[model])
+    del model, out, forward
+    gc.collect()
+    assert weight() is None and copies() is None
 
 
 def test_a_training_run_with_the_triton_adamw_resumes_bit_for_bit(zoo, tmp_path, monkeypatch):
