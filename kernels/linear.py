@@ -35,7 +35,8 @@ depthwise GLU): the ones^T dy GEMM goes (48.7 us a block for Mix-FFN's 5760 colu
 biases instead of a cast kernel per weight and bias at each call (at Sana-0.6B's training step that was 413 small
 kernels a step, 1.6 ms of GPU time on the H200 and a launch gap each): one multi-tensor cast (torch._foreach_copy_)
 into a buffer made on entry. Where an optimizer writes the copies as it steps (kernels.adamw via
-sana_core.adamw.TritonAdamW, which asks with `keep_copies`), they are instead a persistent `WeightCopies`, recast
+sana_core.adamw.TritonAdamW, which asks with `keep_copies`), and for inference forwards (the model asks: the
+weights change between forwards if at all), they are instead a persistent `WeightCopies`, recast
 only when a parameter changed since the copies were written, which its version counter and address tell (every
 in-place op bumps the version; the optimizer bumps it after its kernel and marks the copies written). The
 model's forward opens weight_casts (sana_core.dit.LinearDiT) on the fast path.
@@ -126,8 +127,9 @@ def copy_of(p: torch.Tensor) -> tuple[WeightCopies, torch.Tensor] | None:
 
 def keep_copies(params: Iterable[torch.Tensor]) -> None:
     """An optimizer that writes these parameters' copies as it steps them (kernels.adamw) asks for persistent
-    ones: without such a writer a model casts into a fresh buffer each forward (nothing to gain from keeping
-    copies that every step makes stale, and nothing held between forwards)."""
+    ones: without such a writer a training forward casts into a fresh buffer (nothing to gain from keeping
+    copies that every step makes stale, and nothing held between forwards); inference forwards keep them
+    regardless (sana_core.dit.LinearDiT._weight_casts)."""
     for p in params:
         _WRITERS[p] = True
 
