@@ -109,7 +109,7 @@ def _modulate_fwd(x_ptr, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr,
     """QUANT 0: y, mean, rstd. QUANT 1 (int8) / 2 (fp8 e4m3): y quantised per row for a W8A8 linear instead,
     q (M, C) and its scale (M,), the rule of kernels.int8_gemm.quantize_rows_reference applied to the float32 y
     (inference: no y, no statistics written). ADD: the rows modulated are x + branch, also written to sum_ptr.
-    BLOCK_T > 0: the row is two column tiles, [0, BLOCK_C) and a tail [BLOCK_C, BLOCK_C + BLOCK_T) (see _tile)."""
+    BLOCK_T > 0: the row is two column tiles, [0, BLOCK_C) and a tail [BLOCK_C, BLOCK_C + BLOCK_T) (see _columns)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < M
     base = rows.to(tl.int64)[:, None] * C
