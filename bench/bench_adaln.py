@@ -2,12 +2,12 @@
 
     python bench/bench_adaln.py [--shape B,N,C] [--sweep] [--out bench/results]
 
-Times each of the four kernels as its op launches it (and the modulate pair as add_modulate runs them) (20 calls captured in a CUDA graph, the median of --iters
-replays: these kernels are shorter than a launch through Python, which event timing of one call would measure), at Sana-0.6B's
-batch-16 shape by default (x (16, 1024, 1152) bf16), and checks what it wrote against a float32 PyTorch
-reference; the bytes each must move (x, dy, branch read once, y, dx, dbranch written once) over the measured
-copy bandwidth give the roofline. --sweep tries (ELEMENTS a tile, warps[, PROGRAMS_PER_SM]) per kernel and
-prints the best; CONFIG in kernels/triton_adaln.py is set from it by hand. Writes adaln_<gpu>.json.
+Times each of the four kernels as its op launches it, and the modulate pair as add_modulate runs them (20 calls
+captured in a CUDA graph, the median of --iters replays: these kernels are shorter than a launch through Python,
+which event timing of one call would measure), at Sana-0.6B's batch-16 shape by default (x (16, 1024, 1152)
+bf16), and checks what it wrote against a float32 PyTorch reference; the bytes each must move (x, dy, branch read
+once, y, dx, dbranch written once) over the measured copy bandwidth give the roofline. --sweep tries (ELEMENTS a
+tile, warps[, PROGRAMS_PER_SM, STAGES][, SPLIT]) per kernel (--kernels picks them) and prints the best; CONFIG in kernels/triton_adaln.py is set from it by hand. Writes adaln_<gpu>.json.
 """
 from __future__ import annotations
 

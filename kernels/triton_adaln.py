@@ -109,7 +109,7 @@ def _modulate_fwd(x_ptr, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr,
     """QUANT 0: y, mean, rstd. QUANT 1 (int8) / 2 (fp8 e4m3): y quantised per row for a W8A8 linear instead,
     q (M, C) and its scale (M,), the rule of kernels.int8_gemm.quantize_rows_reference applied to the float32 y
     (inference: no y, no statistics written). ADD: the rows modulated are x + branch, also written to sum_ptr.
-    BLOCK_T > 0: the row is two column tiles, [0, BLOCK_C) and a tail [BLOCK_C, BLOCK_C + BLOCK_T) (see _columns)."""
+    BLOCK_T > 0: the row is two column tiles, [0, BLOCK_C) and a tail [BLOCK_C, BLOCK_C + BLOCK_T) (see _tile)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < M
     base = rows.to(tl.int64)[:, None] * C
@@ -287,13 +287,15 @@ _residual_fwd_launch = Launcher(_residual_fwd)
 _residual_bwd_launch = Launcher(_residual_bwd)
 
 
-def _tile(C: int, kernel: str) -> tuple[int, int, tuple]:
-    """(BLOCK_R, BLOCK_C, launch options): whole rows of C channels, several rows a program when C is small;
-    fewer warps where the tile is small (a warp per 1024 elements at most)."""
+def _tile(C: int, kernel: str) -> tuple[int, int, int, tuple]:
+    """(BLOCK_R, BLOCK_C, BLOCK_T, launch options): whole rows of C channels, several rows a program when C is
+    small, as one tile or (kernels with SPLIT) two, see _columns; fewer warps where the tile is small (a warp per
+    1024 elements at most)."""
     cfg = CONFIG[kernel]
-    block_c = next_pow2(C)
-    block_r = max(1, min(64, cfg["ELEMENTS"] // block_c))
-    return block_r, block_c, (("num_warps", max(1, min(cfg["num_warps"], block_r * block_c // 256))),)
+    full = next_pow2(C)
+    block_r = max(1, min(64, cfg["ELEMENTS"] // full))
+    block_c, block_t = _columns(C, block_r, kernel) if "SPLIT" in cfg else (full, 0)
+    return block_r, block_c, block_t, (("num_warps", max(1, min(cfg["num_warps"], block_r * full // 256))),)
 
 
 def _columns(C: int, block_r: int, kernel: str) -> tuple[int, int]:
@@ -373,11 +375,11 @@ def _modulate_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
     mean = x.new_empty((B * N,), dtype=torch.float32)
     rstd = torch.empty_like(mean)
     if x.numel():
-        block_r, _, opts = _tile(C, "modulate_fwd")
+        block_r, block_c, block_t, opts = _tile(C, "modulate_fwd")
         add = (x, x) if branch is None else (branch, total)
         _modulate_fwd_launch((cdiv(B * N, block_r),), device_index(x), (x, shift2, scale2, y, mean, rstd, y, mean, *add),
                              (B * N, N, C, s_shift, s_scale, eps),
-                             (block_r, *_columns(C, block_r, "modulate_fwd"), 0, 1.0, branch is not None), opts)
+                             (block_r, block_c, block_t, 0, 1.0, branch is not None), opts)
     return total, y, mean, rstd
 
 
@@ -411,10 +413,9 @@ def _modulate_quant_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     q = torch.empty((B * N, C), dtype=dtype, device=x.device)
     qs = torch.empty((B * N,), dtype=torch.float32, device=x.device)
     if x.numel():
-        block_r, _, opts = _tile(C, "modulate_fwd")
+        block_r, block_c, block_t, opts = _tile(C, "modulate_fwd")
         _modulate_fwd_launch((cdiv(B * N, block_r),), device_index(x), (x, shift2, scale2, x, qs, qs, q, qs, x, x),
-                             (B * N, N, C, s_shift, s_scale, eps),
-                             (block_r, *_columns(C, block_r, "modulate_fwd"), code, qmax, False), opts)
+                             (B * N, N, C, s_shift, s_scale, eps), (block_r, block_c, block_t, code, qmax, False), opts)
     return q, qs
 
 
@@ -422,6 +423,11 @@ def _modulate_quant_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
 def _(x, shift, scale, eps, fmt):
     B, N, C = x.shape
     return x.new_empty((B * N, C), dtype=FORMATS[fmt][0]), x.new_empty((B * N,), dtype=torch.float32)
+
+
+def _bwd_kernel(dres: torch.Tensor | None) -> str:
+    """The CONFIG entry of modulate's backward: with dres (add_modulate's, the tee's) tiled on its own."""
+    return "modulate_bwd" if dres is None else "modulate_bwd_acc"
 
 
 @kernel_op("sana::modulate_backward")
@@ -436,23 +442,22 @@ def _modulate_backward_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor
     scale2, s_scale = _rows(scale, B, C, "modulate scale")
     dx = x.new_empty(x.shape)
     acc = dres is not None
-    kernel = "modulate_bwd_acc" if acc else "modulate_bwd"
-    block_r, _, opts = _tile(C, kernel)
+    kernel = _bwd_kernel(dres)
+    block_r, block_c, block_t, opts = _tile(C, kernel)
     chunks, tiles_per = _reduce_grid(B, N, block_r, device_index(x), kernel)
     part = partial_sums(x, (B, chunks, 3 if bias_sum else 2, C))
     if x.numel():
         _modulate_bwd_launch((B, chunks), device_index(x),
                              (dy, x, scale2, mean, rstd, dx, part, dres.contiguous() if acc else dy),
                              (N, C, s_scale, tiles_per),
-                             (block_r, *_columns(C, block_r, kernel), acc, CONFIG[kernel]["STAGES"],
-                              bool(bias_sum)), opts)
+                             (block_r, block_c, block_t, acc, CONFIG[kernel]["STAGES"], bool(bias_sum)), opts)
     return dx, part
 
 
 @_modulate_backward_op.register_fake
 def _(dy, x, scale, mean, rstd, dres=None, bias_sum=False):
     B, N, C = x.shape
-    kernel = "modulate_bwd" if dres is None else "modulate_bwd_acc"
+    kernel = _bwd_kernel(dres)
     chunks, _ = _reduce_grid(B, N, _tile(C, kernel)[0], device_index(x), kernel)
     return x.new_empty(x.shape), x.new_empty((B, chunks, 3 if bias_sum else 2, C), dtype=torch.float32)
 
@@ -537,7 +542,7 @@ def _gated_residual_op(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor
     gate2, s_gate = _rows(gate, B, C, "gated residual gate")
     y = x.new_empty(x.shape)
     if x.numel():
-        block_r, block_c, opts = _tile(C, "residual_fwd")
+        block_r, block_c, _, opts = _tile(C, "residual_fwd")
         _residual_fwd_launch((cdiv(B * N, block_r),), device_index(x), (x, gate2, branch, y),
                              (B * N, N, C, s_gate), (block_r, block_c), opts)
     return y
@@ -557,7 +562,7 @@ def _gated_residual_backward_op(dy: torch.Tensor, gate: torch.Tensor, branch: to
     B, N, C = branch.shape
     gate2, s_gate = _rows(gate, B, C, "gated residual gate")
     dbranch = branch.new_empty(branch.shape)
-    block_r, block_c, opts = _tile(C, "residual_bwd")
+    block_r, block_c, _, opts = _tile(C, "residual_bwd")
     chunks, tiles_per = _reduce_grid(B, N, block_r, device_index(branch), "residual_bwd")
     part = partial_sums(branch, (B, chunks, 2, C) if bias_sum else (B, chunks, C))
     if branch.numel():

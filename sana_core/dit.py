@@ -370,14 +370,12 @@ class LinearDiT(nn.Module):
         # sees any change, so a sampling loop casts once, not each step (1.3 ms of a 76 ms Sana-0.6B bs32 forward
         # on the H100); a training forward with no optimizer writing them drops them (stale after every step)
         keep = copies_kept(params) or not torch.is_grad_enabled()
-        if keep and (copies is None or not copies.matches(params, dtype)):
-            if copies is not None:
-                copies.release()
-            copies = _COPIES[self] = WeightCopies(params, dtype)
-        elif not keep and copies is not None:
+        if copies is not None and not (keep and copies.matches(params, dtype)):
             copies.release()
             del _COPIES[self]
             copies = None
+        if keep and copies is None:
+            copies = _COPIES[self] = WeightCopies(params, dtype)
         return weight_casts(params, dtype, copies)
 
     @staticmethod
