@@ -3,7 +3,8 @@
     modulate:        y = layer_norm(x) * (1 + scale) + shift      (no affine weights)
     gated residual:  y = x + gate * branch   (optionally also giving the gradient of a bias already in branch)
     add + modulate:  s = x + branch, y = modulate(s)   (a residual add whose sum is then modulated, in one pass;
-                     optionally also giving the gradient of a bias already in branch)
+                     optionally also giving the gradient of a bias already in branch; with a gate,
+                     s = x + gate * branch: a gated residual and the modulate that reads its sum)
     modulate tee:    (x, modulate(x)) for an x that the residual stream also carries on: the backward adds
                      the stream's gradient of x into modulate's dx in its kernel (no separate add kernel)
 
@@ -33,8 +34,8 @@ def modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
 
 
 def add_modulate_reference(x: torch.Tensor, branch: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    total = x + branch
+                           eps: float, gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    total = x + branch if gate is None else gated_residual_reference(x, gate, branch)
     return total, modulate_reference(total, shift, scale, eps)
 
 
@@ -69,11 +70,15 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
 
 
 def add_modulate(x: torch.Tensor, branch: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-                 backend: str | None = None,
-                 branch_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + branch, modulate(x + branch)); x and branch (B, N, C). On the Triton back-end one kernel each way: the
+                 backend: str | None = None, branch_bias: torch.Tensor | None = None,
+                 gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, modulate(s)), s = x + branch; x and branch (B, N, C). On the Triton back-end one kernel each way: the
     sum is written once and normalised as stored, and its backward adds the sum's own gradient (its other
     consumers') into modulate's dx, the add autograd would otherwise run as a kernel of its own.
+
+    gate (B, 1, C): s = x + gate * branch, the gated residual's sum (gated_residual), which the forward kernel
+    forms as it loads: one pass over the residual stream instead of the residual's and modulate's two; the
+    backward is modulate's kernel then the gated residual's (branch_bias's gradient from the latter).
 
     branch_bias (C): the bias that the branch's last GEMM has added into branch with its gradient cut
     (kernels.linear.linear_bias_out); its gradient, the column sums over (B, N) of ds (the sum's gradient, which
@@ -85,10 +90,10 @@ def add_modulate(x: torch.Tensor, branch: torch.Tensor, shift: torch.Tensor, sca
     if resolve_block_backend(x, backend) == "triton":
         from kernels.triton_adaln import add_modulate_triton
 
-        return add_modulate_triton(x, branch, shift, scale, eps, branch_bias)
-    if branch_bias is not None:  # + 0 exactly, with branch_bias's gradient ds's column sum
+        return add_modulate_triton(x, branch, shift, scale, eps, branch_bias, gate)
+    if branch_bias is not None:  # + 0 exactly, with branch_bias's gradient (gate times) ds's column sum
         branch = branch + (branch_bias - branch_bias.detach()).to(branch.dtype)
-    return add_modulate_reference(x, branch, shift, scale, eps)
+    return add_modulate_reference(x, branch, shift, scale, eps, gate)
 
 
 def modulate_tee(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,

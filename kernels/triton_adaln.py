@@ -8,6 +8,8 @@ graph breaks; autograd, activation checkpointing and FSDP2 see ordinary ops).
                    [, dbias = sum_n dx: the column sums of the dx written]
     add_modulate   x, branch, shift, scale -> s = x + branch and modulate(s) in one pass; its backward is
                    modulate's with s's own gradient added in the kernel (x and branch both get the sum ds)
+                   (with a gate, s = x + gate * branch: a block's last gated residual and the next block's
+                   modulate in one pass; backward then runs the residual's backward kernel on ds)
                    (with a branch bias: also dbias = sum_b sum_n ds, the column sums of the dx it writes, for
                    a bias that the branch's last GEMM added with its gradient cut, kernels.linear.linear_bias_out)
     residual fwd   x, gate, branch         -> x + gate * branch
@@ -74,12 +76,18 @@ CONFIG = {
 
 
 @triton.jit
-def _sum_rows(x_ptr, branch_ptr, sum_ptr, offs, mask, ADD: tl.constexpr):
-    """x at offs in float32; with ADD, x + branch, stored to sum_ptr in x's dtype first (the residual stream) and
-    returned as stored, so that backward's reload of it sees the same values."""
+def _sum_rows(x_ptr, branch_ptr, sum_ptr, gate_ptr, base, cols, b, s_gate, mask, ADD: tl.constexpr,
+              GATE: tl.constexpr):
+    """x at (rows base, cols) in float32; with ADD, x + branch (GATE: x + gate * branch, as the gated residual's
+    kernel computes it), stored to sum_ptr in x's dtype first (the residual stream) and returned as stored, so
+    that backward's reload of it sees the same values."""
+    offs = base + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if ADD:
-        x = (x.to(tl.float32) + tl.load(branch_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+        branch = tl.load(branch_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if GATE:
+            branch = tl.load(gate_ptr + b * s_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32) * branch
+        x = (x.to(tl.float32) + branch).to(x.dtype)
         tl.store(sum_ptr + offs, x, mask=mask)
     return x.to(tl.float32)
 
@@ -103,24 +111,27 @@ def _quantise_store(q_ptr, y, amax, offs, mask, QUANT: tl.constexpr, QMAX: tl.co
 
 
 @triton.jit
-def _modulate_fwd(x_ptr, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, qs_ptr, branch_ptr, sum_ptr, M, N, C,
-                  s_shift, s_scale, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
-                  QUANT: tl.constexpr, QMAX: tl.constexpr, ADD: tl.constexpr):
+def _modulate_fwd(x_ptr, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr, qs_ptr, branch_ptr, sum_ptr, gate_ptr,
+                  M, N, C, s_shift, s_scale, s_gate, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                  BLOCK_T: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, ADD: tl.constexpr,
+                  GATE: tl.constexpr):
     """QUANT 0: y, mean, rstd. QUANT 1 (int8) / 2 (fp8 e4m3): y quantised per row for a W8A8 linear instead,
     q (M, C) and its scale (M,), the rule of kernels.int8_gemm.quantize_rows_reference applied to the float32 y
-    (inference: no y, no statistics written). ADD: the rows modulated are x + branch, also written to sum_ptr.
+    (inference: no y, no statistics written). ADD: the rows modulated are x + branch (GATE: x + gate * branch),
+    also written to sum_ptr.
     BLOCK_T > 0: the row is two column tiles, [0, BLOCK_C) and a tail [BLOCK_C, BLOCK_C + BLOCK_T) (see _tile)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < M
     base = rows.to(tl.int64)[:, None] * C
     cols = tl.arange(0, BLOCK_C)
     mask = rmask[:, None] & (cols < C)[None, :]
-    x = _sum_rows(x_ptr, branch_ptr, sum_ptr, base + cols[None, :], mask, ADD)
+    b = (rows // N).to(tl.int64)[:, None]
+    x = _sum_rows(x_ptr, branch_ptr, sum_ptr, gate_ptr, base, cols, b, s_gate, mask, ADD, GATE)
     total = tl.sum(x, axis=1)
     if BLOCK_T > 0:
         tcols = BLOCK_C + tl.arange(0, BLOCK_T)
         tmask = rmask[:, None] & (tcols < C)[None, :]
-        xt = _sum_rows(x_ptr, branch_ptr, sum_ptr, base + tcols[None, :], tmask, ADD)
+        xt = _sum_rows(x_ptr, branch_ptr, sum_ptr, gate_ptr, base, tcols, b, s_gate, tmask, ADD, GATE)
         total += tl.sum(xt, axis=1)
     mean = total / C
     xc = tl.where(mask, x - mean[:, None], 0.0)
@@ -129,7 +140,6 @@ def _modulate_fwd(x_ptr, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr, q_ptr,
         xct = tl.where(tmask, xt - mean[:, None], 0.0)
         var += tl.sum(xct * xct, axis=1)
     rstd = 1.0 / tl.sqrt(var / C + eps)
-    b = (rows // N).to(tl.int64)[:, None]
     y = _modulate_cols(xc, rstd, shift_ptr, scale_ptr, b, s_shift, s_scale, cols, mask)
     if BLOCK_T > 0:
         yt = _modulate_cols(xct, rstd, shift_ptr, scale_ptr, b, s_shift, s_scale, tcols, tmask)
@@ -365,11 +375,13 @@ def _reduce_shift_scale_bias(part: torch.Tensor, shift: torch.Tensor, scale: tor
 
 
 def _modulate_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-                   branch: torch.Tensor | None = None):
-    """The forward modulate of x (of x + branch, also returned, when branch is given) -> sum, y, mean, rstd."""
+                   branch: torch.Tensor | None = None, gate: torch.Tensor | None = None):
+    """The forward modulate of x (of x + branch, or x + gate * branch, also returned, when branch is given)
+    -> sum, y, mean, rstd."""
     B, N, C = x.shape
     shift2, s_shift = _rows(shift, B, C, "modulate shift")
     scale2, s_scale = _rows(scale, B, C, "modulate scale")
+    gate2, s_gate = (x, 0) if gate is None else _rows(gate, B, C, "add_modulate gate")
     y = x.new_empty(x.shape)
     total = None if branch is None else x.new_empty(x.shape)
     mean = x.new_empty((B * N,), dtype=torch.float32)
@@ -377,9 +389,10 @@ def _modulate_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
     if x.numel():
         block_r, block_c, block_t, opts = _tile(C, "modulate_fwd")
         add = (x, x) if branch is None else (branch, total)
-        _modulate_fwd_launch((cdiv(B * N, block_r),), device_index(x), (x, shift2, scale2, y, mean, rstd, y, mean, *add),
-                             (B * N, N, C, s_shift, s_scale, eps),
-                             (block_r, block_c, block_t, 0, 1.0, branch is not None), opts)
+        _modulate_fwd_launch((cdiv(B * N, block_r),), device_index(x),
+                             (x, shift2, scale2, y, mean, rstd, y, mean, *add, gate2),
+                             (B * N, N, C, s_shift, s_scale, s_gate, eps),
+                             (block_r, block_c, block_t, 0, 1.0, branch is not None, gate is not None), opts)
     return total, y, mean, rstd
 
 
@@ -414,8 +427,9 @@ def _modulate_quant_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     qs = torch.empty((B * N,), dtype=torch.float32, device=x.device)
     if x.numel():
         block_r, block_c, block_t, opts = _tile(C, "modulate_fwd")
-        _modulate_fwd_launch((cdiv(B * N, block_r),), device_index(x), (x, shift2, scale2, x, qs, qs, q, qs, x, x),
-                             (B * N, N, C, s_shift, s_scale, eps), (block_r, block_c, block_t, code, qmax, False), opts)
+        _modulate_fwd_launch((cdiv(B * N, block_r),), device_index(x), (x, shift2, scale2, x, qs, qs, q, qs, x, x, x),
+                             (B * N, N, C, s_shift, s_scale, 0, eps),
+                             (block_r, block_c, block_t, code, qmax, False, False), opts)
     return q, qs
 
 
@@ -484,47 +498,68 @@ _modulate_op.register_autograd(_modulate_backward, setup_context=_modulate_setup
 
 @kernel_op("sana::add_modulate")
 def _add_modulate_op(x: torch.Tensor, branch: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-                     branch_bias: torch.Tensor | None = None
+                     branch_bias: torch.Tensor | None = None, gate: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> s = x + branch, modulate(s), mean, rstd: one read of each input, no separate add kernel. branch_bias
-    (C,): a bias already in branch (added by its GEMM with the gradient cut, kernels.linear.linear_bias_out); not
-    read, here for its gradient, which the backward kernel takes."""
+    """-> s = x + branch (with gate, x + gate * branch), modulate(s), mean, rstd: one read of each input, no
+    separate add kernel. branch_bias (C,): a bias already in branch (added by its GEMM with the gradient cut,
+    kernels.linear.linear_bias_out); not read, here for its gradient, which the backward kernel takes."""
     x, branch = _check(x, "add_modulate x"), branch.contiguous()
     if branch.shape != x.shape:
         raise ValueError(f"add_modulate: branch {tuple(branch.shape)} must have x's shape {tuple(x.shape)}")
-    return _modulate_rows(x, shift, scale, eps, branch)
+    return _modulate_rows(x, shift, scale, eps, branch, gate)
 
 
 @_add_modulate_op.register_fake
-def _(x, branch, shift, scale, eps, branch_bias=None):
+def _(x, branch, shift, scale, eps, branch_bias=None, gate=None):
     B, N, _ = x.shape
     mean = x.new_empty((B * N,), dtype=torch.float32)
     return x.new_empty(x.shape), x.new_empty(x.shape), mean, torch.empty_like(mean)
 
 
 def _add_modulate_setup(ctx, inputs, output):
-    _, branch, shift, scale, _, *bias = inputs  # branch_bias may be left out (its default, None)
+    _, branch, shift, scale, _, *rest = inputs  # branch_bias and gate may be left out (their default, None)
+    bias, gate = (rest + [None, None])[:2]
     total, _, mean, rstd = output
     ctx.branch_dtype = branch.dtype
-    ctx.bias_dtype = bias[0].dtype if bias and bias[0] is not None else None
+    ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.set_materialize_grads(False)  # as _modulate_setup: the sum's gradient is None where only y is read
-    ctx.save_for_backward(total, shift, scale, mean, rstd)
+    ctx.save_for_backward(total, shift, scale, mean, rstd, *(() if gate is None else (gate, branch)))
 
 
 def _add_modulate_backward(ctx, dtotal, dy, _dmean, _drstd):
-    total, shift, scale, mean, rstd = ctx.saved_tensors
-    if dy is None:  # only the sum is differentiated (None: neither)
-        if dtotal is None:
-            return None, None, None, None, None, None
+    total, shift, scale, mean, rstd, *gated = ctx.saved_tensors
+    if dy is None and dtotal is None:
+        return None, None, None, None, None, None, None
+    if gated:
+        return _gated_add_modulate_backward(ctx, dtotal, dy, total, shift, scale, mean, rstd, *gated)
+    if dy is None:  # only the sum is differentiated
         dbias = None if ctx.bias_dtype is None else dtotal.sum((0, 1), dtype=torch.float32).to(ctx.bias_dtype)
-        return dtotal, dtotal.to(ctx.branch_dtype), None, None, None, dbias
+        return dtotal, dtotal.to(ctx.branch_dtype), None, None, None, dbias, None
     if ctx.bias_dtype is None:
         dx, part = _modulate_backward_op.within(ctx)(dy, total, scale, mean, rstd, dtotal)
         # x and branch get the same gradient (a sum's), one tensor for both
-        return dx, dx.to(ctx.branch_dtype), *_reduce_shift_scale(part, shift, scale), None, None
+        return dx, dx.to(ctx.branch_dtype), *_reduce_shift_scale(part, shift, scale), None, None, None
     dx, part = _modulate_backward_op.within(ctx)(dy, total, scale, mean, rstd, dtotal, True)
     dshift, dscale, dbias = _reduce_shift_scale_bias(part, shift, scale, ctx.bias_dtype)
-    return dx, dx.to(ctx.branch_dtype), dshift, dscale, None, dbias
+    return dx, dx.to(ctx.branch_dtype), dshift, dscale, None, dbias, None
+
+
+def _gated_add_modulate_backward(ctx, dtotal, dy, total, shift, scale, mean, rstd, gate, branch):
+    """s = x + gate * branch: ds from modulate's backward kernel (with s's own gradient added in), then the gated
+    residual's backward kernel on ds (dbranch, and the partial rows of dgate and of the branch bias's gradient):
+    the two kernels the unfused residual and modulate ran, so the fusion's gain is the forward's pass."""
+    dshift = dscale = None
+    if dy is None:  # only the sum is differentiated
+        ds = dtotal
+    else:
+        ds, part = _modulate_backward_op.within(ctx)(dy, total, scale, mean, rstd, dtotal)
+        dshift, dscale = _reduce_shift_scale(part, shift, scale)
+    bias_sum = ctx.bias_dtype is not None
+    dbranch, part = _gated_residual_backward_op.within(ctx)(ds, gate, branch, bias_sum)
+    if not bias_sum:
+        return ds, dbranch, dshift, dscale, None, None, _reduce_rows(part, gate)
+    d = part.sum(1)  # (B, 2, C): dgate's and the bias's rows, one reduction over the chunks
+    return ds, dbranch, dshift, dscale, None, d[:, 1].sum(0).to(ctx.bias_dtype), _fit(d[:, 0], gate)
 
 
 _add_modulate_op.register_autograd(_add_modulate_backward, setup_context=_add_modulate_setup)
@@ -646,8 +681,9 @@ def modulate_tee_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
 
 
 def add_modulate_triton(x: torch.Tensor, branch: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                        eps: float, branch_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return _guarded(_add_modulate_op, x, branch, shift, scale, float(eps), branch_bias)[:2]
+                        eps: float, branch_bias: torch.Tensor | None = None,
+                        gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _guarded(_add_modulate_op, x, branch, shift, scale, float(eps), branch_bias, gate)[:2]
 
 
 def modulate_quant_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,

@@ -206,6 +206,43 @@ def test_add_modulate_takes_the_branch_bias_gradient(shape, dtype, rows, backend
     assert _rel(gbias, d_total.double().sum((0, 1))) <= 1e-6
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("rows", ["B", "1"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ADALN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gated_add_modulate_matches_float64(shape, dtype, rows, bias):
+    """With a gate, s = x + gate * branch (a block's last gated residual and the next block's first modulate in one
+    kernel; sana_core.dit.Residual): both outputs and the gradients of x, branch, the table (shift, scale and the
+    gate, one row per image or one broadcast over the batch) and the branch bias, against float64 autograd of the
+    unfused ops, with both outputs differentiated, only the sum (the final layer reads only y; this is the other
+    way round) and only y."""
+    B, N, C = shape
+    torch.manual_seed(0)
+    x = _leaf(torch.randn(shape, device=DEVICE).mul(3).add(1).to(dtype))
+    branch = _leaf(torch.randn(shape, device=DEVICE).to(dtype))
+    table = _table(B if rows == "B" else 1, C)
+    out_bias = _leaf(torch.randn(C, device=DEVICE) + 2) if bias else None
+    inputs = [x, branch, table] + ([out_bias] if bias else [])
+    fed = branch + out_bias.detach().to(dtype) if bias else branch  # the bias already in the branch, as bias_out
+    d_total, d_y = torch.randn(shape, device=DEVICE).to(dtype), torch.randn(shape, device=DEVICE).to(dtype)
+    ref_in = [_leaf(t.double()) for t in inputs]
+    ref_branch = ref_in[1] + ref_in[3] if bias else ref_in[1]
+    ref_total, ref_y = add_modulate_reference(ref_in[0], ref_branch, ref_in[2][:, 3:4], ref_in[2][:, 4:5], EPS,
+                                              gate=ref_in[2][:, 2:3])
+    assert torch.equal(ref_total, gated_residual_reference(ref_in[0], ref_in[2][:, 2:3], ref_branch))
+    for which in ("both", "sum", "y"):
+        total, y = add_modulate(x, fed, table[:, 3:4], table[:, 4:5], EPS, backend="triton", gate=table[:, 2:3],
+                                branch_bias=out_bias)
+        assert total.dtype == y.dtype == dtype
+        outs, refs, douts = {"both": ((total, y), (ref_total, ref_y), (d_total, d_y)),
+                             "sum": ((total,), (ref_total,), (d_total,)), "y": ((y,), (ref_y,), (d_y,))}[which]
+        grads = torch.autograd.grad(outs, inputs, douts)
+        ref_grads = torch.autograd.grad(refs, ref_in, [d.double() for d in douts], retain_graph=True)
+        errs = [_rel(total, ref_total), _rel(y, ref_y)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
+        assert all(g.shape == t.shape and g.dtype == t.dtype for g, t in zip(grads, inputs))
+        assert max(errs) <= TOL[dtype], f"{which}: relative errors sum, out and grads x, branch, table, bias {errs}"
+
+
 @pytest.mark.parametrize("with_dres", [True, False], ids=["dres", "no-dres"])
 def test_add_modulate_bias_gradient_is_the_kernels_row(with_dres):
     """The Triton backward op's third partial row, program by program: the column sums of the dx it writes (with
@@ -317,6 +354,7 @@ def test_modulate_rows_split_in_two_tiles_match_float64(shape, split_rows):
     for dtype in DTYPES:
         test_modulate_matches_float64(shape, dtype)
         test_add_modulate_matches_float64(shape, dtype)
+        test_gated_add_modulate_matches_float64(shape, dtype, "B", True)
         test_modulate_tee_adds_the_residual_gradient_in_its_kernel(shape, dtype)
     test_add_modulate_takes_the_branch_bias_gradient(shape, torch.float32, "B", "triton")
     for fmt in ("int8", "fp8"):
@@ -426,6 +464,10 @@ def test_custom_ops_pass_opcheck():
         torch.library.opcheck(torch.ops.sana.add_modulate,
                               (xin, _leaf(torch.randn(B, H * W, C, device=DEVICE)), shift, scale, EPS,
                                _leaf(torch.randn(C, device=DEVICE))))
+        for out_bias in (None, _leaf(torch.randn(C, device=DEVICE))):  # with a gate
+            torch.library.opcheck(torch.ops.sana.add_modulate,
+                                  (xin, _leaf(torch.randn(B, H * W, C, device=DEVICE)), shift, scale, EPS, out_bias,
+                                   gate))
     for bias_sum in (False, True):  # the backward ops: their partial sums' shapes in the fake implementations
         torch.library.opcheck(torch.ops.sana.gated_residual_backward,
                               (torch.randn(B, H * W, C, device=DEVICE), gate.detach(),
@@ -444,7 +486,7 @@ def test_custom_ops_pass_opcheck():
 
 
 def test_compiles_without_graph_breaks():
-    """A block-shaped function of all three ops under torch.compile(fullgraph=True) equals eager, grads too."""
+    """A block-shaped function of all the ops under torch.compile(fullgraph=True) equals eager, grads too."""
     B, H, W, C = 2, 3, 5, 16
     torch.manual_seed(0)
     x = _leaf(torch.randn(B, H * W, C, device=DEVICE))
@@ -459,7 +501,10 @@ def test_compiles_without_graph_breaks():
         h = depthwise_glu(h, weight, bias, (H, W), backend="triton")
         x2, h2 = add_modulate(x, h + mid_bias.detach(), table[:, 3:4], table[:, 4:5], EPS, backend="triton",
                               branch_bias=mid_bias)
-        return gated_residual(x2, table[:, 2:3], h2 + out_bias.detach(), backend="triton", branch_bias=out_bias)
+        x3 = gated_residual(x2, table[:, 2:3], h2 + out_bias.detach(), backend="triton", branch_bias=out_bias)
+        # the gated add + modulate (sana_core.dit.Residual's)
+        s, y = add_modulate(x3, h2, table[:, 0:1], table[:, 5:6], EPS, backend="triton", gate=table[:, 2:3])
+        return s + y
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
@@ -511,10 +556,13 @@ def test_eager_calls_match_the_dispatched_ops():
               (u, weight, bias, in_bias)),
              (triton_adaln._add_modulate_op, torch.ops.sana.add_modulate, (x, branch, rows, EPS), (x, branch, rows)),
              (triton_adaln._add_modulate_op, torch.ops.sana.add_modulate, (x, branch, rows, EPS, out_bias),
+              (x, branch, rows, out_bias)),
+             (triton_adaln._add_modulate_op, torch.ops.sana.add_modulate, (x, branch, rows, EPS, out_bias, True),
               (x, branch, rows, out_bias))]
     views = {triton_adaln._modulate_op: lambda x, rows, eps: (x, rows[:, 0:1], rows[:, 1:2], eps),
              triton_adaln._gated_residual_op: lambda x, rows, br, *ob: (x, rows[:, 2:3], br, *ob),
-             triton_adaln._add_modulate_op: lambda x, br, rows, eps, *ob: (x, br, rows[:, 3:4], rows[:, 4:5], eps, *ob)}
+             triton_adaln._add_modulate_op: lambda x, br, rows, eps, *ob: (
+                 x, br, rows[:, 3:4], rows[:, 4:5], eps, *ob[:1], *((rows[:, 2:3],) if ob[1:] else ()))}
     for eager, op, args, tensors in cases:
         outs = []
         for fn in (eager, op):
