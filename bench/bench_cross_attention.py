@@ -136,6 +136,7 @@ def main():
             continue
         rows[name] = _row(fwd, fwd_bwd, (out, *grads), (r_out, *r_grads), args.iters)
     rows.update(_token_layout_rows(q, k, v, bias, dout, ref, ref_grads, args.iters))
+    head_split = _head_split(q, k, v, bias, ref)
     sweep = _sweep(q, k, v, bias, dout) if args.sweep else None
     print(f"{gpu}: q (B={B}, heads={h}, N={N}, d={d}), {L} caption tokens, bf16")
     print(f"{'backend':<13} {'fwd ms':>8} {'fwd+bwd ms':>11}  relative error vs float32")
@@ -145,7 +146,9 @@ def main():
             continue
         err = " ".join(f"{k} {e:.1e}" for k, e in r["rel_err"].items())
         print(f"{name:<13} {r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>11.3f}  {err}{'' if r['ok'] else '  WRONG'}")
-    result = dict(gpu=gpu, shape=dict(B=B, N=N, L=L, heads=h, head_dim=d), rows=rows)
+    print("triton forward kernel alone (graphed), head channels as tiles " + ", ".join(
+        f"{t}: {r['ms']:.4f} ms (out rel. error {r['rel_err']:.1e})" for t, r in head_split.items()))
+    result = dict(gpu=gpu, shape=dict(B=B, N=N, L=L, heads=h, head_dim=d), rows=rows, head_split=head_split)
     if sweep is not None:
         result["sweep"] = sweep
     write_result(args.out, "cross_attention" + (f"_{args.name}" if args.name else ""), result)
@@ -195,6 +198,29 @@ def _token_layout_rows(q, k, v, bias, dout, ref, ref_grads, iters) -> dict:
         got = (fwd().view(B, N, h, d).transpose(1, 2), *_from_token(*fwd_bwd(), h))
         rows[name] = _row(fwd, fwd_bwd, got, (ref, *ref_grads), iters)
     return rows
+
+
+def _head_split(q, k, v, bias, ref) -> dict:
+    """The forward kernel alone (graphed), its head channels as one power-of-two tile and as the two tiles it
+    takes where they mask fewer lanes (kernels.triton_cross_attention.HEAD_SPLIT, _head_tiles), each checked
+    against the float32 reference."""
+    from kernels import triton_cross_attention as tca
+
+    B, h, N, d = q.shape
+    qt, kvt = _token(q, k, v)
+    bias2 = bias[:, 0, 0, :].float()
+    saved, out = tca.HEAD_SPLIT, {}
+    try:
+        for split in (False, True):
+            tca.HEAD_SPLIT = split
+            got = tca._cross_attention_op.fn(qt, kvt, bias2, h).view(B, N, h, d).transpose(1, 2)
+            tiles = tca._head_tiles(d) if split else (tca._tile(d), 0)
+            out["+".join(str(t) for t in tiles if t)] = dict(
+                ms=graphed_ms(lambda: tca._cross_attention_op.fn(qt, kvt, bias2, h)),
+                rel_err=((got.float() - ref).norm() / ref.norm()).item())
+    finally:
+        tca.HEAD_SPLIT = saved
+    return out
 
 
 # Tile configurations the sweep times: (BLOCK_M, num_warps, PROGRAMS_PER_SM, STAGES) forward and dq,

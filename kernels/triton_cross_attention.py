@@ -78,6 +78,7 @@ CONFIG = {
     "bwd_dq_fp32": {"BLOCK_M": 32, "num_warps": 8, "PROGRAMS_PER_SM": 1, "STAGES": 1},
     "bwd_dkv_fp32": {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 4, "STAGES": 1},
 }
+HEAD_SPLIT = True  # the forward's head channels as two tiles where that masks fewer lanes (_head_tiles)
 
 
 @triton.jit
@@ -89,16 +90,30 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _dot_acc(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _kv_cols(kv_ptr, b, h, L, H, D: tl.constexpr, skv_b, skv_n, lk, c0: tl.constexpr, W: tl.constexpr):
+    """Head channels c0 .. c0 + W of keys lk of image b, head h: K and V as (BLOCK_L, W) tiles, zero past L and D."""
+    d = c0 + tl.arange(0, W)
+    m = (lk < L)[:, None] & (d < D)[None, :]
+    base = kv_ptr + b.to(tl.int64) * skv_b + h * D + lk[:, None] * skv_n + d[None, :]
+    return tl.load(base, mask=m, other=0.0), tl.load(base + H * D, mask=m, other=0.0)
+
+
+@triton.jit
 def _keys(kv_ptr, bias_ptr, b, h, L, H, D: tl.constexpr, skv_b, skv_n, DP: tl.constexpr, BLOCK_L: tl.constexpr,
           start=0):
     """Keys start .. start + BLOCK_L of image b, head h: K and V as (BLOCK_L, DP) tiles (zero past L and D), and
     the key bias in log2 units (-inf past L)."""
     lk = start + tl.arange(0, BLOCK_L)
-    d = tl.arange(0, DP)
-    m = (lk < L)[:, None] & (d < D)[None, :]
-    base = kv_ptr + b.to(tl.int64) * skv_b + h * D + lk[:, None] * skv_n + d[None, :]
-    k = tl.load(base, mask=m, other=0.0)
-    v = tl.load(base + H * D, mask=m, other=0.0)
+    k, v = _kv_cols(kv_ptr, b, h, L, H, D, skv_b, skv_n, lk, 0, DP)
     bias = tl.load(bias_ptr + b.to(tl.int64) * L + lk, mask=lk < L, other=float("-inf")).to(tl.float32)
     return k, v, bias * 1.4426950408889634
 
@@ -107,7 +122,13 @@ def _keys(kv_ptr, bias_ptr, b, h, L, H, D: tl.constexpr, skv_b, skv_n, DP: tl.co
 def _softmax(q, kt, bias, qk_scale, IEEE: tl.constexpr):
     """The softmax of q's rows over the one key tile, unnormalised: (exp2(s - rowmax), row sums, rowmax), float32,
     s in log2 units. The caller divides (forward the output, backward the probabilities)."""
-    s = _dot(q, kt, IEEE) * qk_scale + bias[None, :]
+    return _softmax_of(_dot(q, kt, IEEE), bias, qk_scale)
+
+
+@triton.jit
+def _softmax_of(s, bias, qk_scale):
+    """_softmax from the products q k^T."""
+    s = s * qk_scale + bias[None, :]
     top = tl.max(s, 1)
     p = tl.exp2(s - top[:, None])
     return p, tl.sum(p, 1), top
@@ -115,8 +136,10 @@ def _softmax(q, kt, bias, qk_scale, IEEE: tl.constexpr):
 
 @triton.jit
 def _fwd(q_ptr, kv_ptr, bias_ptr, o_ptr, N, L, H, sq_b, sq_n, skv_b, skv_n, qk_scale, D: tl.constexpr,
-         DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr):
-    """Query blocks program_id(0), + num_programs(0), ... of (image, head) program_id(1)."""
+         DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr,
+         DT: tl.constexpr = 0):
+    """Query blocks program_id(0), + num_programs(0), ... of (image, head) program_id(1). DT > 0: a head's
+    channels are two tiles, [0, DP) and a tail [DP, DP + DT) (see _head_tiles), each product two dots."""
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -126,11 +149,25 @@ def _fwd(q_ptr, kv_ptr, bias_ptr, o_ptr, N, L, H, sq_b, sq_n, skv_b, skv_n, qk_s
     dmask = (d < D)[None, :]
     q_base = q_ptr + b.to(tl.int64) * sq_b + h * D + d[None, :]
     o_base = o_ptr + b.to(tl.int64) * N * H * D + h * D + d[None, :]  # out: contiguous (B, N, C)
+    if DT > 0:
+        k_t, v_t = _kv_cols(kv_ptr, b, h, L, H, D, skv_b, skv_n, tl.arange(0, BLOCK_L), DP, DT)
+        kt_t = tl.trans(k_t)
+        dt = DP + tl.arange(0, DT)
+        tmask = (dt < D)[None, :]
+        q_base_t = q_ptr + b.to(tl.int64) * sq_b + h * D + dt[None, :]
+        o_base_t = o_ptr + b.to(tl.int64) * N * H * D + h * D + dt[None, :]
     for mb in tl.range(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.num_programs(0), num_stages=STAGES):
         m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         mm = (m < N)[:, None] & dmask
         q = tl.load(q_base + m[:, None] * sq_n, mask=mm, other=0.0)  # (BLOCK_M, DP)
-        p, den, _ = _softmax(q, kt, bias, qk_scale, IEEE)
+        if DT > 0:
+            mt = (m < N)[:, None] & tmask
+            q_t = tl.load(q_base_t + m[:, None] * sq_n, mask=mt, other=0.0)  # (BLOCK_M, DT)
+            p, den, _ = _softmax_of(_dot_acc(q, kt, _dot(q_t, kt_t, IEEE), IEEE), bias, qk_scale)
+            o_t = _dot(p.to(v.dtype), v_t, IEEE) / den[:, None]
+            tl.store(o_base_t + m[:, None] * (H * D), o_t.to(o_ptr.dtype.element_ty), mask=mt)
+        else:
+            p, den, _ = _softmax(q, kt, bias, qk_scale, IEEE)
         o = _dot(p.to(v.dtype), v, IEEE) / den[:, None]
         tl.store(o_base + m[:, None] * (H * D), o.to(o_ptr.dtype.element_ty), mask=mm)
 
@@ -227,6 +264,18 @@ def _tile(n: int) -> int:
     return max(16, next_pow2(n))
 
 
+def _head_tiles(D: int) -> tuple[int, int]:
+    """(DP, DT): the forward's tiles of a head's D channels, one power of two (DT 0), or the largest power of two
+    below D and a tail tile where the two are narrower: Sana-0.6B's 72 channels as 64 + 16 instead of 128, so its
+    two products a query block run on 80 channels, not 128 of which 56 are masked zeros."""
+    full = _tile(D)
+    head = full // 2
+    if D <= head or head < 16:
+        return full, 0
+    tail = _tile(D - head)
+    return (head, tail) if head + tail < full else (full, 0)
+
+
 def _scalars(q: torch.Tensor, kv: torch.Tensor, heads: int, backward: bool) -> tuple:
     """The kernels' int and float arguments: N, L, H, the row strides and the log2-unit score scale (and the
     gradients' 1 / sqrt(D) in backward)."""
@@ -250,8 +299,9 @@ def _cross_attention_op(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, h
     if o.numel():
         dev = device_index(q)
         split, consts, options = _plan(B, N, L, heads, "fwd", q.dtype, dev)
+        dp, dt = _head_tiles(D) if HEAD_SPLIT else (_tile(D), 0)
         _fwd_launch((split, B * heads), dev, (q, kv, bias, o), _scalars(q, kv, heads, backward=False),
-                    (D, _tile(D), *consts, q.dtype == torch.float32), options)
+                    (D, dp, *consts, q.dtype == torch.float32, dt), options)
     return o
 
 
