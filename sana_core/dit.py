@@ -17,8 +17,10 @@ One block definition, two back-ends for the glue around the GEMMs, picked per ca
 kernels.linear_attention picks one (SANA_BLOCK_BACKEND, default "auto": Triton on CUDA, PyTorch elsewhere):
 `modulate` (LayerNorm + AdaLN scale/shift), the gated residual and Mix-FFN's depthwise 3x3 + SiLU gate run as
 fused kernels in token layout (kernels.adaln, kernels.mixffn), with activations in the residual stream's
-dtype (bf16 under autocast). The PyTorch path is the reference. Every GEMM stays a call of an nn.Linear
-module (self.attn.qkv(x), self.mlp.inverted(x), ...) so that quantisation and LoRA can wrap them.
+dtype (bf16 under autocast). A block's last gated residual is left to the op that reads the sum next (Residual:
+the next block's first modulate adds it as it loads, one pass over the residual stream instead of two). The
+PyTorch path is the reference. Every GEMM stays a call of an nn.Linear module (self.attn.qkv(x),
+self.mlp.inverted(x), ...) so that quantisation and LoRA can wrap them.
 """
 from __future__ import annotations
 
