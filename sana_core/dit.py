@@ -245,7 +245,7 @@ class Residual(NamedTuple):
     """x + gate * branch, not yet added: a block's last gated residual, handed to the op that reads the sum next
     (the next block's first modulate, or the final layer's), which forms it as it loads (add_modulate with a gate):
     one pass over the (B, N, C) residual stream a block less than adding it first (Sana-0.6B's bs32 forward on
-    the H100: a 104 us kernel for a 76 + 62 us pair). bias: the branch's output bias, as bias_out gives it."""
+    the H100: a 114 us kernel for a 78 + 62 us pair). bias: the branch's output bias, as bias_out gives it."""
     x: torch.Tensor
     gate: torch.Tensor
     branch: torch.Tensor
