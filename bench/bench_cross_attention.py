@@ -17,6 +17,8 @@ layout), and cuDNN / flash with no mask at all (what a batch without padding wou
 kernel (online softmax over key blocks, a dq and a dk/dv kernel) was slower than cuDNN and reverted (823f372,
 bench/NOTES_block_fastpath.md). `--sweep` times each Triton kernel (forward, dq, dk/dv) alone (CUDA graphs of 20 calls:
 no host time) over tile configurations and prints the best of each; timings with CUDA events (median of --iters).
+Always: the forward kernel alone (graphed), a head's channels as one power-of-two tile and as the two tiles it takes
+by default where they mask fewer lanes (kernels.triton_cross_attention.HEAD_SPLIT: 72 as 64 + 16).
 Prints a table, writes cross_attention_<gpu>[_NAME].json.
 """
 from __future__ import annotations
