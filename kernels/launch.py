@@ -59,6 +59,18 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def pow2_tiles(n: int, smallest: int = 1) -> tuple[int, int]:
+    """(head, tail): n channels as one power-of-two tile (tail 0), or as the largest power of two below n and a tail
+    tile for the rest where the two are narrower together (a masked lane still issues its instructions: 1152 as
+    1024 + 128 instead of 2048, 72 as 64 + 16 instead of 128). Tiles are at least `smallest` wide."""
+    full = max(smallest, next_pow2(n))
+    head = full // 2
+    if head < smallest:
+        return full, 0
+    tail = max(smallest, next_pow2(n - head))
+    return (head, tail) if head + tail < full else (full, 0)
+
+
 def partial_sums(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """A backward kernel's float32 partial-sum buffer of `shape`, on like's device. Every program writes its rows
     in full, so no zero fill (a kernel launch each) unless there is nothing to write (then the sums must be zero)."""

@@ -38,6 +38,7 @@ from kernels.launch import (
     next_pow2,
     on_current_device,
     partial_sums,
+    pow2_tiles,
     sm_count,
     supported_device,
 )
@@ -314,12 +315,9 @@ def _columns(C: int, block_r: int, kernel: str) -> tuple[int, int]:
     the largest power of two below C and a tail tile for the rest where that masks fewer lanes. A masked lane
     still issues its instructions: Sana-1.6B's 2240 channels on one 4096-wide tile are 45% masked, as 2048 + 256
     3%; Sana-0.6B's 1152 (a 2048-wide tile) are 1024 + 128 exactly."""
-    full = next_pow2(C)
-    if full == C or not (CONFIG[kernel]["SPLIT"] and block_r == 1):
-        return full, 0
-    head = full // 2
-    tail = next_pow2(C - head)
-    return (head, tail) if head + tail < full else (full, 0)
+    if not (CONFIG[kernel]["SPLIT"] and block_r == 1):
+        return next_pow2(C), 0
+    return pow2_tiles(C)
 
 
 def _reduce_grid(B: int, N: int, block_r: int, device: int, kernel: str) -> tuple[int, int]:
@@ -554,12 +552,8 @@ def _gated_add_modulate_backward(ctx, dtotal, dy, total, shift, scale, mean, rst
     else:
         ds, part = _modulate_backward_op.within(ctx)(dy, total, scale, mean, rstd, dtotal)
         dshift, dscale = _reduce_shift_scale(part, shift, scale)
-    bias_sum = ctx.bias_dtype is not None
-    dbranch, part = _gated_residual_backward_op.within(ctx)(ds, gate, branch, bias_sum)
-    if not bias_sum:
-        return ds, dbranch, dshift, dscale, None, None, _reduce_rows(part, gate)
-    d = part.sum(1)  # (B, 2, C): dgate's and the bias's rows, one reduction over the chunks
-    return ds, dbranch, dshift, dscale, None, d[:, 1].sum(0).to(ctx.bias_dtype), _fit(d[:, 0], gate)
+    dbranch, dgate, dbias = _gated_residual_grads(ctx, ds, gate, branch)
+    return ds, dbranch, dshift, dscale, None, dbias, dgate
 
 
 _add_modulate_op.register_autograd(_add_modulate_backward, setup_context=_add_modulate_setup)
@@ -622,14 +616,20 @@ def _gated_residual_setup(ctx, inputs, output):
     ctx.save_for_backward(gate, branch)
 
 
-def _gated_residual_backward(ctx, dy):
-    gate, branch = ctx.saved_tensors
+def _gated_residual_grads(ctx, dy, gate, branch):
+    """-> (dbranch, dgate, dbias or None) of x + gate * branch from the sum's gradient dy: the backward kernel, and
+    with a branch bias (ctx.bias_dtype) its second partial row, the bias's gradient."""
     if ctx.bias_dtype is None:
         dbranch, part = _gated_residual_backward_op.within(ctx)(dy, gate, branch)
-        return dy.to(ctx.x_dtype), _reduce_rows(part, gate), dbranch, None
+        return dbranch, _reduce_rows(part, gate), None
     dbranch, part = _gated_residual_backward_op.within(ctx)(dy, gate, branch, True)
     d = part.sum(1)  # (B, 2, C): one reduction over the chunks for both
-    return dy.to(ctx.x_dtype), _fit(d[:, 0], gate), dbranch, d[:, 1].sum(0).to(ctx.bias_dtype)
+    return dbranch, _fit(d[:, 0], gate), d[:, 1].sum(0).to(ctx.bias_dtype)
+
+
+def _gated_residual_backward(ctx, dy):
+    dbranch, dgate, dbias = _gated_residual_grads(ctx, dy, *ctx.saved_tensors)
+    return dy.to(ctx.x_dtype), dgate, dbranch, dbias
 
 
 _gated_residual_op.register_autograd(_gated_residual_backward, setup_context=_gated_residual_setup)

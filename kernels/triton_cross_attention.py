@@ -55,6 +55,7 @@ from kernels.launch import (
     kernel_op,
     next_pow2,
     on_current_device,
+    pow2_tiles,
     sm_count,
     supported_device,
 )
@@ -268,12 +269,7 @@ def _head_tiles(D: int) -> tuple[int, int]:
     """(DP, DT): the forward's tiles of a head's D channels, one power of two (DT 0), or the largest power of two
     below D and a tail tile where the two are narrower: Sana-0.6B's 72 channels as 64 + 16 instead of 128, so its
     two products a query block run on 80 channels, not 128 of which 56 are masked zeros."""
-    full = _tile(D)
-    head = full // 2
-    if D <= head or head < 16:
-        return full, 0
-    tail = _tile(D - head)
-    return (head, tail) if head + tail < full else (full, 0)
+    return pow2_tiles(D, smallest=16)  # tl.dot's smallest tile, as _tile
 
 
 def _scalars(q: torch.Tensor, kv: torch.Tensor, heads: int, backward: bool) -> tuple:
